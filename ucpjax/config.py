@@ -1,0 +1,92 @@
+"""Frozen-dataclass configs: validation that names the field, and CLI overrides.
+
+Each stage module owns its config dataclass; this module only holds what they
+share: ``check`` for ``__post_init__`` validation, ``override`` for
+``section.field=value`` strings from the command line, and ``describe`` for
+``--help``.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import typing
+from collections.abc import Iterator, Sequence
+
+
+class ConfigError(ValueError):
+    """An invalid config; the message names the field."""
+
+
+def check(ok: bool, field: str, value, requirement: str) -> None:
+    """Raises ConfigError ``"<field>=<value>: <requirement>"`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{field}={value!r}: {requirement}")
+
+
+def override(config, assignments: Sequence[str]):
+    """Returns ``config`` with ``a.b.c=value`` assignments applied.
+
+    Values are Python literals (``0.9``, ``(1, 2)``, ``True``); anything else is
+    taken as a string. Unknown fields raise ConfigError naming them.
+    """
+    for assignment in assignments:
+        path, sep, raw = assignment.partition("=")
+        if not sep:
+            raise ConfigError(f"override {assignment!r}: expected field=value")
+        config = _replace_path(config, path.strip().split("."), _parse(raw.strip()), path)
+    return config
+
+
+def _parse(raw: str):
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+def _replace_path(config, names: list[str], value, full: str):
+    name, rest = names[0], names[1:]
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    if name not in fields:
+        raise ConfigError(f"unknown config field {full!r}: {type(config).__name__} has "
+                          f"{sorted(fields)}")
+    if rest:
+        child = getattr(config, name)
+        if not dataclasses.is_dataclass(child):
+            raise ConfigError(f"unknown config field {full!r}: {name} has no sub-fields")
+        value = _replace_path(child, rest, value, full)
+    else:
+        value = _coerce(config, fields[name], value, full)
+    try:
+        return dataclasses.replace(config, **{name: value})
+    except ConfigError as err:
+        raise ConfigError(f"{full}: {err}") from None
+
+
+def _coerce(config, field: dataclasses.Field, value, full: str):
+    """Ints for float fields, lists for tuples; rejects other type mismatches."""
+    hint = typing.get_type_hints(type(config)).get(field.name)
+    current = getattr(config, field.name)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(current, tuple) and isinstance(value, (list, tuple)):
+        return tuple(value)
+    if current is not None and value is not None and not isinstance(value, type(current)):
+        if not (isinstance(current, float) and isinstance(value, int)):
+            raise ConfigError(f"{full}={value!r}: expected {type(current).__name__}")
+    return value
+
+
+def describe(config, prefix: str = "") -> Iterator[str]:
+    """Lines ``field = value`` for every leaf field, for ``--help``."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            yield from describe(value, f"{prefix}{field.name}.")
+        else:
+            yield f"{prefix}{field.name} = {value!r}"
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)

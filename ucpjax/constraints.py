@@ -1,0 +1,159 @@
+"""What earlier stages imposed on the weights, read back from the weights themselves.
+
+A stage never receives masks or codebooks from the stage before it: pruned
+weights are exactly zero and shared weights take few distinct values, so both
+are derived from the params. That keeps every stage ``params -> params`` and
+lets stages run in any order.
+
+* ``zero_mask``: 0/1 masks of the selected leaves; ``keep_zeros`` is the optax
+  transform, last in a chain, that keeps masked weights exactly zero.
+* ``factor``: splits weight-shared leaves into trainable centroids and fixed
+  indices, so training moves each centroid by the sum of its members'
+  gradients (Deep Compression) and zeros stay zero.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+# A leaf counts as weight-shared when its distinct non-zero values are at most
+# this many, and at most a quarter of its size (so a tiny dense kernel, whose
+# values are all distinct anyway, is not mistaken for a shared one).
+MAX_SHARED_VALUES = 256
+
+DEFAULT_LEAVES = r"kernel$"
+
+
+def path_name(path) -> str:
+    """``'Dense_0/kernel'`` for a tree path."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def selected(params, leaves: str = DEFAULT_LEAVES) -> Any:
+    """Pytree of bools: which leaves match the regex ``leaves`` (on ``'Layer/name'``)."""
+    pattern = re.compile(leaves)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: bool(pattern.search(path_name(path))), params)
+
+
+def zero_mask(params, leaves: str = DEFAULT_LEAVES) -> Any:
+    """Bool masks: ``w != 0`` on selected leaves, all-True elsewhere."""
+    return jax.tree.map(
+        lambda w, sel: (w != 0) if sel else jnp.ones(jnp.shape(w), bool),
+        params, selected(params, leaves))
+
+
+class KeepZerosState(NamedTuple):
+    mask: Any
+
+
+def keep_zeros(mask) -> optax.GradientTransformation:
+    """Masks updates so that masked weights are exactly zero after every step.
+
+    Put it last in the chain. Where the mask is False the update is ``-params``,
+    so ``params + update`` is 0.0 exactly, even for a weight that was not yet zero.
+    """
+    def init_fn(params):
+        del params
+        return KeepZerosState(mask)
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("keep_zeros needs params: call optimizer.update(g, s, params)")
+        updates = jax.tree.map(lambda u, p, m: jnp.where(m, u, -p), updates, params, state.mask)
+        return updates, state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class Codebook(NamedTuple):
+    """A weight-shared tensor: ``weights = concat([centroids, 0])[index]``."""
+
+    centroids: jax.Array  # (k,) the non-zero shared values
+    index: jax.Array  # int32, shape of the weights; k stands for an exact zero
+
+    def decode(self) -> jax.Array:
+        table = jnp.concatenate([self.centroids, jnp.zeros((1,), self.centroids.dtype)])
+        return table[self.index]
+
+
+def codebook(weights) -> Codebook | None:
+    """The codebook of ``weights`` if they are weight-shared, else None."""
+    w = np.asarray(weights)
+    values, inverse = np.unique(w, return_inverse=True)
+    nonzero = values != 0
+    k = int(nonzero.sum())
+    if k == 0 or k > MAX_SHARED_VALUES or k > w.size // 4:
+        return None
+    # Re-number so that non-zero values are 0..k-1 and zero is k.
+    remap = np.where(nonzero, np.cumsum(nonzero) - 1, k).astype(np.int32)
+    return Codebook(jnp.asarray(values[nonzero]), jnp.asarray(remap[inverse].reshape(w.shape)))
+
+
+def codebooks(params, leaves: str = DEFAULT_LEAVES) -> Any:
+    """Per leaf: its Codebook when selected and weight-shared, else None."""
+    return jax.tree.map(lambda w, sel: codebook(w) if sel else None,
+                        params, selected(params, leaves))
+
+
+def factor(params, leaves: str = DEFAULT_LEAVES) -> tuple[Any, Callable[[Any], Any]]:
+    """Splits params into trainable leaves and a function that rebuilds all weights.
+
+    Weight-shared leaves become their centroids (indices fixed, closed over);
+    other leaves stay as they are.
+
+    Returns:
+      ``(trainable, materialize)`` with ``materialize(trainable)`` equal to params.
+    """
+    books = codebooks(params, leaves)
+    is_book = lambda x: isinstance(x, Codebook) or x is None  # noqa: E731
+    trainable = jax.tree.map(lambda b, w: w if b is None else b.centroids,
+                             books, params, is_leaf=is_book)
+
+    def materialize(tree):
+        return jax.tree.map(
+            lambda b, t: t if b is None else Codebook(t, b.index).decode(),
+            books, tree, is_leaf=is_book)
+
+    return trainable, materialize
+
+
+def fit_preserving(
+    params, make_loss: Callable[[Callable[[Any], Any]], Any], *, x, y, config, seed: int,
+    leaves: str = DEFAULT_LEAVES, extra=None, last_transform: optax.GradientTransformation | None = None,
+    desc: str = "fine-tune",
+):
+    """Trains params while keeping every zero and every weight-sharing constraint.
+
+    Args:
+      params: full params pytree.
+      make_loss: ``make_loss(materialize) -> loss_fn`` over the trainable tree
+        (see ``ucpjax.train``); call ``materialize(trainable)`` to get full params.
+      x, y: training data.
+      config: a ``TrainConfig``.
+      seed: training seed.
+      leaves: regex of constrained leaves.
+      extra: initial non-trained state for the loss.
+      last_transform: replaces ``keep_zeros`` as the last transform (pruning).
+      desc: progress-bar label.
+
+    Returns:
+      ``(params, state, history)``: the trained full params, the final TrainState
+      (over the trainable tree) and the per-epoch metrics.
+    """
+    from ucpjax import train  # local: train imports nothing of ours but config
+
+    trainable, materialize = factor(params, leaves)
+    last = last_transform or keep_zeros(zero_mask(trainable, leaves))
+    steps = train.total_steps(config, len(x))
+    optimizer = optax.chain(train.make_optimizer(config, steps), last)
+    state, history = train.fit(trainable, make_loss(materialize), optimizer, x, y,
+                               config=config, seed=seed, extra=extra, desc=desc)
+    return materialize(state.params), state, history

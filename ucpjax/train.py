@@ -1,0 +1,234 @@
+"""Data-parallel training: one jitted step, the batch sharded over every JAX device.
+
+A loss function has the signature ``loss_fn(params, extra, x, y, key) ->
+(loss, (extra, metrics))``. ``extra`` is state that changes during training
+but is not trained by gradients (BatchNorm statistics, activation ranges of
+quantization-aware training); stages swap the loss (distillation, QAT) and the
+optimizer (pruning masks, centroid training) and reuse everything else.
+
+One code path serves one device, N local devices and N hosts: the mesh spans
+``jax.devices()``, parameters are replicated and each process feeds its share
+of every global batch. On several hosts call ``jax.distributed.initialize()``
+first (see README).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from ucpjax import data as data_lib
+from ucpjax.config import check
+
+LossFn = Callable[..., tuple[jax.Array, tuple[Any, dict]]]
+ApplyFn = Callable[[Any, jax.Array], jax.Array]
+
+
+class TrainState(NamedTuple):
+    step: jax.Array
+    params: Any
+    extra: Any
+    opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """How long and how fast to train. Used by dense training and every stage."""
+
+    epochs: float = 10
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    optimizer: str = "adam"  # "adam" or "sgd" (Nesterov momentum 0.9)
+    weight_decay: float = 0.0
+    schedule: str = "cosine"  # "cosine" or "constant"
+    augment: bool = False  # random crop (pad 4) + horizontal flip, for CIFAR-like data
+
+    def __post_init__(self):
+        check(self.epochs > 0, "epochs", self.epochs, "must be > 0")
+        check(self.batch_size > 0, "batch_size", self.batch_size, "must be > 0")
+        check(self.learning_rate > 0, "learning_rate", self.learning_rate, "must be > 0")
+        check(self.optimizer in ("adam", "sgd"), "optimizer", self.optimizer, "adam or sgd")
+        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        check(self.schedule in ("cosine", "constant"), "schedule", self.schedule,
+              "cosine or constant")
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    return max(num_examples // batch_size, 1)
+
+
+def total_steps(config: TrainConfig, num_examples: int) -> int:
+    return max(math.ceil(config.epochs * steps_per_epoch(num_examples, config.batch_size)), 1)
+
+
+def make_optimizer(config: TrainConfig, num_steps: int) -> optax.GradientTransformation:
+    """The base optimizer of ``config``; stages chain their transforms after it."""
+    if config.schedule == "cosine":
+        lr = optax.cosine_decay_schedule(config.learning_rate, num_steps)
+    else:
+        lr = config.learning_rate
+    if config.optimizer == "adam":
+        return optax.adamw(lr, weight_decay=config.weight_decay)
+    return optax.chain(optax.add_decayed_weights(config.weight_decay),
+                       optax.sgd(lr, momentum=0.9, nesterov=True))
+
+
+def classification_loss(model, *, train: bool = True) -> LossFn:
+    """Cross-entropy of a Flax model; ``extra`` holds its non-param collections."""
+    def loss_fn(params, extra, x, y, key):
+        logits, extra = apply_model(model, params, extra, x, train=train, key=key)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return loss, (extra, {"loss": loss, "accuracy": jnp.mean(logits.argmax(-1) == y)})
+    return loss_fn
+
+
+def apply_model(model, params, extra, x, *, train: bool, key=None):
+    """Runs a Flax model; in training mode its mutable collections are updated."""
+    variables = {"params": params, **extra}
+    rngs = {"dropout": key} if key is not None else {}
+    if train and extra:
+        logits, extra = model.apply(variables, x, train=True, rngs=rngs, mutable=list(extra))
+        return logits, dict(extra)
+    return model.apply(variables, x, train=train, rngs=rngs), extra
+
+
+def mesh() -> Mesh:
+    return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def _shard_batch(m: Mesh, *arrays: np.ndarray):
+    """Each process contributes its contiguous share of the global batch."""
+    sharding = NamedSharding(m, PartitionSpec("data"))
+    n, i = jax.process_count(), jax.process_index()
+    out = []
+    for a in arrays:
+        share = len(a) // n
+        out.append(jax.make_array_from_process_local_data(sharding, a[i * share:(i + 1) * share]))
+    return out
+
+
+def _augment(x: jax.Array, key: jax.Array) -> jax.Array:
+    """Random 4-pixel-padded crop and horizontal flip, per example."""
+    def one(image, k):
+        k_crop, k_flip = jax.random.split(k)
+        h, w, _ = image.shape
+        padded = jnp.pad(image, ((4, 4), (4, 4), (0, 0)), mode="reflect")
+        dy, dx = jax.random.randint(k_crop, (2,), 0, 9)
+        image = jax.lax.dynamic_slice(padded, (dy, dx, 0), (h, w, image.shape[-1]))
+        return jnp.where(jax.random.bernoulli(k_flip), image[:, ::-1], image)
+    return jax.vmap(one)(x, jax.random.split(key, x.shape[0]))
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                    augment: bool = False):
+    """A jitted ``step(state, x, y, key) -> (state, metrics)``."""
+    def step(state: TrainState, x, y, key):
+        key = jax.random.fold_in(key, state.step)
+        if augment:
+            key, k_aug = jax.random.split(key)
+            x = _augment(x, k_aug)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (_, (extra, metrics)), grads = grad_fn(state.params, state.extra, x, y, key)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(state.step + 1, params, extra, opt_state), metrics
+    return jax.jit(step, donate_argnums=0)
+
+
+def fit(
+    params, loss_fn: LossFn, optimizer: optax.GradientTransformation,
+    x: np.ndarray, y: np.ndarray, *, config: TrainConfig, seed: int, extra=None,
+    desc: str = "train",
+) -> tuple[TrainState, list[dict]]:
+    """Trains for ``config.epochs`` (fractions allowed) and returns the final state.
+
+    Args:
+      params: initial trainable pytree.
+      loss_fn: see the module docstring.
+      optimizer: a full optax chain (see ``make_optimizer``).
+      x, y: training data, numpy.
+      config: epochs and batch size (the rest is already in ``optimizer``).
+      seed: fixes shuffling, dropout and augmentation.
+      extra: initial non-trained state (``{}`` when None).
+      desc: label of the progress bar.
+
+    Returns:
+      ``(state, history)``; history has one dict of mean metrics per epoch.
+
+    Raises:
+      FloatingPointError: when the loss becomes NaN or infinite.
+    """
+    m = mesh()
+    if config.batch_size % m.size:
+        raise ValueError(f"batch_size={config.batch_size} must be a multiple of "
+                         f"the {m.size} JAX devices")
+    replicated = NamedSharding(m, PartitionSpec())
+    state = TrainState(jnp.zeros((), jnp.int32), params, {} if extra is None else extra,
+                       optimizer.init(params))
+    state = jax.device_put(state, replicated)
+    step = make_train_step(loss_fn, optimizer, config.augment)
+    key = jax.random.key(seed)
+    num_steps, per_epoch = total_steps(config, len(x)), steps_per_epoch(len(x), config.batch_size)
+    history, done = [], 0
+    bar = tqdm(total=num_steps, desc=desc, unit="step", mininterval=1.0, leave=False)
+    for epoch in range(math.ceil(num_steps / per_epoch)):
+        sums, count = {}, 0
+        for xb, yb in data_lib.batches(x, y, config.batch_size, seed=seed * 100_003 + epoch):
+            if done == num_steps:
+                break
+            state, metrics = step(state, *_shard_batch(m, xb, yb), key)
+            for name, value in metrics.items():
+                sums[name] = sums.get(name, 0.0) + value
+            done, count = done + 1, count + 1
+            bar.update()
+        means = {name: float(total) / count for name, total in sums.items()}
+        if not all(math.isfinite(v) for v in means.values()):
+            bar.close()
+            raise FloatingPointError(f"{desc}: non-finite metrics {means} in epoch {epoch + 1}")
+        history.append(means)
+        bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()})
+    bar.close()
+    return state, history
+
+
+def predict(apply_fn: ApplyFn, params, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    """Logits of ``apply_fn(params, x)`` for all of ``x``, in batches."""
+    fn = jax.jit(apply_fn)
+    out = [np.asarray(fn(params, x[i:i + batch_size])) for i in range(0, len(x), batch_size)]
+    return np.concatenate(out)
+
+
+def accuracy(apply_fn: ApplyFn, params, x: np.ndarray, y: np.ndarray) -> float:
+    """Top-1 accuracy as a fraction in [0, 1]."""
+    return float(np.mean(predict(apply_fn, params, x).argmax(-1) == y))
+
+
+def inference_fn(model, extra) -> ApplyFn:
+    """``apply_fn(params, x)`` of a Flax model in inference mode, ``extra`` fixed."""
+    return lambda params, x: model.apply({"params": params, **extra}, x, train=False)
+
+
+def save_checkpoint(path: pathlib.Path, tree) -> None:
+    """Writes ``tree`` with orbax; orbax renames a temporary folder when done."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(pathlib.Path(path).resolve(), tree, force=True)
+
+
+def restore_checkpoint(path: pathlib.Path, like=None):
+    """Reads a checkpoint written by ``save_checkpoint`` (shapes from ``like``)."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckpt:
+        return ckpt.restore(pathlib.Path(path).resolve(), like)
