@@ -1,0 +1,105 @@
+"""Command line: ``ucpjax train`` (a dense model) and ``ucpjax compress`` (the pipeline)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+import time
+
+from ucpjax.config import ConfigError, describe, override
+
+
+def _train_command(args) -> int:
+    from ucpjax import data, models, train
+    from ucpjax.pipeline import Model, RunFolder, train_dense
+
+    config = train.TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
+                               learning_rate=args.learning_rate, optimizer=args.optimizer,
+                               weight_decay=args.weight_decay, augment=args.augment)
+    dataset = data.load(args.data, seed=args.seed)
+    module = models.create(args.model, dataset.num_classes)
+    model = Model(module, models.init(module, dataset.input_shape, args.seed))
+    start = time.perf_counter()
+    model, _ = train_dense(model, config, dataset, args.seed)
+    seconds = time.perf_counter() - start
+    apply_fn = model.apply_fn()
+    metrics = {
+        "model": args.model, "data": args.data, "seed": args.seed,
+        "parameters": models.param_count(model.params),
+        "epochs": config.epochs, "batch_size": config.batch_size,
+        "learning_rate": config.learning_rate, "optimizer": config.optimizer,
+        "val_accuracy": train.accuracy(apply_fn, model.params, dataset.x_val, dataset.y_val),
+        "test_accuracy": train.accuracy(apply_fn, model.params, dataset.x_test, dataset.y_test),
+        "wall_seconds": seconds, "devices": len(__import__("jax").devices()),
+    }
+    folder = RunFolder(pathlib.Path(args.out))
+    train.save_checkpoint(folder.root / "checkpoint", model.variables)
+    folder.write_json("metrics.json", metrics)
+    print(f"\n{args.model} on {args.data}: test accuracy {metrics['test_accuracy']:.4f} "
+          f"(error {100 * (1 - metrics['test_accuracy']):.2f}%), val {metrics['val_accuracy']:.4f}, "
+          f"{config.epochs} epochs in {seconds:.0f} s -> {folder.root}")
+    return 0
+
+
+def _compress_command(args) -> int:
+    from ucpjax import pipeline
+
+    get_config = pipeline.load_experiment(args.config)
+    config = override(get_config(smoke=args.smoke), args.overrides)
+    if args.show_config:
+        print("\n".join(describe(config)))
+        return 0
+    pipeline.run_config(config, pathlib.Path(args.out), resume=args.resume)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    from ucpjax import models
+    from ucpjax.pipeline import PipelineConfig
+
+    parser = argparse.ArgumentParser(prog="ucpjax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a dense model")
+    t.add_argument("--model", required=True, help=f"one of {models.names()}")
+    t.add_argument("--data", required=True, help="mnist, fashion_mnist, cifar10 or a folder")
+    t.add_argument("--out", required=True)
+    t.add_argument("--epochs", type=float, default=10)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--learning-rate", type=float, default=1e-3)
+    t.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--augment", action="store_true", help="random crops and flips")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(run=_train_command)
+
+    fields = "\n  ".join(describe(PipelineConfig()))
+    c = sub.add_parser(
+        "compress", help="run the compression pipeline",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run prune -> distill -> cluster -> quantize -> export as configured.",
+        epilog=f"overrides are field=value pairs; fields and defaults:\n  {fields}")
+    c.add_argument("--config", required=True, help="experiment file, e.g. experiments/lenet300_mnist.py")
+    c.add_argument("--out", required=True, help="run folder")
+    c.add_argument("--resume", action="store_true", help="continue from the last finished stage")
+    c.add_argument("--smoke", action="store_true", help="seconds-long run on a data slice")
+    c.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
+    c.add_argument("overrides", nargs="*", help="e.g. prune.target_sparsity=0.95")
+    c.set_defaults(run=_compress_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ConfigError, ValueError, FloatingPointError) as err:
+        print(f"ucpjax: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
