@@ -1,0 +1,424 @@
+"""Quantization-aware training that computes what TFLite's int8 kernels will compute.
+
+Weights are quantized symmetrically on a narrow grid, ``[-(2^(b-1)-1), 2^(b-1)-1]``
+(int8: ``[-127, 127]``, ``scale = max|w| / 127``), exactly as the TFLite converter
+does, so ``quantize_weights`` returns the float values the ``.tflite`` will hold
+(``int8 * scale``). Activations are asymmetric (``[-2^(b-1), 2^(b-1)-1]`` with an
+integral zero point, range containing 0) and are fake-quantized where TFLite
+quantizes tensors: the inputs of every Dense/Conv call and the model output
+(ReLU is fused into the op before it, pooling and reshapes keep the scale).
+Their ranges are exponential moving averages kept in the ``extra`` state of the
+training loss (see ``ucpjax.train``), keyed by layer path.
+
+Which scale a kernel gets follows the converter:
+
+* Conv kernels (4-D) are always quantized per output channel.
+* Dense kernels (2-D) are per output channel unless ``dense_per_tensor`` is
+  True: the converter switch ``_experimental_disable_per_channel_quantization_for_dense_layers``
+  is global, so when one Dense kernel is weight-shared (it must keep its k
+  values, which only one scale per tensor does) or ``per_channel=False``,
+  every Dense kernel gets one scale per tensor.
+
+Biases stay float. TFLite stores them as int32 with scale ``s_in * s_w``; that
+rounding (below 1e-6 relative for typical layers) is not modelled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ucpjax import constraints
+from ucpjax import train as train_lib
+from ucpjax.config import check
+from ucpjax.train import TrainConfig
+
+# Key of the model output (logits) among the activation ranges.
+OUTPUT = "logits"
+# Layers whose inputs TFLite quantizes (FULLY_CONNECTED, CONV_2D, DEPTHWISE_CONV_2D).
+QUANTIZED_LAYERS = (nn.Dense, nn.Conv)
+# Examples whose float activations initialise the ranges before the first step.
+CALIBRATION_SIZE = 512
+# Scale of an activation range [0, 0] (a dead tensor), to avoid dividing by zero.
+_MIN_SCALE = 1e-8
+
+# Per leaf of a params tree: how its values are quantized.
+NONE, PER_TENSOR, PER_CHANNEL = "none", "tensor", "channel"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantConfig:
+    """Quantization-aware training.
+
+    Attributes:
+      weight_bits: bits of the symmetric weight grid (8 for TFLite int8).
+      activation_bits: bits of the asymmetric activation grid (8 for TFLite int8).
+      per_channel: one scale per output channel for Dense kernels; False gives
+        one per tensor (Conv kernels stay per channel: the converter has no switch).
+      ema_decay: decay of the moving averages of the activation ranges.
+      leaves: regex of the quantized leaves (kernels; biases stay float).
+      train: the fine-tuning budget.
+    """
+
+    weight_bits: int = 8
+    activation_bits: int = 8
+    per_channel: bool = True
+    ema_decay: float = 0.99
+    leaves: str = constraints.DEFAULT_LEAVES
+    train: TrainConfig = dataclasses.field(
+        default_factory=lambda: TrainConfig(epochs=1, learning_rate=1e-4))
+
+    def __post_init__(self):
+        for name in ("weight_bits", "activation_bits"):
+            bits = getattr(self, name)
+            check(isinstance(bits, int) and not isinstance(bits, bool) and 2 <= bits <= 8,
+                  name, bits, "an integer in 2..8")
+        check(0 < self.ema_decay < 1, "ema_decay", self.ema_decay, "must be in (0, 1)")
+
+
+def weight_qmax(bits: int) -> int:
+    """Largest code of the narrow symmetric weight grid (127 for 8 bits)."""
+    return 2 ** (bits - 1) - 1
+
+
+def activation_range(bits: int) -> tuple[int, int]:
+    """``(qmin, qmax)`` of the asymmetric activation grid ((-128, 127) for 8 bits)."""
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def fake_quant(x: jax.Array, scale, zero_point, *, qmin: int, qmax: int) -> jax.Array:
+    """Quantize-dequantize with a straight-through gradient.
+
+    The value is ``(clip(round(x / scale + zero_point), qmin, qmax) - zero_point) * scale``
+    bit-exactly; the gradient with respect to ``x`` is 1 inside the representable
+    range and 0 outside. ``zero_point`` must be integral.
+
+    Args:
+      x: values.
+      scale: positive, broadcastable to ``x``.
+      zero_point: integral, broadcastable to ``x``.
+      qmin, qmax: integer code range.
+
+    Returns:
+      The dequantized values, same shape and dtype as ``x``.
+    """
+    q = jnp.clip(jnp.round(x / scale + zero_point), qmin, qmax)
+    value = (q - zero_point) * scale
+    clipped = jnp.clip(x, (qmin - zero_point) * scale, (qmax - zero_point) * scale)
+    # qwix writes clipped + stop_gradient(value - clipped); adding an exact zero
+    # instead keeps the value bit-exact (a + (b - a) need not equal b in floats).
+    return value + (clipped - jax.lax.stop_gradient(clipped))
+
+
+def weight_scale(w: jax.Array, mode: str, bits: int) -> jax.Array:
+    """``max|w| / qmax`` over the tensor or per output (last) axis, as TFLite computes it.
+
+    Returns:
+      A scalar (per tensor) or an array of shape ``(1, ..., 1, channels)``. A channel
+      of zeros gets scale 1: its codes are 0 whatever the scale.
+    """
+    axes = tuple(range(w.ndim - 1)) if mode == PER_CHANNEL else None
+    m = jnp.max(jnp.abs(w), axis=axes, keepdims=mode == PER_CHANNEL)
+    # XLA turns a division by a broadcast scalar into a multiplication by its
+    # reciprocal (1 ulp off in ~5% of cases); dividing by an opaque full-shape
+    # array keeps the correctly rounded quotient that the converter computes.
+    qmax = jax.lax.optimization_barrier(jnp.full(m.shape, weight_qmax(bits), m.dtype))
+    return jnp.where(m > 0, m / qmax, jnp.ones_like(m))
+
+
+def _quantize_leaf(w, mode: str, bits: int):
+    if mode == NONE:
+        return w
+    # The scale follows the weights (TFLite QAT's last-value quantizer); no gradient
+    # through it, so every weight sees the plain straight-through estimator.
+    scale = jax.lax.stop_gradient(weight_scale(w, mode, bits))
+    qmax = weight_qmax(bits)
+    return fake_quant(w, scale, 0.0, qmin=-qmax, qmax=qmax)
+
+
+def fake_quant_weights(params, modes, bits: int):
+    """Fake-quantizes every leaf of ``params`` whose mode (see ``weight_modes``) is not NONE.
+
+    Zeros map to exactly 0. A weight-shared per-tensor leaf keeps at most its k
+    values: quantizing the decoded weights element-wise with one scale equals
+    quantizing the centroids and decoding, and its gradient reaches each centroid
+    as the sum over its members, as in ``constraints.factor``.
+    """
+    return jax.tree.map(lambda w, m: _quantize_leaf(w, m, bits), params, modes)
+
+
+def _on_grid(w, mode: str, bits: int) -> bool:
+    return bool(jnp.array_equal(_quantize_leaf(jnp.asarray(w), mode, bits), w))
+
+
+def _weight_shared(w, bits: int) -> bool:
+    """Whether ``w`` is weight-shared and so needs one scale per tensor.
+
+    A kernel already quantized per channel (few values per channel, many scales)
+    can look weight-shared to ``constraints.codebook``; it is not, or quantizing
+    it again would move it to another grid.
+    """
+    if constraints.codebook(w) is None:
+        return False
+    return not (_on_grid(w, PER_CHANNEL, bits) and not _on_grid(w, PER_TENSOR, bits))
+
+
+def dense_per_tensor(params, config: QuantConfig) -> bool:
+    """Whether all Dense (2-D) kernels use one scale per tensor.
+
+    True when ``config.per_channel`` is False or any selected 2-D kernel is
+    weight-shared. Export passes it to the converter flag
+    ``_experimental_disable_per_channel_quantization_for_dense_layers``.
+
+    Args:
+      params: params pytree (before or after ``quantize_weights``: same answer).
+      config: a QuantConfig.
+
+    Returns:
+      The flag.
+    """
+    if not config.per_channel:
+        return True
+    selected = jax.tree.leaves(constraints.selected(params, config.leaves))
+    return any(sel and np.ndim(w) == 2 and _weight_shared(w, config.weight_bits)
+               for w, sel in zip(jax.tree.leaves(params), selected, strict=True))
+
+
+def weight_modes(params, config: QuantConfig):
+    """Per leaf: NONE (not selected), PER_TENSOR or PER_CHANNEL.
+
+    Conv kernels (4-D) are per channel always: the converter quantizes convs per
+    channel, so a clustered conv keeps at most k values per output channel, not
+    per tensor (the report counts both).
+    """
+    dense_tensor = dense_per_tensor(params, config)
+
+    def mode(w, sel):
+        if not sel:
+            return NONE
+        if np.ndim(w) == 4:
+            return PER_CHANNEL
+        if np.ndim(w) == 2:
+            return PER_TENSOR if dense_tensor else PER_CHANNEL
+        if np.ndim(w) < 2 or not config.per_channel or _weight_shared(w, config.weight_bits):
+            return PER_TENSOR
+        return PER_CHANNEL
+
+    return jax.tree.map(mode, params, constraints.selected(params, config.leaves))
+
+
+def quantize_weights(params, config: QuantConfig):
+    """Params with every selected weight tensor on its int grid (what the .tflite holds).
+
+    Idempotent; zeros stay exactly zero.
+
+    Args:
+      params: params pytree.
+      config: a QuantConfig (weight_bits, per_channel, leaves).
+
+    Returns:
+      Params of the same structure; each selected leaf equals ``int codes * scale``.
+    """
+    return fake_quant_weights(params, weight_modes(params, config), config.weight_bits)
+
+
+# ---------------------------------------------------------------- activations
+
+def activation_qparams(lo, hi, bits: int) -> tuple[jax.Array, jax.Array]:
+    """``(scale, zero_point)`` of the range ``[lo, hi]`` widened to contain 0.
+
+    The zero point is rounded to an integer, which nudges the range so that 0 is
+    exactly representable (as TFLite and tf.quantization.fake_quant do).
+    """
+    qmin, qmax = activation_range(bits)
+    lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
+    scale = jnp.maximum((hi - lo) / (qmax - qmin), _MIN_SCALE)
+    zero_point = jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax)
+    return scale, zero_point
+
+
+def fake_quant_activation(x, lo, hi, bits: int) -> jax.Array:
+    """Asymmetric straight-through fake quantization of ``x`` to the range ``[lo, hi]``."""
+    scale, zero_point = activation_qparams(lo, hi, bits)
+    qmin, qmax = activation_range(bits)
+    return fake_quant(x, scale, zero_point, qmin=qmin, qmax=qmax)
+
+
+Visit = Callable[[str, jax.Array], jax.Array]
+
+
+def _run(apply_fn, params, x, visit: Visit) -> jax.Array:
+    """``apply_fn(params, x)`` with ``visit(name, tensor)`` applied to each quantized tensor.
+
+    Names are the layer paths (``"Dense_0"``) for the inputs of Dense/Conv calls,
+    with ``":n"`` appended for the n-th repeated call of one layer, and OUTPUT.
+    """
+    calls: dict[str, int] = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        if (context.method_name != "__call__" or not args
+                or not isinstance(context.module, QUANTIZED_LAYERS)):
+            return next_fun(*args, **kwargs)
+        name = "/".join(context.module.path)
+        n = calls.get(name, 0)
+        calls[name] = n + 1
+        return next_fun(visit(f"{name}:{n}" if n else name, args[0]), *args[1:], **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        logits = apply_fn(params, x)
+    return visit(OUTPUT, logits)
+
+
+def _batch_range(x):
+    return {"min": jax.lax.stop_gradient(jnp.min(x)), "max": jax.lax.stop_gradient(jnp.max(x))}
+
+
+def calibrate(apply_fn, params, x: np.ndarray) -> dict:
+    """Activation ranges of one batch: ``{name: {"min", "max"}}`` for every quantized tensor.
+
+    This single traced run also discovers the layer paths, so the range tree has
+    its final structure before training is jitted.
+    """
+    def observe(params, x):
+        ranges = {}
+
+        def visit(name, t):
+            ranges[name] = _batch_range(t)
+            return t
+
+        _run(apply_fn, params, x, visit)
+        return ranges
+
+    return jax.device_get(jax.jit(observe)(params, x))
+
+
+def quantized_apply(apply_fn, ranges, bits: int = 8):
+    """``apply_fn`` with activations fake-quantized to fixed ``ranges`` (inference).
+
+    Args:
+      apply_fn: ``apply_fn(params, x) -> logits`` of a Flax model.
+      ranges: ``{name: {"min", "max"}}`` as returned by ``calibrate`` or trained by QAT.
+      bits: activation bits.
+
+    Returns:
+      ``apply_fn(params, x) -> logits``; pass weights from ``quantize_weights``.
+    """
+    def visit(name, t):
+        return fake_quant_activation(t, ranges[name]["min"], ranges[name]["max"], bits)
+
+    return lambda params, x: _run(apply_fn, params, x, visit)
+
+
+def qat_loss(apply_fn, modes, config: QuantConfig):
+    """``make_loss(materialize) -> loss_fn`` for ``constraints.fit_preserving``.
+
+    The loss is the cross-entropy of the model with fake-quantized weights and
+    activations; ``extra`` holds the activation ranges, updated as moving averages
+    of each batch's min and max (the updated range quantizes the batch).
+    """
+    decay, bits = config.ema_decay, config.activation_bits
+
+    def make_loss(materialize):
+        def loss_fn(trainable, extra, x, y, key):
+            del key  # apply_fn runs in inference mode: nothing random
+            params = fake_quant_weights(materialize(trainable), modes, config.weight_bits)
+            new = {}
+
+            def visit(name, t):
+                if name not in extra:
+                    raise KeyError(f"no activation range for {name!r}; calibrate first")
+                batch = _batch_range(t)
+                new[name] = jax.tree.map(lambda old, b: decay * old + (1 - decay) * b,
+                                         extra[name], batch)
+                return fake_quant_activation(t, new[name]["min"], new[name]["max"], bits)
+
+            logits = _run(apply_fn, params, x, visit)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            metrics = {"loss": loss, "accuracy": jnp.mean(logits.argmax(-1) == y)}
+            return loss, ({**extra, **new}, metrics)
+
+        return loss_fn
+
+    return make_loss
+
+
+def quantize(params, config: QuantConfig, *, apply_fn, data, seed: int):
+    """Quantization-aware fine-tuning, then the weights put on their int grid.
+
+    Zeros and weight sharing of earlier stages are kept (``constraints.fit_preserving``).
+
+    Args:
+      params: params pytree.
+      config: a QuantConfig.
+      apply_fn: ``apply_fn(params, x) -> logits`` of a Flax model, inference mode.
+      data: a ``ucpjax.data.Dataset``.
+      seed: training seed.
+
+    Returns:
+      ``(params, report)``: params equal to ``quantize_weights(trained, config)``
+      and a flat report (``quant/...``).
+    """
+    modes = weight_modes(params, config)
+    bits = config.weight_bits
+    ranges = calibrate(apply_fn, fake_quant_weights(params, modes, bits),
+                       data.x_train[:CALIBRATION_SIZE])
+    # train.fit donates its state, and device_put may hand it the caller's own
+    # buffers: train on a copy so that ``params`` stays usable.
+    trained, state, history = constraints.fit_preserving(
+        jax.tree.map(jnp.copy, params), qat_loss(apply_fn, modes, config),
+        x=data.x_train, y=data.y_train, config=config.train, seed=seed, leaves=config.leaves,
+        extra=ranges, desc="quant")
+    ranges = jax.device_get(state.extra)
+    quantized = fake_quant_weights(trained, modes, bits)
+    report = _report(quantized, modes, config, ranges)
+    report["quant/train_loss"] = history[-1]["loss"]
+    report["quant/val_accuracy"] = train_lib.accuracy(
+        quantized_apply(apply_fn, ranges, config.activation_bits), quantized,
+        data.x_val, data.y_val)
+    report["quant/val_accuracy_float_activations"] = train_lib.accuracy(
+        apply_fn, quantized, data.x_val, data.y_val)
+    return quantized, report
+
+
+def _report(params, modes, config: QuantConfig, ranges) -> dict[str, Any]:
+    bits = config.weight_bits
+    leaves = list(zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(modes),
+                      strict=True))
+    report: dict[str, Any] = {
+        "quant/weight_bits": bits, "quant/activation_bits": config.activation_bits,
+        "quant/dense_per_tensor": int(any(m == PER_TENSOR and np.ndim(w) == 2
+                                          for (_, w), m in leaves)),
+    }
+    scales = []
+    for (path, w), mode in leaves:
+        if mode == NONE:
+            continue
+        w = np.asarray(w)
+        name = f"quant/{constraints.path_name(path)}"
+        s = np.asarray(weight_scale(jnp.asarray(w), mode, bits)).ravel()
+        s = s[np.abs(w).reshape(-1, s.size).max(0) > 0] if mode == PER_CHANNEL else s
+        scales.append(s)
+        report[f"{name}/per_channel"] = int(mode == PER_CHANNEL)
+        # Distinct non-zero values (zero is always representable and not counted).
+        report[f"{name}/distinct"] = int(np.unique(w[w != 0]).size)
+        if mode == PER_CHANNEL:
+            columns = w.reshape(-1, w.shape[-1]).T
+            report[f"{name}/distinct_per_channel_max"] = max(
+                int(np.unique(c[c != 0]).size) for c in columns)
+    if scales:
+        scales = np.concatenate(scales)
+        report["quant/scale_min"] = float(scales.min()) if scales.size else 1.0
+        report["quant/scale_max"] = float(scales.max()) if scales.size else 1.0
+    for name, r in ranges.items():
+        scale, zero_point = activation_qparams(r["min"], r["max"], config.activation_bits)
+        report[f"quant/act/{name}/scale"] = float(scale)
+        report[f"quant/act/{name}/zero_point"] = int(zero_point)
+    return report
+
