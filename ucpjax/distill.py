@@ -1,0 +1,122 @@
+"""Knowledge distillation (Hinton, Vinyals & Dean 2015) that keeps earlier constraints.
+
+The student learns from the teacher's softened outputs and the labels:
+``alpha * T**2 * KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) * CE(s, y)``.
+The ``T**2`` factor keeps the soft term's gradients on the scale of the hard
+term's as ``T`` changes. The teacher (any apply function and params: the dense
+model, or a larger one) runs inside the jitted step on each batch; its params
+travel in the loss's ``extra`` state, outside the trained tree, and its logits
+are under ``stop_gradient``, so it is never trained. The student trains with
+``constraints.fit_preserving``: its zeros and weight sharing survive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ucpjax import constraints, train
+from ucpjax.config import check
+from ucpjax.train import ApplyFn, TrainConfig
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistillConfig:
+    """Distillation of a (compressed) student from a teacher.
+
+    Attributes:
+      temperature: softmax temperature ``T`` of both models' logits in the soft term.
+      alpha: weight of the soft (teacher) term; ``1 - alpha`` weights the labels.
+      leaves: regex of the constrained leaves whose zeros and sharing are kept.
+      train: the training budget.
+    """
+
+    temperature: float = 4.0
+    alpha: float = 0.9
+    leaves: str = constraints.DEFAULT_LEAVES
+    train: TrainConfig = dataclasses.field(
+        default_factory=lambda: TrainConfig(epochs=3, learning_rate=1e-4))
+
+    def __post_init__(self):
+        check(self.temperature > 0, "temperature", self.temperature, "must be > 0")
+        check(0 <= self.alpha <= 1, "alpha", self.alpha, "must be in [0, 1]")
+
+
+def distillation_loss(student_logits, teacher_logits, labels, *, temperature: float,
+                      alpha: float) -> jax.Array:
+    """Mean over the batch of Hinton et al.'s distillation loss.
+
+    Args:
+      student_logits, teacher_logits: ``(batch, classes)``.
+      labels: int ``(batch,)``.
+      temperature: ``T`` > 0.
+      alpha: weight of the soft term, in [0, 1].
+
+    Returns:
+      ``alpha * T**2 * KL(p_teacher^T || p_student^T) + (1 - alpha) * CE(student, labels)``.
+    """
+    log_p_student = jax.nn.log_softmax(student_logits / temperature)
+    log_p_teacher = jax.nn.log_softmax(teacher_logits / temperature)
+    kl = optax.losses.kl_divergence_with_log_targets(log_p_student, log_p_teacher)
+    ce = optax.softmax_cross_entropy_with_integer_labels(student_logits, labels)
+    return jnp.mean(alpha * temperature ** 2 * kl + (1 - alpha) * ce)
+
+
+def make_distill_loss(apply_fn: ApplyFn, teacher_apply_fn: ApplyFn, *, temperature: float,
+                      alpha: float):
+    """``make_loss(materialize) -> loss_fn`` for ``constraints.fit_preserving``.
+
+    The loss reads the teacher's params from ``extra["teacher"]`` and returns
+    ``extra`` unchanged.
+    """
+    def make_loss(materialize):
+        def loss_fn(trainable, extra, x, y, key):
+            del key
+            teacher_logits = jax.lax.stop_gradient(teacher_apply_fn(extra["teacher"], x))
+            logits = apply_fn(materialize(trainable), x)
+            loss = distillation_loss(logits, teacher_logits, y, temperature=temperature,
+                                     alpha=alpha)
+            metrics = {"loss": loss, "accuracy": jnp.mean(logits.argmax(-1) == y),
+                       "agreement": jnp.mean(logits.argmax(-1) == teacher_logits.argmax(-1))}
+            return loss, (extra, metrics)
+        return loss_fn
+    return make_loss
+
+
+def distill(params, config: DistillConfig, *, apply_fn: ApplyFn, data, seed: int,
+            teacher_apply_fn: ApplyFn, teacher_params) -> tuple[Any, dict]:
+    """Trains the student ``params`` towards the teacher, keeping every constraint.
+
+    Args:
+      params: the student's Flax params (zeros and weight sharing are kept).
+      config: a ``DistillConfig``.
+      apply_fn: the student's ``apply_fn(params, x) -> logits``.
+      data: a ``ucpjax.data.Dataset``.
+      seed: training seed.
+      teacher_apply_fn: the teacher's ``apply_fn(params, x) -> logits``.
+      teacher_params: the teacher's params; never changed.
+
+    Returns:
+      ``(params, report)`` with ``distill/val_accuracy``,
+      ``distill/teacher_val_accuracy``, ``distill/loss`` (last epoch's mean) and
+      ``distill/agreement`` (last epoch's top-1 agreement with the teacher).
+    """
+    make_loss = make_distill_loss(apply_fn, teacher_apply_fn, temperature=config.temperature,
+                                  alpha=config.alpha)
+    # Copies: the training step donates its state, and the caller keeps using its arrays.
+    copy = lambda tree: jax.tree.map(jnp.array, tree)
+    student, _, history = constraints.fit_preserving(
+        copy(params), make_loss, x=data.x_train, y=data.y_train, config=config.train,
+        seed=seed, leaves=config.leaves, extra={"teacher": copy(teacher_params)},
+        desc="distill")
+    return student, {
+        "distill/val_accuracy": train.accuracy(apply_fn, student, data.x_val, data.y_val),
+        "distill/teacher_val_accuracy": train.accuracy(
+            teacher_apply_fn, teacher_params, data.x_val, data.y_val),
+        "distill/loss": history[-1]["loss"],
+        "distill/agreement": history[-1]["agreement"],
+    }

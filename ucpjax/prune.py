@@ -1,0 +1,333 @@
+"""Gradual magnitude pruning (Zhu & Gupta 2017, "To prune, or not to prune").
+
+The sparsity of each pruned leaf follows a cubic ramp from ``initial`` to
+``target`` between two steps of the pruning phase; every ``frequency`` steps
+(and at both ends of the ramp) the smallest-magnitude weights are masked.
+The masks live in the state of an optax transform that sits last in the
+chain, so pruned weights are exactly zero after every update and the training
+loop needs no hook. A fine-tuning phase with the final zeros fixed follows.
+
+Weight-shared leaves (an earlier clustering stage) are trained as centroids by
+``constraints.fit_preserving``, so they cannot be masked weight by weight:
+they are pruned once, before training, to their target, and keep at most
+their number of distinct non-zero values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ucpjax import constraints, train
+from ucpjax.config import check
+from ucpjax.train import TrainConfig
+
+SCOPES = ("layer", "global")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PruneConfig:
+    """Gradual magnitude pruning, then fine-tuning with the zeros fixed.
+
+    Attributes:
+      target_sparsity: final fraction of zeros in each pruned leaf (``layer``)
+        or over all pruned leaves together (``global``).
+      initial_sparsity: sparsity at the start of the ramp.
+      scope: ``layer`` prunes each leaf to its target; ``global`` ranks all
+        leaves without an override by one magnitude threshold (weight-shared
+        leaves are pruned one-shot to ``target_sparsity`` each in both scopes).
+      frequency: steps between mask updates during the ramp.
+      begin, end: the ramp's first and last step, as fractions of the pruning
+        phase (``train``); the steps after ``end`` train with the final masks.
+      power: exponent of the ramp (3 in the paper).
+      overrides: ``((regex, sparsity), ...)``: leaves whose ``'Layer/name'``
+        matches a regex (first match wins) get that target instead.
+      leaves: regex of the leaves to prune (kernels by default, not biases).
+      train: budget of the pruning phase.
+      fine_tune: budget of the fine-tuning phase, or None to skip it.
+    """
+
+    target_sparsity: float = 0.9
+    initial_sparsity: float = 0.0
+    scope: str = "layer"
+    frequency: int = 50
+    begin: float = 0.0
+    end: float = 0.7
+    power: float = 3.0
+    overrides: tuple[tuple[str, float], ...] = ()
+    leaves: str = constraints.DEFAULT_LEAVES
+    train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(epochs=10))
+    fine_tune: TrainConfig | None = dataclasses.field(
+        default_factory=lambda: TrainConfig(epochs=2, learning_rate=1e-4))
+
+    def __post_init__(self):
+        check(0 <= self.target_sparsity < 1, "target_sparsity", self.target_sparsity,
+              "must be in [0, 1)")
+        check(0 <= self.initial_sparsity <= self.target_sparsity, "initial_sparsity",
+              self.initial_sparsity, "must be in [0, target_sparsity]")
+        check(self.scope in SCOPES, "scope", self.scope, f"one of {SCOPES}")
+        check(isinstance(self.frequency, int) and self.frequency >= 1, "frequency",
+              self.frequency, "must be an integer >= 1")
+        check(0 <= self.begin <= 1, "begin", self.begin, "must be in [0, 1]")
+        check(0 <= self.end <= 1 and self.begin < self.end, "end", self.end,
+              "must be in [0, 1] and > begin")
+        check(self.power > 0, "power", self.power, "must be > 0")
+        check(_is_regex(self.leaves), "leaves", self.leaves, "must be a valid regex")
+        for pair in self.overrides:
+            ok = (isinstance(pair, tuple) and len(pair) == 2 and _is_regex(pair[0])
+                  and isinstance(pair[1], (int, float)) and 0 <= pair[1] < 1)
+            check(ok, "overrides", pair, "pairs (regex, sparsity in [0, 1))")
+
+
+def _is_none(x) -> bool:
+    return x is None
+
+
+def _is_regex(pattern) -> bool:
+    try:
+        re.compile(pattern)
+    except (re.error, TypeError):
+        return False
+    return True
+
+
+def polynomial_sparsity(step, *, initial: float, target: float, begin_step: int,
+                        end_step: int, power: float = 3) -> jax.Array:
+    """Sparsity at ``step``: ``s_f + (s_i - s_f) (1 - (t - t0) / (t1 - t0))**power``.
+
+    Args:
+      step: current step (int or traced scalar).
+      initial, target: sparsity ``s_i`` at ``begin_step`` and ``s_f`` from ``end_step`` on.
+      begin_step, end_step: the ramp's ends ``t0 <= t1``; clamped outside.
+      power: exponent of the ramp.
+
+    Returns:
+      A float32 scalar.
+    """
+    step = jnp.asarray(step, jnp.float32)
+    progress = jnp.clip((step - begin_step) / max(end_step - begin_step, 1), 0.0, 1.0)
+    ramp = target + (initial - target) * (1.0 - progress) ** power
+    # At and after end_step exactly the target (also when begin_step == end_step).
+    return jnp.where(step >= end_step, jnp.float32(target), ramp).astype(jnp.float32)
+
+
+class MagnitudePruningState(NamedTuple):
+    count: jax.Array  # int32: updates done so far
+    masks: Any  # per leaf: bool mask (pruned leaves) or a scalar True (others)
+
+
+def _keep_largest(scores: jax.Array, num_pruned: jax.Array) -> jax.Array:
+    """True for all but the ``num_pruned`` lowest scores (ties broken by position)."""
+    flat = scores.ravel()
+    order = jnp.argsort(flat, stable=True)
+    ranks = jnp.zeros(flat.shape, jnp.int32).at[order].set(jnp.arange(flat.size, dtype=jnp.int32))
+    return (ranks >= num_pruned).reshape(scores.shape)
+
+
+def _count(sparsity: jax.Array, size: int) -> jax.Array:
+    return jnp.round(sparsity * size).astype(jnp.int32)
+
+
+def magnitude_pruning(
+    targets, *, initial_sparsity: float = 0.0, begin_step: int, end_step: int,
+    frequency: int = 1, power: float = 3.0, global_leaves=None,
+) -> optax.GradientTransformation:
+    """Elementwise magnitude masks in the optimizer state; put it last in the chain.
+
+    At steps ``begin_step, begin_step + frequency, ...`` and at ``end_step``
+    the masks are recomputed from the magnitudes of the weights after this
+    update (``params + updates``): in each leaf (or over the ``global_leaves``
+    together) the smallest weights are masked so that the count of masked
+    entries is ``round(sparsity(step) * size)``. Masked entries stay masked
+    and weights that are zero at ``init`` start masked. The update of a masked
+    entry is ``-params``, so the weight is exactly 0.0 after every step.
+    Mask updates run under ``lax.cond``: no recompilation per step.
+
+    Args:
+      targets: pytree like params: the final sparsity (float) of each pruned
+        leaf, None for leaves left alone.
+      initial_sparsity: sparsity at ``begin_step`` (capped at each target).
+      begin_step, end_step: the ramp (see ``polynomial_sparsity``).
+      frequency: steps between mask updates.
+      power: exponent of the ramp.
+      global_leaves: optional pytree of bools like params: these leaves are
+        ranked together by one threshold; they must share one target.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose update needs ``params``.
+    """
+    target_list, _ = jax.tree.flatten(targets, is_leaf=_is_none)
+    if global_leaves is None:
+        group = [False] * len(target_list)
+    else:
+        group = [bool(g) for g in jax.tree.leaves(global_leaves)]
+    if len(group) != len(target_list):
+        raise ValueError("global_leaves must have the structure of targets")
+    group = [g and t is not None for g, t in zip(group, target_list)]
+    global_targets = {t for t, g in zip(target_list, group) if g}
+    if len(global_targets) > 1:
+        raise ValueError(f"global_leaves must share one target, got {sorted(global_targets)}")
+
+    def sparsity(target, step):
+        return polynomial_sparsity(step, initial=min(initial_sparsity, target), target=target,
+                                   begin_step=begin_step, end_step=end_step, power=power)
+
+    def init_fn(params):
+        leaves = jax.tree.leaves(params)
+        masks = [(p != 0) if t is not None else jnp.array(True)
+                 for p, t in zip(leaves, target_list)]
+        return MagnitudePruningState(jnp.zeros((), jnp.int32),
+                                     jax.tree.unflatten(jax.tree.structure(params), masks))
+
+    def recompute(masks, candidates, step):
+        new = list(masks)
+        # Already-masked entries score -1, below every magnitude, so they stay masked.
+        scores = [None if t is None else jnp.where(m, jnp.abs(c), -1.0)
+                  for m, c, t in zip(masks, candidates, target_list)]
+        for i, target in enumerate(target_list):
+            if target is not None and not group[i]:
+                k = _count(sparsity(target, step), scores[i].size)
+                new[i] = masks[i] & _keep_largest(scores[i], k)
+        members = [i for i, g in enumerate(group) if g]
+        if members:
+            flat = jnp.concatenate([scores[i].ravel() for i in members])
+            k = _count(sparsity(target_list[members[0]], step), flat.size)
+            keep, start = _keep_largest(flat, k), 0
+            for i in members:
+                size = scores[i].size
+                new[i] = masks[i] & keep[start:start + size].reshape(scores[i].shape)
+                start += size
+        return new
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("magnitude_pruning needs params: call update(g, state, params)")
+        treedef = jax.tree.structure(params)
+        u_list, p_list = jax.tree.leaves(updates), jax.tree.leaves(params)
+        masks = jax.tree.leaves(state.masks)
+        step = state.count
+        due = ((step >= begin_step) & (step <= end_step)
+               & (((step - begin_step) % frequency == 0) | (step == end_step)))
+        candidates = [p + u for p, u in zip(p_list, u_list)]
+        masks = jax.lax.cond(due, recompute, lambda m, c, s: list(m), masks, candidates, step)
+        u_list = [jnp.where(m, u, -p) for m, u, p in zip(masks, u_list, p_list)]
+        return (jax.tree.unflatten(treedef, u_list),
+                MagnitudePruningState(step + 1, jax.tree.unflatten(treedef, masks)))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def leaf_targets(params, config: PruneConfig) -> Any:
+    """Per leaf: its final sparsity (override or ``target_sparsity``), None if not pruned."""
+    chosen = constraints.selected(params, config.leaves)
+    compiled = [(re.compile(pattern), float(s)) for pattern, s in config.overrides]
+
+    def target(path, sel):
+        if not sel:
+            return None
+        name = constraints.path_name(path)
+        return next((s for pattern, s in compiled if pattern.search(name)),
+                    float(config.target_sparsity))
+
+    return jax.tree_util.tree_map_with_path(target, chosen)
+
+
+def _overridden(params, config: PruneConfig) -> Any:
+    compiled = [re.compile(pattern) for pattern, _ in config.overrides]
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: any(p.search(constraints.path_name(path)) for p in compiled), params)
+
+
+def prune_shared_once(weights, sparsity: float) -> jax.Array:
+    """Zeros the smallest-magnitude weights so that ``round(sparsity * size)`` are zero.
+
+    Existing zeros count as pruned. Only zeros are added, so a weight-shared
+    tensor keeps at most its distinct non-zero values.
+    """
+    w = jnp.asarray(weights)
+    scores = jnp.where(w != 0, jnp.abs(w), -1.0)
+    return jnp.where(_keep_largest(scores, _count(jnp.float32(sparsity), w.size)), w, 0.0)
+
+
+def _classification_loss(apply_fn):
+    def make_loss(materialize):
+        def loss_fn(trainable, extra, x, y, key):
+            del key
+            logits = apply_fn(materialize(trainable), x)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            return loss, (extra, {"loss": loss, "accuracy": jnp.mean(logits.argmax(-1) == y)})
+        return loss_fn
+    return make_loss
+
+
+def sparsity_report(params, leaves: str = constraints.DEFAULT_LEAVES,
+                    prefix: str = "prune") -> dict:
+    """Per-leaf and overall sparsity and non-zero count over the selected leaves."""
+    report, zeros, total = {}, 0, 0
+    for path, w in jax.tree_util.tree_leaves_with_path(params):
+        name = constraints.path_name(path)
+        if not re.search(leaves, name):
+            continue
+        w = np.asarray(w)
+        n_zero = int(np.sum(w == 0))
+        report[f"{prefix}/{name}/sparsity"] = n_zero / w.size
+        zeros, total = zeros + n_zero, total + w.size
+    report[f"{prefix}/sparsity"] = zeros / max(total, 1)
+    report[f"{prefix}/nonzero"] = total - zeros
+    report[f"{prefix}/size"] = total
+    return report
+
+
+def prune(params, config: PruneConfig, *, apply_fn, data, seed: int) -> tuple[Any, dict]:
+    """Gradual magnitude pruning, then fine-tuning with the final zeros fixed.
+
+    Args:
+      params: Flax params; zeros already present count as pruned and stay zero.
+      config: a ``PruneConfig``.
+      apply_fn: ``apply_fn(params, x) -> logits`` in inference mode.
+      data: a ``ucpjax.data.Dataset``.
+      seed: training seed.
+
+    Returns:
+      ``(params, report)``: report has ``prune/sparsity`` (over the selected
+      leaves), ``prune/nonzero``, ``prune/<Layer>/<name>/sparsity``,
+      ``prune/val_accuracy`` and ``prune/loss`` (last epoch's training loss).
+    """
+    targets = leaf_targets(params, config)
+    books = constraints.codebooks(params, config.leaves)
+    shared = jax.tree.map(lambda b: b is not None, books,
+                          is_leaf=lambda b: b is None or isinstance(b, constraints.Codebook))
+    # One-shot for weight-shared leaves; copies of the rest, since training donates buffers.
+    params = jax.tree.map(lambda w, t, s: prune_shared_once(w, t) if s else jnp.array(w),
+                          params, targets, shared, is_leaf=_is_none)
+    mask_targets = jax.tree.map(lambda t, s: None if s else t, targets, shared, is_leaf=_is_none)
+    global_leaves = None
+    if config.scope == "global":
+        overridden = _overridden(params, config)
+        global_leaves = jax.tree.map(lambda t, o: t is not None and not o,
+                                     mask_targets, overridden, is_leaf=_is_none)
+
+    steps = train.total_steps(config.train, len(data.x_train))
+    last = max(steps - 1, 0)
+    pruning = magnitude_pruning(
+        mask_targets, initial_sparsity=config.initial_sparsity,
+        begin_step=round(config.begin * last), end_step=round(config.end * last),
+        frequency=config.frequency, power=config.power, global_leaves=global_leaves)
+    make_loss = _classification_loss(apply_fn)
+    params, _, history = constraints.fit_preserving(
+        params, make_loss, x=data.x_train, y=data.y_train, config=config.train, seed=seed,
+        leaves=config.leaves, last_transform=pruning, desc="prune")
+    if config.fine_tune is not None:
+        params, _, history = constraints.fit_preserving(
+            params, make_loss, x=data.x_train, y=data.y_train, config=config.fine_tune,
+            seed=seed + 1, leaves=config.leaves, desc="prune fine-tune")
+    report = sparsity_report(params, config.leaves)
+    report["prune/val_accuracy"] = train.accuracy(apply_fn, params, data.x_val, data.y_val)
+    report["prune/loss"] = history[-1]["loss"]
+    return params, report
