@@ -58,10 +58,12 @@ def _replace_path(config, names: list[str], value, full: str):
         value = _replace_path(child, rest, value, full)
     else:
         value = _coerce(config, fields[name], value, full)
+    if rest:
+        return dataclasses.replace(config, **{name: value})
     try:
         return dataclasses.replace(config, **{name: value})
-    except ConfigError as err:
-        raise ConfigError(f"{full}: {err}") from None
+    except ConfigError as err:  # "epochs=-1: ..." -> "train.epochs=-1: ..."
+        raise ConfigError(f"{full[:len(full) - len(name)]}{err}") from None
 
 
 def _coerce(config, field: dataclasses.Field, value, full: str):

@@ -24,8 +24,9 @@ import numpy as np
 import optax
 
 # A leaf counts as weight-shared when its distinct non-zero values are at most
-# this many, and at most a quarter of its size (so a tiny dense kernel, whose
-# values are all distinct anyway, is not mistaken for a shared one).
+# this many, and at most a quarter of its non-zero entries (so a small or
+# heavily pruned kernel, whose values are all distinct anyway, is not mistaken
+# for a shared one).
 MAX_SHARED_VALUES = 256
 
 DEFAULT_LEAVES = r"kernel$"
@@ -90,7 +91,7 @@ def codebook(weights) -> Codebook | None:
     values, inverse = np.unique(w, return_inverse=True)
     nonzero = values != 0
     k = int(nonzero.sum())
-    if k == 0 or k > MAX_SHARED_VALUES or k > w.size // 4:
+    if k == 0 or k > MAX_SHARED_VALUES or k > np.count_nonzero(w) // 4:
         return None
     # Re-number so that non-zero values are 0..k-1 and zero is k.
     remap = np.where(nonzero, np.cumsum(nonzero) - 1, k).astype(np.int32)

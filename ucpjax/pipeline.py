@@ -293,7 +293,7 @@ def compress_model(
         rows.append(done["row"])
         reports.update(done["report"])
 
-    final, tflite = finish(model, dataset, config.export, rows[-1], folder, log)
+    final, tflite = finish(model, dataset, config, rows[-1], folder, log)
     report = {"rows": rows, "stages": reports, "final": final, "config": to_dict(config)}
     if folder:
         from ucpjax import plots
@@ -305,9 +305,10 @@ def compress_model(
     return Result(model.variables, tflite, report)
 
 
-def finish(model: Model, dataset: data_lib.Dataset, config: ExportConfig, last_row: dict,
-           folder: RunFolder | None, log) -> tuple[dict, bytes | None]:
+def finish(model: Model, dataset: data_lib.Dataset, pipeline_config: PipelineConfig,
+           last_row: dict, folder: RunFolder | None, log) -> tuple[dict, bytes | None]:
     """Packs, exports and measures the final model; returns ``(final, tflite)``."""
+    config = pipeline_config.export
     params = jax.tree.map(np.asarray, model.params)
     packed = packing.encode(params)
     decoded = packing.decode(packed)
@@ -334,7 +335,7 @@ def finish(model: Model, dataset: data_lib.Dataset, config: ExportConfig, last_r
     log("exporting int8 TFLite ...")
     apply_fn = model.apply_fn()
     rep = dataset.x_train[:config.representative_samples]
-    per_tensor = quant.dense_per_tensor(model.params, quant.QuantConfig())
+    per_tensor = quant.dense_per_tensor(model.params, pipeline_config.quantize)
     tflite = export.to_tflite(apply_fn, model.params, dataset.input_shape, rep,
                               per_tensor_dense=per_tensor, sparse=config.sparse)
     float_tflite = export.to_tflite(apply_fn, model.params, dataset.input_shape, rep, int8=False)

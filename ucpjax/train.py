@@ -142,7 +142,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(state.step + 1, params, extra, opt_state), metrics
-    return jax.jit(step, donate_argnums=0)
+    return jax.jit(step)
 
 
 def fit(

@@ -1,0 +1,37 @@
+import dataclasses
+
+import pytest
+
+from ucpjax.config import ConfigError, describe, override
+from ucpjax.train import TrainConfig
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Outer:
+    name: str = "a"
+    train: TrainConfig = TrainConfig()
+
+
+def test_override_nested_field_and_int_to_float():
+    cfg = override(Outer(), ["train.learning_rate=1", "name=b"])
+    assert cfg.train.learning_rate == 1.0 and cfg.name == "b"
+
+
+def test_unknown_field_is_named():
+    with pytest.raises(ConfigError, match="train.learnig_rate"):
+        override(Outer(), ["train.learnig_rate=0.1"])
+
+
+def test_invalid_value_names_the_field():
+    with pytest.raises(ConfigError, match=r"train.epochs=-1.0: must be > 0"):
+        override(Outer(), ["train.epochs=-1"])
+
+
+def test_wrong_type_is_rejected():
+    with pytest.raises(ConfigError, match="train.batch_size='big'"):
+        override(Outer(), ["train.batch_size=big"])
+
+
+def test_describe_lists_every_leaf():
+    lines = list(describe(Outer()))
+    assert "train.epochs = 10" in lines and "name = 'a'" in lines

@@ -1,0 +1,181 @@
+"""Tests of ucpjax.export: the int8 .tflite holds the JAX weights and predicts like JAX.
+
+One small LeNet-300-100 is trained once per module (5k MNIST examples, one
+epoch) and converted a few times; conversion takes seconds, so every .tflite is
+built in a module-scoped fixture.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ucpjax import data, export, models, quant, train
+
+NUM_CLUSTERS = 16
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return data.load("mnist").take(5000, 2000)
+
+
+@pytest.fixture(scope="module")
+def trained(mnist):
+    model = models.create("lenet300")
+    params = models.init(model, mnist.input_shape)["params"]
+    config = train.TrainConfig(epochs=1, batch_size=32, learning_rate=2e-3)
+    optimizer = train.make_optimizer(config, train.total_steps(config, len(mnist.x_train)))
+    state, _ = train.fit(params, train.classification_loss(model), optimizer,
+                         mnist.x_train, mnist.y_train, config=config, seed=0)
+    return train.inference_fn(model, {}), state.params
+
+
+@pytest.fixture(scope="module")
+def per_channel(trained, mnist):
+    """Kernels on the per-channel int8 grid (what the converter will store), converted."""
+    apply_fn, params = trained
+    params = quant.quantize_weights(params, quant.QuantConfig())
+    return params, export.to_tflite(apply_fn, params, mnist.input_shape, mnist.x_train)
+
+
+def _clustered_on_tensor_grid(params):
+    """90% of the weights zeroed, the rest on 16 values of one per-tensor int8 grid."""
+    def shared(w):
+        w = np.asarray(w)
+        if w.ndim != 2:
+            return w
+        w = np.where(np.abs(w) < np.quantile(np.abs(w), 0.9), 0.0, w).astype(np.float32)
+        centroids = np.quantile(w[w != 0], np.linspace(0, 1, NUM_CLUSTERS)).astype(np.float32)
+        nearest = centroids[np.abs(w[..., None] - centroids).argmin(-1)]
+        return np.where(w == 0, 0.0, nearest).astype(np.float32)
+
+    shared_params = jax.tree.map(shared, params)
+    return quant.quantize_weights(shared_params, quant.QuantConfig(per_channel=False))
+
+
+@pytest.fixture(scope="module")
+def per_tensor(trained, mnist):
+    apply_fn, params = trained
+    params = _clustered_on_tensor_grid(params)
+    def convert(sparse):
+        return export.to_tflite(apply_fn, params, mnist.input_shape, mnist.x_train,
+                                per_tensor_dense=True, sparse=sparse)
+
+    return params, convert(False), convert(True)
+
+
+def test_weights_are_int8_and_biases_int32(per_channel):
+    _, model_bytes = per_channel
+    report = export.weights_check(model_bytes, per_channel[0])
+    assert report["all_int8"] and report["biases_int32"]
+    runner = export.TfliteRunner(model_bytes)
+    assert runner.input["dtype"] == np.int8 and runner.output["dtype"] == np.int8
+
+
+def test_float_model_is_not_int8(trained, mnist):
+    apply_fn, params = trained
+    model_bytes = export.to_tflite(apply_fn, params, mnist.input_shape, mnist.x_train,
+                                   int8=False)
+    assert not export.weights_check(model_bytes, params)["all_int8"]
+    # Float32 TFLite computes what JAX computes, up to summation order.
+    result = export.agreement(model_bytes, apply_fn, params, mnist.x_test[:500],
+                              mnist.y_test[:500])
+    assert result["agreement"] == 1.0
+
+
+def test_tflite_accuracy_equals_jax_within_tolerance(per_channel, trained, mnist):
+    apply_fn, _ = trained
+    params, model_bytes = per_channel
+    result = export.agreement(model_bytes, apply_fn, params, mnist.x_test, mnist.y_test)
+    assert result["jax_accuracy"] > 0.8  # a trained model, not a trivial one
+    assert result["agreement"] >= export.MIN_AGREEMENT
+    assert abs(result["accuracy_delta"]) <= export.MAX_ACCURACY_DELTA
+    assert export.check_tolerance(result)
+
+
+def test_evaluate_matches_runner(per_channel, mnist):
+    _, model_bytes = per_channel
+    x, y = mnist.x_test[:200], mnist.y_test[:200]
+    result = export.evaluate(model_bytes, x, y)
+    logits = export.TfliteRunner(model_bytes, use_xnnpack=False)(x)
+    np.testing.assert_array_equal(result["predictions"], logits.argmax(-1))
+    assert result["accuracy"] == pytest.approx(np.mean(logits.argmax(-1) == y))
+
+
+def test_weights_check_per_channel_grid_is_exact(per_channel):
+    params, model_bytes = per_channel
+    report = export.weights_check(model_bytes, params)
+    assert report["faithful"] and report["unmatched"] == 0
+    for name in ("Dense_0", "Dense_1", "Dense_2"):
+        assert report[f"{name}/kernel/max_error_steps"] <= 0.01
+        assert report[f"{name}/kernel/zeros_equal"]
+    assert report["max_abs_error"] < 1e-6
+
+
+def test_weights_check_detects_other_weights(per_channel):
+    params, model_bytes = per_channel
+    # Move one weight by half a quantization step: the check must notice.
+    kernel = np.array(params["Dense_1"]["kernel"])
+    kernel[3, 7] += np.abs(kernel[:, 7]).max() / 127 / 2
+    moved = {**params, "Dense_1": {**params["Dense_1"], "kernel": jnp.asarray(kernel)}}
+    report = export.weights_check(model_bytes, moved)
+    assert not report["faithful"]
+    assert report["Dense_1/kernel/max_error_steps"] > 0.4
+    assert report["Dense_0/kernel/max_error_steps"] <= 0.01
+
+
+def test_per_tensor_grid_keeps_k_values(per_tensor):
+    params, model_bytes, _ = per_tensor
+    report = export.weights_check(model_bytes, params)
+    assert report["faithful"] and report["all_int8"]
+    for name in ("Dense_0", "Dense_1", "Dense_2"):
+        assert report[f"{name}/kernel/distinct"] <= NUM_CLUSTERS
+        assert report[f"{name}/kernel/distinct"] == report[f"{name}/kernel/distinct_params"]
+        assert report[f"{name}/kernel/zeros_equal"]
+
+
+def test_sparse_format_is_smaller_and_predicts_the_same(per_tensor, mnist):
+    _, dense_bytes, sparse_bytes = per_tensor
+    assert len(sparse_bytes) < 0.5 * len(dense_bytes)
+    x, y = mnist.x_test[:300], mnist.y_test[:300]
+    # The sparse model cannot use XNNPACK; evaluate falls back to the builtin kernels.
+    sparse = export.evaluate(sparse_bytes, x, y)
+    dense = export.evaluate(dense_bytes, x, y, use_xnnpack=False)
+    np.testing.assert_array_equal(sparse["predictions"], dense["predictions"])
+
+
+def test_latency_is_measured(per_channel):
+    _, model_bytes = per_channel
+    microseconds = export.latency_us(model_bytes, repeats=50, warmup=5)
+    assert 0 < microseconds < 50_000
+
+
+def test_check_tolerance_flags_misses():
+    good = {"agreement": 0.999, "tflite_accuracy": 0.981, "jax_accuracy": 0.9815,
+            "accuracy_delta": -0.0005}
+    assert export.check_tolerance(good)
+    low_agreement = {**good, "agreement": 0.99}
+    with pytest.raises(export.ToleranceError, match="agreement"):
+        export.check_tolerance(low_agreement)
+    accuracy_drop = {**good, "tflite_accuracy": 0.979, "accuracy_delta": -0.0025}
+    with pytest.raises(export.ToleranceError, match="accuracy"):
+        export.check_tolerance(accuracy_drop)
+    with pytest.warns(UserWarning, match="not faithful"):
+        assert not export.check_tolerance(accuracy_drop, raise_error=False)
+
+
+def test_weights_check_reads_conv_layouts(mnist):
+    """LeNet-5: Conv_0 (1 input channel) becomes DEPTHWISE_CONV_2D (1HWO), Conv_1 CONV_2D
+    (OHWI); both must be found and equal the per-channel grid weights (untrained is fine)."""
+    model = models.create("lenet5")
+    params = quant.quantize_weights(models.init(model, mnist.input_shape)["params"],
+                                    quant.QuantConfig())
+    model_bytes = export.to_tflite(train.inference_fn(model, {}), params, mnist.input_shape,
+                                   mnist.x_train[:50])
+    ops = {op["op_name"] for op in export.interpreter(model_bytes)._get_ops_details()}
+    assert {"DEPTHWISE_CONV_2D", "CONV_2D", "FULLY_CONNECTED"} <= ops
+    report = export.weights_check(model_bytes, params)
+    assert report["faithful"] and report["unmatched"] == 0 and report["all_int8"]
+    assert report["Conv_0/kernel/max_error_steps"] <= 0.01
+    assert report["Conv_1/kernel/max_error_steps"] <= 0.01

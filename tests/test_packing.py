@@ -1,0 +1,162 @@
+"""Tests of ucpjax.packing: bit-exact round trips, Huffman optimality, real params."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ucpjax import measure, models, packing
+
+
+def _assert_same(tree, decoded):
+    names = sorted(packing._flatten(tree))
+    assert [n for n, _ in names] == [n for n, _ in sorted(packing._flatten(decoded))]
+    for (_, a), (_, b) in zip(names, sorted(packing._flatten(decoded))):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert a.tobytes() == b.tobytes()  # bit for bit, NaN and -0.0 included
+
+
+def _clustered(seed, shape, k, density, dtype=np.float32):
+    """Sparse tensor whose non-zeros take k distinct values."""
+    rng = np.random.default_rng(seed)
+    codebook = rng.normal(size=k).astype(dtype)
+    codebook[codebook == 0] = 1  # a zero centroid would shrink k
+    values = codebook[rng.integers(0, k, size=shape)]
+    return np.where(rng.random(shape) < density, values, 0).astype(dtype)
+
+
+shapes = st.one_of(
+    st.lists(st.integers(0, 12), min_size=0, max_size=3).map(tuple),  # incl. () and empty
+    st.integers(300, 3000).map(lambda n: (n,)),  # room for gaps longer than 255
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31), shape=shapes, k=st.integers(1, 40),
+       density=st.sampled_from([0.0, 0.002, 0.05, 0.3, 1.0]),
+       dtype=st.sampled_from([np.float32, np.float16, np.float64]),
+       coded=st.sampled_from([None, True]))
+def test_round_trip_is_bit_exact(seed, shape, k, density, dtype, coded):
+    kernel = _clustered(seed, shape, k, density, dtype)
+    params = {"Dense_0": {"kernel": kernel, "bias": np.arange(3, dtype=np.float32)},
+              "Conv_0": {"kernel": _clustered(seed + 1, (3, 3, 1, 4), 2, 0.5)}}
+    data = packing.encode(params, coded=coded)
+    _assert_same(params, packing.decode(data))
+    assert packing.size_breakdown(params, coded=coded)["total"] == len(data)
+
+
+def test_edge_cases_round_trip_coded():
+    one = np.array([2.5], np.float32)
+    params = {
+        "empty": {"kernel": np.zeros((0, 5), np.float32)},
+        "zeros": {"kernel": np.zeros((40, 30), np.float32)},
+        "k1": {"kernel": np.where(np.arange(500) % 7 == 0, 0.25, 0).astype(np.float32)},
+        "single": {"kernel": one, "scalar": np.float32(3.0)},
+        "long_gap": {"kernel": np.zeros(100_000, np.float32)},
+        "signs": {"kernel": np.array([-0.0, 0.0, np.nan, -np.inf, 1e-45], np.float32)},
+        "ints": {"kernel": np.array([[0, 3], [-2, 0]], np.int8)},
+    }
+    params["long_gap"]["kernel"][[0, 70_000, 99_999]] = [1.0, -1.0, 1.0]
+    data = packing.encode(params, coded=True)
+    _assert_same(params, packing.decode(data))
+    layers = packing.size_breakdown(params, coded=True)["layers"]
+    assert layers["zeros/kernel"]["gaps"] == layers["zeros/kernel"]["indices"] == 0
+    assert layers["k1/kernel"]["indices"] == 0  # one symbol: implied by the table
+    assert layers["k1/kernel"]["codebook"] == 4
+
+
+@pytest.mark.parametrize("bits", [1, 3, 8])
+def test_long_gaps_use_filler_entries(bits):
+    flat = np.zeros(2000, np.uint32)
+    positions = [0, 1, 600, 1999]
+    flat[positions] = [7, 9, 7, 9]
+    gaps, index, codebook = packing.sparse_entries(flat, bits)
+    assert gaps.max() < 2**bits
+    assert list(codebook) == [7, 9]
+    # Entries with index k are fillers at zero positions; the others are the non-zeros.
+    entry_positions = np.cumsum(gaps + 1) - 1
+    assert list(entry_positions[index < len(codebook)]) == positions
+    assert np.all(flat[entry_positions[index == len(codebook)]] == 0)
+    expected_fillers = sum(g >> bits for g in np.diff(positions, prepend=-1) - 1)
+    assert np.sum(index == len(codebook)) == expected_fillers
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(0, 60), min_size=0, max_size=400),
+       st.integers(0, 2))
+def test_huffman_round_trip_and_never_worse_than_fixed_width(symbols, skew):
+    symbols = np.asarray(symbols, np.int64) >> skew  # shifts make some symbols frequent
+    freqs = np.bincount(symbols, minlength=61)
+    lengths = packing.huffman_code_lengths(freqs)
+    data = packing.huffman_encode(symbols, lengths)
+    np.testing.assert_array_equal(packing.huffman_decode(data, lengths, len(symbols)), symbols)
+    used = np.count_nonzero(freqs)
+    if used > 1:
+        assert sum(2.0 ** -lengths[lengths > 0]) == 1.0  # Kraft: a complete prefix code
+    bits = int(freqs @ lengths) if used > 1 else 0
+    fixed = len(symbols) * math.ceil(math.log2(used)) if used > 1 else 0
+    assert bits <= fixed
+    assert len(data) == math.ceil(bits / 8)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31), k=st.integers(1, 64),
+       density=st.sampled_from([0.01, 0.1, 0.5]))
+def test_coded_streams_not_larger_than_fixed_width(seed, k, density):
+    kernel = _clustered(seed, (60, 50), k, density)
+    layer = packing.size_breakdown({"k": kernel}, leaves="k", coded=True)["layers"]["k"]
+    bits = layer["gap_bits"]
+    gaps, index, codebook = packing.sparse_entries(packing._as_bits(kernel), bits)
+    n = len(gaps)
+    assert n == layer["entries"]
+    assert layer["gaps"] <= math.ceil(n * bits / 8)
+    # Symbols used: the k centroids, plus the filler zero when there are fillers.
+    used = len(np.unique(index))
+    fixed_width = math.ceil(math.log2(used)) if used > 1 else 0
+    assert layer["indices"] <= math.ceil(n * fixed_width / 8)
+    assert layer["codebook"] == 4 * len(codebook)
+
+
+@pytest.fixture(scope="module")
+def lenet300():
+    model = models.create("lenet300")
+    return jax.tree.map(np.asarray, models.init(model, (28, 28, 1))["params"])
+
+
+def test_dense_kernel_is_stored_raw_with_small_overhead(lenet300):
+    params = lenet300
+    data = packing.encode(params)
+    _assert_same(params, packing.decode(data))
+    assert len(data) <= measure.float32_bytes(params) + 200
+
+
+def test_pruned_clustered_lenet300_round_trip_and_size(lenet300):
+
+    def compress(w):
+        if w.ndim != 2:
+            return w
+        w = np.where(np.abs(w) < np.quantile(np.abs(w), 0.92), 0, w)
+        centroids = np.linspace(w.min(), w.max(), 16).astype(np.float32)
+        return np.where(w == 0, 0, centroids[np.abs(w[..., None] - centroids).argmin(-1)])
+
+    params = jax.tree.map(lambda w: compress(w).astype(np.float32), lenet300)
+    data = packing.encode(params)
+    _assert_same(params, packing.decode(data))
+    breakdown = packing.size_breakdown(params)
+    assert breakdown["total"] == len(data)
+    # 8% of the weights, ~4-bit indices plus relative-index gaps and the raw biases:
+    # Deep Compression reports ~40x for LeNet-300-100 at this density.
+    assert measure.float32_bytes(params) / len(data) > 30
+    dense_0 = breakdown["layers"]["Dense_0/kernel"]
+    assert dense_0["raw"] == 0 and dense_0["codebook"] <= 16 * 4
+
+
+def test_rejects_bad_files():
+    data = packing.encode({"a": {"kernel": np.ones((4, 4), np.float32)}})
+    with pytest.raises(ValueError, match="magic"):
+        packing.decode(b"XXXX" + data[4:])
+    with pytest.raises(ValueError, match="truncated"):
+        packing.decode(data[:-3])

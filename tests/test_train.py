@@ -1,0 +1,118 @@
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ucpjax import models, train
+
+# Trains a few steps and prints the final params' checksum; run with 1 and 4 devices.
+_DEVICES_SCRIPT = """
+import json, sys
+import jax, numpy as np
+from ucpjax import data, models, train
+ds = data.load("mnist").take(512, 64)
+m = models.create("lenet300")
+v = models.init(m, ds.input_shape)
+cfg = train.TrainConfig(epochs=1, batch_size=64)
+opt = train.make_optimizer(cfg, train.total_steps(cfg, 512))
+state, hist = train.fit(v["params"], train.classification_loss(m), opt, ds.x_train,
+                        ds.y_train, config=cfg, seed=0)
+leaves = [np.asarray(x).ravel() for x in jax.tree.leaves(state.params)]
+print(json.dumps({"devices": len(jax.devices()), "params": np.concatenate(leaves)[::97].tolist(),
+                  "loss": hist[-1]["loss"]}))
+"""
+
+
+def _run_with_devices(n):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+    out = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_four_devices_match_one():
+    one, four = _run_with_devices(1), _run_with_devices(4)
+    assert (one["devices"], four["devices"]) == (1, 4)
+    np.testing.assert_allclose(four["params"], one["params"], rtol=1e-4, atol=1e-5)
+    assert four["loss"] == pytest.approx(one["loss"], rel=1e-4)
+
+
+def _setup(mnist_small, epochs=1.0):
+    m = models.create("lenet300")
+    v = models.init(m, mnist_small.input_shape)
+    cfg = train.TrainConfig(epochs=epochs, batch_size=100)
+    opt = train.make_optimizer(cfg, train.total_steps(cfg, len(mnist_small.x_train)))
+    return m, v, cfg, opt
+
+
+def test_one_step_lowers_the_loss(mnist_small):
+    m, v, cfg, opt = _setup(mnist_small)
+    loss_fn = train.classification_loss(m)
+    step = train.make_train_step(loss_fn, opt)
+    state = train.TrainState(jnp.zeros((), jnp.int32), v["params"], {}, opt.init(v["params"]))
+    x, y = mnist_small.x_train[:100], mnist_small.y_train[:100]
+    before = loss_fn(v["params"], {}, x, y, None)[0]
+    state, _ = step(state, x, y, jax.random.key(0))
+    after = loss_fn(state.params, {}, x, y, None)[0]
+    assert after < before
+
+
+def test_same_seed_same_result_and_training_learns(mnist_small):
+    m, v, cfg, opt = _setup(mnist_small, epochs=3)
+    a, _ = train.fit(v["params"], train.classification_loss(m), opt, mnist_small.x_train,
+                     mnist_small.y_train, config=cfg, seed=5)
+    b, _ = train.fit(v["params"], train.classification_loss(m), opt, mnist_small.x_train,
+                     mnist_small.y_train, config=cfg, seed=5)
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_array_equal(x, y)
+    acc = train.accuracy(train.inference_fn(m, {}), a.params, mnist_small.x_test,
+                         mnist_small.y_test)
+    assert acc > 0.8
+
+
+def test_nan_loss_is_caught(mnist_small):
+    m, v, cfg, opt = _setup(mnist_small, epochs=0.1)
+
+    def nan_loss(params, extra, x, y, key):
+        loss, aux = train.classification_loss(m)(params, extra, x, y, key)
+        return loss * jnp.nan, aux
+
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        train.fit(v["params"], nan_loss, opt, mnist_small.x_train, mnist_small.y_train,
+                  config=cfg, seed=0)
+
+
+def test_batch_size_must_divide_over_devices(mnist_small, monkeypatch):
+    m, v, _, opt = _setup(mnist_small)
+    monkeypatch.setattr(jax, "devices", lambda: [jax.local_devices()[0]] * 3)
+    with pytest.raises(ValueError, match="multiple of the 3 JAX devices"):
+        train.fit(v["params"], train.classification_loss(m), opt, mnist_small.x_train,
+                  mnist_small.y_train, config=train.TrainConfig(batch_size=100), seed=0)
+
+
+def test_checkpoint_restores_params_and_optimizer_state_exactly(tmp_path, mnist_small):
+    m, v, cfg, opt = _setup(mnist_small, epochs=0.2)
+    state, _ = train.fit(v["params"], train.classification_loss(m), opt, mnist_small.x_train,
+                         mnist_small.y_train, config=cfg, seed=0)
+    train.save_checkpoint(tmp_path / "ckpt", state)
+    restored = train.restore_checkpoint(tmp_path / "ckpt", state)
+    for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_batchnorm_statistics_are_trained():
+    m = models.create("fashion_cnn")
+    v = models.init(m, (28, 28, 1))
+    rng = np.random.default_rng(0)
+    x, y = rng.random((64, 28, 28, 1), np.float32), rng.integers(0, 10, 64)
+    cfg = train.TrainConfig(epochs=1, batch_size=32)
+    state, _ = train.fit(v["params"], train.classification_loss(m),
+                         train.make_optimizer(cfg, 2), x, y, config=cfg, seed=0,
+                         extra={"batch_stats": v["batch_stats"]})
+    mean = state.extra["batch_stats"]["BatchNorm_0"]["mean"]
+    assert float(jnp.abs(mean).max()) > 0
