@@ -1,0 +1,364 @@
+"""Flax -> int8 TFLite, and running the result in LiteRT to check it is faithful.
+
+TensorFlow is imported only here, lazily inside the functions that need it, so
+the JAX side of the project starts fast. The conversion path follows
+../shared/TOOLCHAIN.md: ``jax2tf.convert`` in a ``tf.function`` with a fixed
+batch-1 signature, held by a ``tf.Module`` and converted with
+``TFLiteConverter.from_concrete_functions``.
+
+* ``to_tflite``: float or full-integer (int8 weights, activations, input and output).
+* ``TfliteRunner`` / ``evaluate``: run a model in LiteRT on numpy data.
+* ``weights_check``: do the int8 weights times their scales equal the params?
+* ``agreement`` / ``check_tolerance``: argmax agreement and accuracy against JAX.
+* ``latency_us``: median one-sample invoke time.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from ucpjax import constraints
+
+# The faithfulness target of the issue: .tflite vs JAX argmax agreement and
+# accuracy difference (0.1 percentage point).
+MIN_AGREEMENT = 0.995
+MAX_ACCURACY_DELTA = 0.001
+
+# Ops whose input 1 is a weight tensor and input 2 a bias.
+_WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D")
+
+
+class ToleranceError(RuntimeError):
+    """The .tflite model disagrees with the JAX model beyond the tolerance."""
+
+
+def _tf():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    return tf
+
+
+def to_tflite(
+    apply_fn: Callable, params, input_shape: tuple[int, ...], representative_x: np.ndarray,
+    *, int8: bool = True, per_tensor_dense: bool = False, sparse: bool = False,
+    num_calibration: int = 300,
+) -> bytes:
+    """Converts ``apply_fn(params, x)`` to a TFLite flatbuffer with batch size 1.
+
+    Args:
+      apply_fn: ``apply_fn(params, x) -> logits`` in inference mode.
+      params: the params pytree (closed over as constants).
+      input_shape: one example's shape, e.g. ``(28, 28, 1)``.
+      representative_x: training inputs for calibrating activation ranges (int8 only).
+      int8: full-integer model (int8 weights, activations, input and output);
+        False gives the float32 model.
+      per_tensor_dense: one scale per Dense kernel instead of one per output channel
+        (keeps a weight-shared kernel on <= k codes when it sits on one int8 grid).
+      sparse: store weights of >= 30% sparsity in TFLite's sparse format (smaller
+        file, same compute; needs ``OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES``).
+      num_calibration: how many examples of ``representative_x`` calibrate.
+
+    Returns:
+      The .tflite file contents.
+    """
+    tf = _tf()
+    from jax.experimental import jax2tf
+
+    params = jax.tree.map(np.asarray, params)
+    module = tf.Module()
+    module.fn = tf.function(
+        jax2tf.convert(lambda x: apply_fn(params, x), with_gradient=False),
+        input_signature=[tf.TensorSpec((1, *input_shape), tf.float32)], autograph=False)
+    concrete = module.fn.get_concrete_function()
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], module)
+    if int8:
+        calibration = np.asarray(representative_x[:num_calibration], np.float32)
+
+        def representative_dataset():
+            for i in range(len(calibration)):
+                yield [calibration[i:i + 1]]
+
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = representative_dataset
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
+        if per_tensor_dense:
+            converter._experimental_disable_per_channel_quantization_for_dense_layers = True
+    if sparse:
+        converter.optimizations = [*converter.optimizations, tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
+    return bytes(converter.convert())
+
+
+def interpreter(model_bytes: bytes, *, threads: int = 1, use_xnnpack: bool = True):
+    """A LiteRT interpreter with tensors allocated.
+
+    With ``use_xnnpack`` the default delegate (XNNPACK) is applied; when it cannot
+    prepare the model (int8 weights in TFLite's sparse format), this falls back to
+    the builtin kernels instead of failing.
+    """
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    plain = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    if use_xnnpack:
+        try:
+            interp = Interpreter(model_content=model_bytes, num_threads=threads)
+            interp.allocate_tensors()
+            return interp
+        except (RuntimeError, ValueError):
+            pass
+    interp = Interpreter(model_content=model_bytes, num_threads=threads,
+                         experimental_op_resolver_type=plain)
+    interp.allocate_tensors()
+    return interp
+
+
+class TfliteRunner:
+    """Runs a one-input, one-output TFLite model on float inputs, one example at a time.
+
+    Quantizes inputs with the input tensor's (scale, zero point) and dequantizes
+    outputs, so int8 and float models are used alike.
+    """
+
+    def __init__(self, model_bytes: bytes, *, threads: int = 1, use_xnnpack: bool = True):
+        self.interpreter = interpreter(model_bytes, threads=threads, use_xnnpack=use_xnnpack)
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.input["shape"][1:])
+
+    def quantize_input(self, x: np.ndarray) -> np.ndarray:
+        dtype = self.input["dtype"]
+        if not np.issubdtype(dtype, np.integer):
+            return np.asarray(x, dtype)
+        scale, zero_point = self.input["quantization"]
+        info = np.iinfo(dtype)
+        q = np.round(np.asarray(x, np.float32) / scale) + zero_point
+        return np.clip(q, info.min, info.max).astype(dtype)
+
+    def dequantize_output(self, q: np.ndarray) -> np.ndarray:
+        if not np.issubdtype(q.dtype, np.integer):
+            return q.astype(np.float32)
+        scale, zero_point = self.output["quantization"]
+        return (q.astype(np.float32) - zero_point) * scale
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Float outputs (N, ...) for float inputs (N, *input_shape)."""
+        interp, inp, out = self.interpreter, self.input["index"], self.output["index"]
+        q = self.quantize_input(x)
+        # The graph has a fixed batch of 1 (reshapes bake it in), so loop.
+        results = []
+        for i in range(len(q)):
+            interp.set_tensor(inp, q[i:i + 1])
+            interp.invoke()
+            results.append(interp.get_tensor(out)[0])
+        return self.dequantize_output(np.stack(results))
+
+
+def evaluate(model_bytes: bytes, x: np.ndarray, y: np.ndarray, *,
+             use_xnnpack: bool = True) -> dict:
+    """Accuracy of a TFLite classifier on ``(x, y)``.
+
+    Returns:
+      ``{"accuracy": float, "predictions": int array (N,)}``.
+    """
+    logits = TfliteRunner(model_bytes, use_xnnpack=use_xnnpack)(x)
+    predictions = logits.argmax(-1)
+    return {"accuracy": float(np.mean(predictions == np.asarray(y))), "predictions": predictions}
+
+
+def agreement(model_bytes: bytes, apply_fn: Callable, params, x: np.ndarray,
+              y: np.ndarray, *, use_xnnpack: bool = True) -> dict:
+    """How closely the .tflite model follows the JAX model on ``(x, y)``.
+
+    Returns:
+      Flat dict: ``agreement`` (fraction of equal argmax), ``tflite_accuracy``,
+      ``jax_accuracy``, ``accuracy_delta`` (tflite - jax, fractions).
+    """
+    from ucpjax import train
+
+    jax_pred = train.predict(apply_fn, params, x).argmax(-1)
+    result = evaluate(model_bytes, x, y, use_xnnpack=use_xnnpack)
+    jax_acc = float(np.mean(jax_pred == np.asarray(y)))
+    return {
+        "agreement": float(np.mean(result["predictions"] == jax_pred)),
+        "tflite_accuracy": result["accuracy"],
+        "jax_accuracy": jax_acc,
+        "accuracy_delta": result["accuracy"] - jax_acc,
+    }
+
+
+def check_tolerance(result: dict, *, min_agreement: float = MIN_AGREEMENT,
+                    max_accuracy_delta: float = MAX_ACCURACY_DELTA,
+                    raise_error: bool = True) -> bool:
+    """Checks an ``agreement`` result against the faithfulness target.
+
+    Args:
+      result: the dict returned by ``agreement``.
+      min_agreement: least argmax agreement (default 99.5%).
+      max_accuracy_delta: largest |accuracy difference| (default 0.1 point).
+      raise_error: raise ToleranceError on a miss; otherwise warn and return False.
+
+    Returns:
+      True when both targets are met.
+    """
+    problems = []
+    if result["agreement"] < min_agreement:
+        problems.append(f"argmax agreement {result['agreement']:.4f} < {min_agreement}")
+    if abs(result["accuracy_delta"]) > max_accuracy_delta + 1e-12:
+        problems.append(f"accuracy tflite {result['tflite_accuracy']:.4f} vs jax "
+                        f"{result['jax_accuracy']:.4f} differs by more than {max_accuracy_delta}")
+    if not problems:
+        return True
+    message = "TFLite model is not faithful to the JAX model: " + "; ".join(problems)
+    if raise_error:
+        raise ToleranceError(message)
+    warnings.warn(message, stacklevel=2)
+    return False
+
+
+def latency_us(model_bytes: bytes, input_shape: tuple[int, ...] | None = None, *,
+               threads: int = 1, repeats: int = 500, warmup: int = 50,
+               use_xnnpack: bool = True, seed: int = 0) -> float:
+    """Median one-sample invoke time in microseconds (XNNPACK where it applies).
+
+    Args:
+      model_bytes: the .tflite file.
+      input_shape: one example's shape; read from the model when None.
+      threads: interpreter threads.
+      repeats: timed invokes; warmup: untimed invokes before them.
+      use_xnnpack: apply the default delegate when the model allows it.
+      seed: fixes the random inputs.
+
+    Returns:
+      The median of ``repeats`` timed invokes (set_tensor excluded).
+    """
+    runner = TfliteRunner(model_bytes, threads=threads, use_xnnpack=use_xnnpack)
+    shape = runner.input_shape if input_shape is None else tuple(input_shape)
+    x = runner.quantize_input(np.random.default_rng(seed).random((8, 1, *shape), np.float32))
+    interp, index = runner.interpreter, runner.input["index"]
+    times = []
+    for i in range(warmup + repeats):
+        interp.set_tensor(index, x[i % len(x)])
+        start = time.perf_counter_ns()
+        interp.invoke()
+        if i >= warmup:
+            times.append(time.perf_counter_ns() - start)
+    return float(np.median(times)) / 1e3
+
+
+def _layouts(kernel: np.ndarray) -> list[np.ndarray]:
+    """The ways TFLite lays out a Flax kernel: Dense (in, out) -> (out, in);
+    Conv HWIO -> OHWI; depthwise (1-channel input) HWIO -> 1HWO."""
+    if kernel.ndim == 2:
+        return [kernel.T]
+    if kernel.ndim == 4:
+        return [kernel.transpose(3, 0, 1, 2), kernel.transpose(2, 0, 1, 3)]
+    return []
+
+
+def _dequantize(q: np.ndarray, quant: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Float values and per-element scales of a quantized tensor."""
+    scales = np.asarray(quant["scales"], np.float32)
+    zero_points = np.asarray(quant["zero_points"], np.int64)
+    if scales.size > 1:
+        shape = [1] * q.ndim
+        shape[quant["quantized_dimension"]] = -1
+        scales, zero_points = scales.reshape(shape), zero_points.reshape(shape)
+    values = ((q.astype(np.int64) - zero_points) * scales).astype(np.float32)
+    return values, np.broadcast_to(scales, q.shape)
+
+
+def _weight_tensors(interp) -> tuple[list[int], list[int]]:
+    """Indices of the weight and bias tensors of FC / conv ops."""
+    weights, biases = [], []
+    for op in interp._get_ops_details():
+        if op["op_name"] in _WEIGHT_OPS:
+            inputs = list(op["inputs"])
+            weights.append(inputs[1])
+            if len(inputs) > 2 and inputs[2] >= 0:
+                biases.append(inputs[2])
+    return weights, biases
+
+
+def weights_check(model_bytes: bytes, params, *, leaves: str = constraints.DEFAULT_LEAVES,
+                  tolerance_steps: float = 0.01) -> dict:
+    """Compares the .tflite weights with the params they came from.
+
+    Every weight tensor of a FULLY_CONNECTED / CONV_2D / DEPTHWISE_CONV_2D op is
+    dequantized (``(q - zero_point) * scale`` per channel) and matched to the
+    selected params leaf of the same shape in TFLite's layout that it is closest to.
+
+    Args:
+      model_bytes: the .tflite file (dense weight format; sparse-format weights
+        are reported as unmatched).
+      params: the params pytree the model was converted from.
+      leaves: regex of the params leaves to match (kernels by default).
+      tolerance_steps: largest allowed |dequantized - param|, in units of the
+        channel's quantization step; 0.01 allows float32 rounding only.
+
+    Returns:
+      Flat dict: ``faithful`` (every selected leaf matched, within tolerance, same
+      zeros), ``all_int8`` (every weight tensor int8), ``biases_int32``,
+      ``max_abs_error``, and per leaf ``<path>/max_abs_error``,
+      ``<path>/max_error_steps``, ``<path>/zeros_equal``, ``<path>/distinct``
+      (distinct non-zero dequantized values), ``<path>/distinct_params``.
+    """
+    interp = interpreter(model_bytes, use_xnnpack=False)
+    details = {d["index"]: d for d in interp.get_tensor_details()}
+    weight_ids, bias_ids = _weight_tensors(interp)
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    selected = jax.tree.leaves(constraints.selected(params, leaves))
+    kernels = {constraints.path_name(p): np.asarray(w) for (p, w), s in zip(flat, selected) if s}
+    report = {
+        "all_int8": bool(weight_ids) and all(details[i]["dtype"] == np.int8 for i in weight_ids),
+        "biases_int32": all(details[i]["dtype"] == np.int32 for i in bias_ids),
+    }
+    matched = {}
+    for index in weight_ids:
+        try:
+            q = interp.get_tensor(index)
+        except ValueError:
+            continue  # sparse-format tensors cannot be read back
+        d = details[index]
+        if d["dtype"] == np.int8:
+            values, scales = _dequantize(q, d["quantization_parameters"])
+        else:
+            values, scales = q.astype(np.float32), np.ones(q.shape, np.float32)
+        best = None
+        for name, kernel in kernels.items():
+            if name in matched:
+                continue
+            for layout in _layouts(kernel):
+                if layout.shape == values.shape:
+                    err = np.abs(values - layout)
+                    steps = float((err / np.maximum(scales, 1e-30)).max(initial=0.0))
+                    if best is None or steps < best[1]:
+                        best = (name, steps, float(err.max(initial=0.0)), layout)
+        if best is None:
+            continue
+        name, steps, max_err, layout = best
+        matched[name] = {
+            "max_abs_error": max_err,
+            "max_error_steps": steps,
+            "zeros_equal": bool(np.array_equal(values == 0, layout == 0)),
+            "distinct": int(np.unique(values[values != 0]).size),
+            "distinct_params": int(np.unique(layout[layout != 0]).size),
+        }
+    ok = len(matched) == len(kernels)
+    for name, entry in matched.items():
+        ok = ok and entry["zeros_equal"] and entry["max_error_steps"] <= tolerance_steps
+        report.update({f"{name}/{key}": value for key, value in entry.items()})
+    report["unmatched"] = len(kernels) - len(matched)
+    report["max_abs_error"] = max((e["max_abs_error"] for e in matched.values()), default=0.0)
+    report["faithful"] = bool(ok)
+    return report
