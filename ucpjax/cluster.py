@@ -1,0 +1,458 @@
+"""Weight sharing by per-layer k-means (Deep Compression, Han et al. 2016, eq. 1).
+
+Each selected leaf gets its own 1-D k-means over its non-zero weights; every
+weight is replaced by its centroid, zeros stay exactly zero, and the centroids
+are then fine-tuned with ``constraints.fit_preserving`` (each centroid moves by
+the sum of its members' gradients).
+
+Why the k-means looks unusual: in 1-D the clusters of Lloyd's algorithm are
+contiguous runs of the *sorted* values, cut at the midpoints between
+neighbouring centroids. So the values are sorted once, prefix sums of values
+and squares are taken once, and every iteration is ``k`` binary searches plus
+``O(k)`` arithmetic instead of an ``O(n k)`` pass. Prefix sums of ~10^5
+float32 values lose digits, so they are kept as float-float pairs (hi + lo,
+error-free additions); with them the centroids and the objective match a
+float64 computation closely.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ucpjax import constraints
+from ucpjax import train as train_lib
+from ucpjax.config import check
+
+INITS = ("linear", "density", "forgy", "kmeans++")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ClusterConfig:
+    """Per-layer k-means weight sharing and centroid fine-tuning."""
+
+    num_clusters: int = 16  # non-zero centroids per leaf; zero is an extra, implicit slot
+    init: str = "linear"  # one of INITS; Deep Compression found linear best
+    iterations: int = 30
+    # Per-leaf overrides: ((regex on 'Layer/name', k), ...); the first match wins.
+    layer_clusters: tuple[tuple[str, int], ...] = ()
+    leaves: str = constraints.DEFAULT_LEAVES
+    fine_tune: bool = True
+    train: train_lib.TrainConfig = dataclasses.field(
+        default_factory=lambda: train_lib.TrainConfig(epochs=2, learning_rate=1e-4))
+
+    def __post_init__(self):
+        _check_k(self.num_clusters, "num_clusters")
+        check(self.init in INITS, "init", self.init, f"must be one of {INITS}")
+        check(self.iterations >= 1, "iterations", self.iterations, "must be >= 1")
+        for item in self.layer_clusters:
+            check(isinstance(item, tuple) and len(item) == 2, "layer_clusters", item,
+                  "each entry must be a (regex, k) pair")
+            check(_compiles(item[0]), "layer_clusters", item[0], "not a valid regex")
+            _check_k(item[1], "layer_clusters")
+        check(_compiles(self.leaves), "leaves", self.leaves, "not a valid regex")
+
+
+def _check_k(k, field: str) -> None:
+    check(isinstance(k, int) and k >= 2, field, k, "fewer than 2 clusters: must be >= 2")
+    check(k <= constraints.MAX_SHARED_VALUES, field, k,
+          f"must be <= {constraints.MAX_SHARED_VALUES} (constraints.MAX_SHARED_VALUES)")
+
+
+def _compiles(pattern) -> bool:
+    try:
+        re.compile(pattern)
+    except (re.error, TypeError):
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------
+# float-float arithmetic (exact error terms; XLA CPU does not reassociate floats)
+
+def _two_sum(a, b):
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def _dd_add(x, y):
+    s, e = _two_sum(x[0], y[0])
+    e = e + (x[1] + y[1])
+    hi = s + e
+    return hi, e - (hi - s)
+
+
+def _split(a):
+    t = 4097.0 * a  # 2^12 + 1: splits a float32 mantissa in halves (Dekker)
+    hi = t - (t - a)
+    return hi, a - hi
+
+
+def _two_prod(a, b):
+    p = a * b
+    ah, al = _split(a)
+    bh, bl = _split(b)
+    return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
+
+
+def _dd_cumsum(x):
+    """Float-float prefix sums along the last axis of ``x`` (with a leading 0).
+
+    Two scans of ~sqrt(n) steps over vectors: within rows of a square-ish grid,
+    then over the row totals. (``jnp.cumsum`` and ``associative_scan`` compile
+    several times slower on CPU and lose the low-order digits.)
+    """
+    n = x.shape[-1]
+    cols = max(math.ceil(math.sqrt(n)), 1)
+    rows = -(-n // cols)
+    pad = [(0, 0)] * (x.ndim - 1) + [(0, rows * cols - n)]
+    grid = jnp.moveaxis(jnp.pad(x, pad).reshape(*x.shape[:-1], rows, cols), -1, 0)
+
+    def along_row(carry, column):
+        carry = _dd_add(carry, (column, jnp.zeros_like(column)))
+        return carry, carry
+
+    zeros = jnp.zeros(grid.shape[1:], x.dtype)
+    totals, (hi, lo) = jax.lax.scan(along_row, (zeros, zeros), grid)  # hi: (cols, ..., rows)
+
+    def offsets(carry, total):
+        return _dd_add(carry, total), carry
+
+    scalar = jnp.zeros(x.shape[:-1], x.dtype)
+    row_major = jax.tree.map(lambda t: jnp.moveaxis(t, -1, 0), totals)
+    _, (off_hi, off_lo) = jax.lax.scan(offsets, (scalar, scalar), row_major)
+    off = (jnp.moveaxis(off_hi, 0, -1)[None], jnp.moveaxis(off_lo, 0, -1)[None])
+    hi, lo = _dd_add((hi, lo), off)
+    # (cols, ..., rows) -> (..., rows * cols), trimmed to n, with a leading zero.
+    flat = [jnp.moveaxis(t, 0, -1).reshape(*x.shape[:-1], rows * cols)[..., :n] for t in (hi, lo)]
+    zero = jnp.zeros((*x.shape[:-1], 1), x.dtype)
+    return tuple(jnp.concatenate([zero, t], axis=-1) for t in flat)
+
+
+def _dd_range(prefix, start, stop):
+    """Float-float ``sum(x[start:stop])`` from prefix sums (vectorised over ranges)."""
+    hi, lo = prefix
+    return _dd_add((hi[..., stop], lo[..., stop]), (-hi[..., start], -lo[..., start]))
+
+
+# ---------------------------------------------------------------------------
+# k-means
+
+def _sort_key(x):
+    """An int32 whose order is the float order (XLA sorts ints much faster than floats)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+    return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+
+
+def _sorted_members(values, mask):
+    """``(sorted, count)``: clustered values ascending, then +inf for the rest."""
+    values = jnp.where(mask, values.astype(jnp.float32), jnp.inf)
+    keys = jax.lax.sort(_sort_key(values))
+    count = jnp.sum(mask, dtype=jnp.int32)
+    return jax.lax.bitcast_convert_type(_sort_key(keys), jnp.float32), count
+
+
+def _initial(sorted_values, count, values, mask, *, k: int, init: str, key):
+    last = jnp.maximum(count - 1, 0).astype(jnp.float32)
+    if init == "linear":
+        return jnp.linspace(sorted_values[0], sorted_values[jnp.maximum(count - 1, 0)], k)
+    if init == "density":
+        # Evenly spaced on the CDF: the (i + 1/2)/k quantiles, interpolated linearly.
+        pos = (jnp.arange(k, dtype=jnp.float32) + 0.5) / k * last
+        below = jnp.floor(pos).astype(jnp.int32)
+        above = jnp.minimum(below + 1, jnp.maximum(count - 1, 0))
+        frac = pos - below
+        return sorted_values[below] * (1 - frac) + sorted_values[above] * frac
+    if init == "forgy":
+        # k distinct members, uniformly: the top-k of Gumbel noise restricted to the mask.
+        scores = jnp.where(mask, jax.random.gumbel(key, values.shape), -jnp.inf)
+        return values[jax.lax.top_k(scores, k)[1]].astype(jnp.float32)
+    return _kmeans_plus_plus(values.astype(jnp.float32), mask, k=k, key=key)
+
+
+def _kmeans_plus_plus(values, mask, *, k: int, key):
+    """D^2 sampling (Arthur & Vassilvitskii 2007): each next centroid ~ squared distance.
+
+    A draw picks a row of a square-ish grid of the weights by its total, then an
+    entry within the row: exact D^2 sampling with ~2 sqrt(n) random numbers
+    instead of n per draw.
+    """
+    n = values.shape[0]
+    cols = max(math.ceil(math.sqrt(n)), 1)
+    rows = -(-n // cols)
+    grid = jnp.pad(values, (0, rows * cols - n)).reshape(rows, cols)
+    inside = jnp.pad(mask, (0, rows * cols - n)).reshape(rows, cols)
+
+    # All noise drawn at once: one RNG op compiles much faster than one per draw.
+    noise = jax.random.gumbel(key, (k, 2, max(rows, cols)))
+
+    def log(w):
+        return jnp.where(w > 0, jnp.log(jnp.where(w > 0, w, 1.0)), -jnp.inf)
+
+    def draw(i, weight, fallback):
+        # Gumbel-max sampling: argmax(log p + Gumbel) ~ p.
+        row = jnp.argmax(log(jnp.sum(weight, axis=1)) + noise[i, 0, :rows])
+        col = jnp.argmax(log(weight[row]) + noise[i, 1, :cols])
+        # All remaining weight zero (fewer distinct values than k): repeat a centroid.
+        return jnp.where(jnp.sum(weight) > 0, grid[row, col], fallback)
+
+    first = draw(0, inside.astype(jnp.float32), 0.0)
+    dist = jnp.where(inside, (grid - first) ** 2, 0.0)
+
+    def body(i, carry):
+        centroids, dist = carry
+        chosen = draw(i, dist, centroids[i - 1])
+        return centroids.at[i].set(chosen), jnp.minimum(dist, (grid - chosen) ** 2)
+
+    start = jnp.zeros((k,), jnp.float32).at[0].set(first)
+    return jax.lax.fori_loop(1, k, body, (start, dist))[0]
+
+
+@functools.partial(jax.jit, static_argnames=("k", "init"))
+def initial_centroids(values, mask, *, k: int, init: str, key) -> jax.Array:
+    """The ``k`` starting centroids of ``init`` over ``values[mask]``.
+
+    Args:
+      values: 1-D float array.
+      mask: bool array like ``values``; True entries are clustered (needs >= k of them).
+      k: number of centroids (static).
+      init: one of ``INITS`` (static).
+      key: a JAX PRNG key (used by forgy and kmeans++).
+
+    Returns:
+      float32 ``(k,)`` centroids (linear and density ascending).
+    """
+    if init not in INITS:
+        raise ValueError(f"init={init!r}: must be one of {INITS}")
+    sorted_values, count = _sorted_members(values, mask)
+    return _initial(sorted_values, count, values, mask, k=k, init=init, key=key)
+
+
+def _lloyd(sorted_values, count, centroids, iterations: int):
+    """Lloyd iterations on sorted members; returns (sorted centroids, history)."""
+    valid = jnp.arange(sorted_values.shape[0]) < count
+    members = jnp.where(valid, sorted_values, 0.0)
+    hi, lo = _dd_cumsum(jnp.stack([members, members * members]))
+    sums, squares = (hi[0], lo[0]), (hi[1], lo[1])
+
+    def step(c, _):
+        c = jnp.sort(c)
+        # Cluster j is sorted_values[bounds[j]:bounds[j+1]]; a value on a midpoint goes up.
+        cuts = jnp.searchsorted(sorted_values, (c[1:] + c[:-1]) / 2).astype(jnp.int32)
+        bounds = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.minimum(cuts, count),
+                                  count[None]])
+        start, stop = bounds[:-1], bounds[1:]
+        n = (stop - start).astype(jnp.float32)
+        s_hi, s_lo = _dd_range(sums, start, stop)
+        q_hi, q_lo = _dd_range(squares, start, stop)
+        c = jnp.where(n > 0, (s_hi + s_lo) / jnp.maximum(n, 1), c)  # empty: keep the old one
+        # Within-cluster SS about the new means: (n Q - S^2) / n, in float-float.
+        nq, nq_err = _two_prod(n, q_hi)
+        ss, ss_err = _two_prod(s_hi, s_hi)
+        diff = _dd_add((nq, nq_err + n * q_lo), (-ss, -(ss_err + 2 * s_hi * s_lo)))
+        wcss = jnp.where(n > 0, jnp.maximum(diff[0] + diff[1], 0.0) / jnp.maximum(n, 1), 0.0)
+        return c, jnp.sum(wcss)
+
+    centroids, history = jax.lax.scan(step, centroids.astype(jnp.float32), None,
+                                      length=iterations)
+    return jnp.sort(centroids), history
+
+
+def _assign(values, mask, centroids):
+    """Nearest (sorted) centroid per value; masked-out entries get ``k`` (the zero slot)."""
+    k = centroids.shape[0]
+    mids = (centroids[1:] + centroids[:-1]) / 2
+    index = jnp.searchsorted(mids, values.astype(jnp.float32), side="right",
+                             method="compare_all")
+    return jnp.where(mask, index, k).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("iterations",))
+def lloyd(values, mask, centroids, *, iterations: int):
+    """k-means from given starting ``centroids`` (the same computation ``kmeans`` runs).
+
+    Args:
+      values: 1-D float array.
+      mask: bool array like ``values``; True entries are clustered.
+      centroids: float ``(k,)`` starting centroids.
+      iterations: Lloyd iterations, all of them run (static).
+
+    Returns:
+      ``(centroids, assignment, history)`` as in ``kmeans``.
+    """
+    sorted_values, count = _sorted_members(values, mask)
+    centroids, history = _lloyd(sorted_values, count, centroids, iterations)
+    return centroids, _assign(values, mask, centroids), history
+
+
+@functools.partial(jax.jit, static_argnames=("k", "init", "iterations"))
+def kmeans(values, mask, *, k: int, init: str, key, iterations: int):
+    """1-D k-means of ``values[mask]`` (Lloyd's algorithm, ``iterations`` steps).
+
+    Args:
+      values: 1-D float array (a flattened layer).
+      mask: bool array like ``values``; True entries are clustered (the non-zero
+        weights; needs at least ``k`` of them). Others are left out and assigned ``k``.
+      k: number of (non-zero) centroids (static).
+      init: ``linear``, ``density``, ``forgy`` or ``kmeans++`` (static).
+      key: a JAX PRNG key (forgy and kmeans++ draw from it).
+      iterations: Lloyd iterations (static, >= 1); all of them run.
+
+    Returns:
+      ``(centroids, assignment, history)``: float32 ``(k,)`` centroids, ascending
+      (a cluster that empties keeps its previous centroid); int32 index of the
+      nearest centroid per value, ``k`` where ``mask`` is False; float32
+      ``(iterations,)`` within-cluster sum of squares of each iteration's
+      clusters about their updated means, which never increases.
+    """
+    if init not in INITS:
+        raise ValueError(f"init={init!r}: must be one of {INITS}")
+    sorted_values, count = _sorted_members(values, mask)
+    start = _initial(sorted_values, count, values, mask, k=k, init=init, key=key)
+    centroids, history = _lloyd(sorted_values, count, start, iterations)
+    return centroids, _assign(values, mask, centroids), history
+
+
+def centroids_by_init(weights, k: int, key, iterations: int) -> dict[str, np.ndarray]:
+    """Centroids of every initialisation for one tensor's non-zero weights (for plots).
+
+    Args:
+      weights: any-shape array; zeros are left out.
+      k: number of centroids.
+      key: PRNG key.
+      iterations: Lloyd iterations; 0 gives the initial centroids themselves.
+
+    Returns:
+      ``{init: centroids}`` (numpy, ascending) for each name in ``INITS``.
+    """
+    values = jnp.ravel(jnp.asarray(weights, jnp.float32))
+    mask = values != 0
+    out = {}
+    for init in INITS:
+        if iterations:
+            c = kmeans(values, mask, k=k, init=init, key=key, iterations=iterations)[0]
+        else:
+            c = initial_centroids(values, mask, k=k, init=init, key=key)
+        out[init] = np.sort(np.asarray(c))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# the stage
+
+def layer_k(name: str, config: ClusterConfig) -> int:
+    """The configured k of leaf ``name``: the first matching override, else num_clusters."""
+    for pattern, k in config.layer_clusters:
+        if re.search(pattern, name):
+            return k
+    return config.num_clusters
+
+
+def bits_per_index(k: int) -> int:
+    """Index width of a k-centroid leaf, counting the zero slot: ceil(log2(k + 1))."""
+    return max(math.ceil(math.log2(k + 1)), 1)
+
+
+def compact_nonzero(values: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """The non-zero entries of ``values``, zero-padded to a power of two, and their mask.
+
+    k-means only looks at non-zero weights; after pruning those are ~10%, so
+    clustering them alone is ~10x less sorting. Padding to a power of two keeps
+    the number of distinct shapes (and compiles) small.
+    """
+    nonzero = np.asarray(values).ravel()
+    nonzero = nonzero[nonzero != 0].astype(np.float32)
+    size = max(128, 1 << (len(nonzero) - 1).bit_length())
+    padded = np.zeros(size, np.float32)
+    padded[:len(nonzero)] = nonzero
+    return jnp.asarray(padded), jnp.asarray(np.arange(size) < len(nonzero))
+
+
+def _share_leaf(w: np.ndarray, name: str, config: ClusterConfig, key) -> tuple[np.ndarray, dict]:
+    """Clusters one leaf; returns the shared weights and its report entries."""
+    values = w.reshape(-1).astype(np.float32)
+    mask = values != 0
+    count = int(mask.sum())
+    distinct = len(np.unique(values[mask]))
+    # At most a quarter of the leaf's size, so constraints.codebook sees it as shared.
+    k = min(layer_k(name, config), count, max(w.size // 4, 1))
+    info = {"k_requested": layer_k(name, config), "k": k, "nonzero": count}
+    if distinct <= k or k < 2:
+        # Already shared (or too few weights): keep the values as they are.
+        info.update(k=distinct, kept=1, wcss=0.0)
+        return w, info
+    padded, padded_mask = compact_nonzero(values)
+    centroids, assignment, _ = kmeans(padded, padded_mask, k=k, init=config.init, key=key,
+                                      iterations=config.iterations)
+    shared = np.zeros_like(values)
+    shared[mask] = np.asarray(centroids)[np.asarray(assignment)[:count]]
+    info.update(kept=0, wcss=float(np.sum((values - shared)[mask].astype(np.float64) ** 2)))
+    return shared.reshape(w.shape).astype(w.dtype), info
+
+
+def _fine_tune(params, config: ClusterConfig, apply_fn, data, seed: int):
+    def make_loss(materialize):
+        def loss_fn(trainable, extra, x, y, key):
+            del key
+            logits = apply_fn(materialize(trainable), x)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            return loss, (extra, {"loss": loss, "accuracy": jnp.mean(logits.argmax(-1) == y)})
+        return loss_fn
+
+    params, _, history = constraints.fit_preserving(
+        params, make_loss, x=data.x_train, y=data.y_train, config=config.train, seed=seed,
+        leaves=config.leaves, desc="cluster")
+    return params, history
+
+
+def cluster(params, config: ClusterConfig, *, apply_fn, data, seed: int):
+    """Shares each selected leaf's non-zero weights among k centroids, then fine-tunes them.
+
+    Args:
+      params: Flax params pytree (zeros are pruned weights and stay exactly zero).
+      config: a ``ClusterConfig``.
+      apply_fn: ``apply_fn(params, x) -> logits`` in inference mode.
+      data: a ``ucpjax.data.Dataset``.
+      seed: fixes forgy / kmeans++ draws and fine-tuning.
+
+    Returns:
+      ``(params, report)``; per leaf ``cluster/<leaf>/{k, distinct, wcss,
+      bits_per_index, kept}`` (``kept`` = 1: the leaf already had <= k distinct
+      non-zero values and was left as is), plus ``cluster/val_accuracy``.
+    """
+    names = jax.tree_util.tree_map_with_path(lambda p, _: constraints.path_name(p), params)
+    chosen = constraints.selected(params, config.leaves)
+    flat, treedef = jax.tree.flatten(params)
+    flat_names, flat_chosen = jax.tree.leaves(names), jax.tree.leaves(chosen)
+    root = jax.random.key(seed)
+    report, out, ks = {}, [], {}
+    for i, (w, name, sel) in enumerate(zip(flat, flat_names, flat_chosen, strict=True)):
+        if not sel:
+            out.append(w)
+            continue
+        shared, info = _share_leaf(np.asarray(w), name, config, jax.random.fold_in(root, i))
+        out.append(jnp.asarray(shared))
+        ks[name] = info["k"]
+        report.update({f"cluster/{name}/{key}": value for key, value in info.items()})
+    params = jax.tree.unflatten(treedef, out)
+    report["cluster/val_accuracy_before_fine_tune"] = train_lib.accuracy(
+        apply_fn, params, data.x_val, data.y_val)
+    if config.fine_tune:
+        params, history = _fine_tune(params, config, apply_fn, data, seed)
+        report["cluster/train_loss"] = history[-1]["loss"]
+    for w, name, sel in zip(jax.tree.leaves(params), flat_names, flat_chosen, strict=True):
+        if sel:
+            values = np.asarray(w)
+            distinct = len(np.unique(values[values != 0]))
+            report[f"cluster/{name}/distinct"] = distinct
+            report[f"cluster/{name}/bits_per_index"] = bits_per_index(ks[name])
+    report["cluster/val_accuracy"] = train_lib.accuracy(apply_fn, params, data.x_val, data.y_val)
+    return params, report
