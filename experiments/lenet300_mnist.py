@@ -10,7 +10,8 @@ gives up most of its weights while the small layers keep more.
 
 from ucpjax.cluster import ClusterConfig
 from ucpjax.distill import DistillConfig
-from ucpjax.pipeline import ExportConfig, PipelineConfig
+from ucpjax import pipeline
+from ucpjax.pipeline import PipelineConfig
 from ucpjax.prune import PruneConfig
 from ucpjax.quant import QuantConfig
 from ucpjax.train import TrainConfig
@@ -31,19 +32,4 @@ def get_config(smoke: bool = False) -> PipelineConfig:
                               train=TrainConfig(epochs=3, learning_rate=1e-4)),
         quantize=QuantConfig(train=TrainConfig(epochs=2, learning_rate=2e-5)),
     )
-    return shrink(config) if smoke else config
-
-
-def shrink(config: PipelineConfig) -> PipelineConfig:
-    """Same stages on 1,000 examples and a fraction of an epoch each."""
-    import dataclasses
-
-    tiny = TrainConfig(epochs=0.5, batch_size=100)
-    return dataclasses.replace(
-        config, subset=1000, dense=TrainConfig(epochs=2, batch_size=100),
-        prune=dataclasses.replace(config.prune, frequency=1, train=tiny, fine_tune=tiny),
-        distill=dataclasses.replace(config.distill, train=tiny),
-        cluster=dataclasses.replace(config.cluster, iterations=5, train=tiny),
-        quantize=dataclasses.replace(config.quantize, train=tiny),
-        export=ExportConfig(representative_samples=50, latency_repeats=20),
-    )
+    return pipeline.smoke(config) if smoke else config

@@ -46,12 +46,22 @@ def _train_command(args) -> int:
 def _compress_command(args) -> int:
     from ucpjax import pipeline
 
-    get_config = pipeline.load_experiment(args.config)
-    config = override(get_config(smoke=args.smoke), args.overrides)
+    module = pipeline.load_module(args.config)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{args.config} is a study (get_variants): run `ucpjax study`")
+    config = override(module.get_config(smoke=args.smoke), args.overrides)
     if args.show_config:
         print("\n".join(describe(config)))
         return 0
     pipeline.run_config(config, pathlib.Path(args.out), resume=args.resume)
+    return 0
+
+
+def _study_command(args) -> int:
+    from ucpjax import study
+
+    only = args.only.split(",") if args.only else None
+    study.run(args.config, pathlib.Path(args.out), smoke=args.smoke, only=only)
     return 0
 
 
@@ -88,6 +98,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
     c.add_argument("overrides", nargs="*", help="e.g. prune.target_sparsity=0.95")
     c.set_defaults(run=_compress_command)
+
+    s = sub.add_parser("study", help="run an experiment's variants side by side")
+    s.add_argument("--config", required=True, help="experiment file with get_variants(smoke)")
+    s.add_argument("--out", required=True, help="folder; each variant runs in <out>/<name>")
+    s.add_argument("--smoke", action="store_true", help="seconds-long runs on a data slice")
+    s.add_argument("--only", default="", help="comma-separated variant names")
+    s.set_defaults(run=_study_command)
     return parser
 
 

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -69,6 +70,8 @@ class PipelineConfig:
     val_size: int = 5000
     # Smoke runs use this many training/test examples (0: all of them).
     subset: int = 0
+    # A `ucpjax train` output folder to start from instead of training `dense`.
+    init_from: str = ""
     stages: tuple[str, ...] = STAGES
     dense: train_lib.TrainConfig = train_lib.TrainConfig(epochs=10)
     prune: prune.PruneConfig = prune.PruneConfig()
@@ -269,7 +272,14 @@ def compress_model(
             log(f"[{position}] {name}: finished earlier, restored")
         else:
             start = time.perf_counter()
-            if name == "dense":
+            if name == "dense" and config.init_from:
+                checkpoint = pathlib.Path(config.init_from).resolve() / "checkpoint"
+                if not checkpoint.exists():
+                    raise ConfigError(f"init_from={config.init_from!r}: no {checkpoint}")
+                model = Model(model.module,
+                              train_lib.restore_checkpoint(checkpoint, model.variables))
+                report = {"dense/init_from": str(checkpoint)}
+            elif name == "dense":
                 model, report = train_dense(model, config.dense, dataset, config.seed)
             elif name == "given":
                 report = {}
@@ -439,8 +449,8 @@ def compress(module: nn.Module, variables, *, train, test, config: PipelineConfi
                           train_dense_model=False)
 
 
-def load_experiment(path: str | os.PathLike):
-    """The ``get_config(smoke=False)`` function of an experiment file."""
+def load_module(path: str | os.PathLike):
+    """Imports an experiment file (it defines ``get_config`` or ``get_variants``)."""
     import importlib.util
 
     path = pathlib.Path(path)
@@ -448,10 +458,40 @@ def load_experiment(path: str | os.PathLike):
         raise ConfigError(f"config file {path} does not exist")
     spec = importlib.util.spec_from_file_location(f"ucpjax_experiment_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"{path} defines no get_config(smoke=False)")
-    return module.get_config
+    # Experiments may import their siblings (e.g. a study built on the default).
+    sys.path.insert(0, str(path.resolve().parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.resolve().parent))
+    if not hasattr(module, "get_config") and not hasattr(module, "get_variants"):
+        raise ConfigError(f"{path} defines neither get_config(smoke) nor get_variants(smoke)")
+    return module
+
+
+def machine() -> str:
+    """The machine and versions, for reports."""
+    import platform
+
+    import flax
+
+    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, {len(jax.devices())} JAX "
+            f"device(s), Python {platform.python_version()}, jax {jax.__version__}, "
+            f"flax {flax.__version__}")
+
+
+def smoke(config: PipelineConfig) -> PipelineConfig:
+    """The same run shrunk to seconds: 1,000 examples, half an epoch per stage."""
+    tiny = train_lib.TrainConfig(epochs=0.5, batch_size=100, learning_rate=1e-3)
+    return dataclasses.replace(
+        config, subset=1000, dense=dataclasses.replace(config.dense, epochs=2, batch_size=100),
+        prune=dataclasses.replace(config.prune, frequency=1, train=tiny, fine_tune=tiny),
+        distill=dataclasses.replace(config.distill, train=tiny),
+        cluster=dataclasses.replace(config.cluster, iterations=5, train=tiny),
+        quantize=dataclasses.replace(config.quantize, train=tiny),
+        export=dataclasses.replace(config.export, representative_samples=50,
+                                   latency_repeats=20),
+    )
 
 
 def run_config(config: PipelineConfig, out: pathlib.Path | None, *, resume: bool = False,

@@ -1,0 +1,35 @@
+"""CIFAR-10 (JPEG copy in ../shared/data) with ``cifar_cnn``, the full pipeline.
+
+    .venv/bin/ucpjax compress --config experiments/cifar10.py --out runs/cifar10
+    .venv/bin/ucpjax compress --config experiments/cifar10.py --out runs/c --smoke
+
+The dense model is trained with SGD + Nesterov, cosine decay, weight decay and
+random crops/flips; to reuse a model from scripts/train_baselines.py add
+``init_from=runs/baselines/cifar_cnn``.
+"""
+
+from ucpjax import pipeline
+from ucpjax.cluster import ClusterConfig
+from ucpjax.distill import DistillConfig
+from ucpjax.pipeline import PipelineConfig
+from ucpjax.prune import PruneConfig
+from ucpjax.quant import QuantConfig
+from ucpjax.train import TrainConfig
+
+_SGD = dict(optimizer="sgd", weight_decay=5e-4, augment=True)
+
+
+def get_config(smoke: bool = False) -> PipelineConfig:
+    config = PipelineConfig(
+        model="cifar_cnn",
+        data="cifar10",
+        dense=TrainConfig(epochs=15, learning_rate=0.1, **_SGD),
+        prune=PruneConfig(target_sparsity=0.7, scope="global", frequency=100,
+                          train=TrainConfig(epochs=3, learning_rate=0.02, **_SGD),
+                          fine_tune=TrainConfig(epochs=1, learning_rate=0.005, **_SGD)),
+        distill=DistillConfig(train=TrainConfig(epochs=2, learning_rate=0.005, **_SGD)),
+        cluster=ClusterConfig(num_clusters=32, init="linear",
+                              train=TrainConfig(epochs=1, learning_rate=1e-3, **_SGD)),
+        quantize=QuantConfig(train=TrainConfig(epochs=1, learning_rate=5e-4, **_SGD)),
+    )
+    return pipeline.smoke(config) if smoke else config

@@ -1,0 +1,79 @@
+"""Dense baselines of every registered model, as the compression pipeline starts from them.
+
+    .venv/bin/python scripts/train_baselines.py                     # MNIST models
+    .venv/bin/python scripts/train_baselines.py --only cifar_cnn    # about an hour
+
+Writes results/baselines.json and results/baselines.md (test error, epochs,
+wall time on this machine) and checkpoints under runs/baselines/<model>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# model -> (data, `ucpjax train` flags). Deep Compression's references:
+# LeNet-300-100 1.64% error, LeNet-5 0.80%.
+RECIPES = {
+    "lenet300": ("mnist", ["--epochs", "20", "--learning-rate", "1e-3"]),
+    "lenet5": ("mnist", ["--epochs", "15", "--learning-rate", "1e-3"]),
+    "pcqat_mnist": ("mnist", ["--epochs", "10", "--learning-rate", "1e-3"]),
+    "fashion_cnn": ("fashion_mnist", ["--epochs", "15", "--learning-rate", "1e-3"]),
+    "cifar_cnn": ("cifar10", ["--epochs", "15", "--batch-size", "128", "--optimizer", "sgd",
+                              "--learning-rate", "0.1", "--weight-decay", "5e-4", "--augment"]),
+}
+DEFAULT = ["lenet300", "lenet5", "pcqat_mnist"]
+
+
+def run(model: str) -> dict:
+    data, flags = RECIPES[model]
+    out = ROOT / "runs" / "baselines" / model
+    cmd = [str(ROOT / ".venv" / "bin" / "ucpjax"), "train", "--model", model, "--data", data,
+           "--out", str(out), *flags]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics["command"] = " ".join(["ucpjax", *cmd[1:]])
+    metrics["process_seconds"] = time.perf_counter() - start
+    return metrics
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| model | data | params | epochs | test error | val error | train time (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['data']} | {r['parameters']:,} | {r['epochs']:g} | "
+                     f"{100 * (1 - r['test_accuracy']):.2f}% | {100 * (1 - r['val_accuracy']):.2f}% "
+                     f"| {r['wall_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", default=",".join(DEFAULT), help="comma-separated models")
+    args = parser.parse_args()
+    path = ROOT / "results" / "baselines.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    for model in args.only.split(","):
+        results[model] = run(model)
+        results[model]["machine"] = f"{platform.machine()}, {os.cpu_count()} CPU cores"
+        results[model]["date"] = time.strftime("%Y-%m-%d")
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=2))
+        os.replace(tmp, path)
+    table = markdown(list(results.values()))
+    (ROOT / "results" / "baselines.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Several pipeline runs side by side: paper tables, ablations, baselines.
+
+An experiment file defines ``get_variants(smoke=False) -> {name: PipelineConfig}``
+(and optionally ``PUBLISHED``: rows of published numbers, marked as such).
+``ucpjax study --config FILE --out DIR`` runs each variant in ``DIR/<name>``
+(each a resumable run folder) and writes ``DIR/study.json``, ``DIR/study.md``
+and ``DIR/accuracy_vs_size.png``.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+
+from ucpjax import pipeline
+
+# Columns of the comparison: (key in a report's "final", header, format).
+COLUMNS = (
+    ("jax_accuracy", "JAX acc", "{:.4f}"),
+    ("tflite_accuracy", "TFLite acc", "{:.4f}"),
+    ("sparsity", "sparsity", "{:.3f}"),
+    ("float32_bytes", "float32 B", "{:,}"),
+    ("tflite_bytes", ".tflite B", "{:,}"),
+    ("tflite_zip_bytes", "zipped B", "{:,}"),
+    ("compression_tflite_zip", "zip rate", "{:.1f}x"),
+    ("packed_bytes", "packed B", "{:,}"),
+    ("compression_packed", "packed rate", "{:.1f}x"),
+    ("macs_nonzero", "mults (nz)", "{:,}"),
+    ("latency_int8_us", "int8 us", "{:.1f}"),
+    ("wall_seconds", "time s", "{:.0f}"),
+)
+
+
+def load_variants(path, smoke: bool) -> tuple[dict, list[dict]]:
+    """``({name: config}, published_rows)`` of an experiment file."""
+    module = pipeline.load_module(path)
+    if hasattr(module, "get_variants"):
+        variants = module.get_variants(smoke=smoke)
+    else:
+        variants = {pathlib.Path(path).stem: module.get_config(smoke=smoke)}
+    return variants, list(getattr(module, "PUBLISHED", []))
+
+
+def run(path, out: pathlib.Path, *, smoke: bool = False, only: list[str] | None = None,
+        log=print) -> dict:
+    """Runs (or resumes) every variant and writes the comparison table."""
+    variants, published = load_variants(path, smoke)
+    rows = []
+    for name, config in variants.items():
+        if only and name not in only:
+            continue
+        log(f"=== {name}")
+        start = time.perf_counter()
+        result = pipeline.run_config(config, out / name, resume=True, log=log)
+        rows.append(row_of(name, result.report, time.perf_counter() - start))
+    rows += [{**row, "published": True} for row in published]
+    study = {"experiment": str(path), "smoke": smoke, "rows": rows,
+             "date": time.strftime("%Y-%m-%d"), "machine": pipeline.machine()}
+    folder = pipeline.RunFolder(out)
+    folder.write_json("study.json", study)
+    folder.write_bytes("study.md", markdown(rows).encode())
+    from ucpjax import plots
+
+    plots.accuracy_vs_size(
+        [{"stage": r["name"], "accuracy": r.get("tflite_accuracy", r.get("jax_accuracy")),
+          "bytes": r.get("tflite_zip_bytes", r.get("packed_bytes"))}
+         for r in rows if not r.get("published")],
+        out / "accuracy_vs_size.png")
+    log(markdown(rows))
+    return study
+
+
+def row_of(name: str, report: dict, seconds: float) -> dict:
+    """One table row from a run's report: its final measurements and the wall time.
+
+    ``seconds`` is this call's time; a resumed or already finished run reports the
+    sum of its stages' times instead, which is the compression's real cost.
+    """
+    stage_time = sum(r.get("seconds", 0.0) for r in report["rows"])
+    return {"name": name, **report["final"], "wall_seconds": max(stage_time, 0.0) or seconds}
+
+
+def markdown(rows: list[dict]) -> str:
+    """The rows as a markdown table; a missing value prints as '-'."""
+    header = ["variant", *(title for _, title, _ in COLUMNS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        name = row["name"] + (" (published)" if row.get("published") else "")
+        cells = [fmt.format(row[key]) if row.get(key) is not None else "-"
+                 for key, _, fmt in COLUMNS]
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    return "\n".join(lines) + "\n"
