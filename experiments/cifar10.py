@@ -16,7 +16,7 @@ from ucpjax.prune import PruneConfig
 from ucpjax.quant import QuantConfig
 from ucpjax.train import TrainConfig
 
-_SGD = dict(optimizer="sgd", weight_decay=5e-4, augment=True)
+_SGD = {"optimizer": "sgd", "weight_decay": 5e-4, "augment": "crop_flip"}
 
 
 def get_config(smoke: bool = False) -> PipelineConfig:

@@ -8,13 +8,18 @@ threshold), so the 784x300 input layer, whose border pixels carry nothing,
 gives up most of its weights while the small layers keep more.
 """
 
+from ucpjax import pipeline
 from ucpjax.cluster import ClusterConfig
 from ucpjax.distill import DistillConfig
-from ucpjax import pipeline
 from ucpjax.pipeline import PipelineConfig
 from ucpjax.prune import PruneConfig
 from ucpjax.quant import QuantConfig
 from ucpjax.train import TrainConfig
+
+
+def _budget(epochs: float, learning_rate: float) -> TrainConfig:
+    # Random 2-pixel shifts: the MLP sees each digit in new places every epoch.
+    return TrainConfig(epochs=epochs, learning_rate=learning_rate, augment="shift")
 
 
 def get_config(smoke: bool = False) -> PipelineConfig:
@@ -22,14 +27,11 @@ def get_config(smoke: bool = False) -> PipelineConfig:
     config = PipelineConfig(
         model="lenet300",
         data="mnist",
-        dense=TrainConfig(epochs=20, learning_rate=1e-3),
+        dense=_budget(30, 1e-3),
         prune=PruneConfig(target_sparsity=0.95, scope="global", frequency=100, end=0.7,
-                          train=TrainConfig(epochs=15, learning_rate=5e-4),
-                          fine_tune=TrainConfig(epochs=3, learning_rate=1e-4)),
-        distill=DistillConfig(temperature=4.0, alpha=0.9,
-                              train=TrainConfig(epochs=10, learning_rate=2e-4)),
-        cluster=ClusterConfig(num_clusters=16, init="linear",
-                              train=TrainConfig(epochs=3, learning_rate=1e-4)),
-        quantize=QuantConfig(train=TrainConfig(epochs=2, learning_rate=2e-5)),
+                          train=_budget(20, 5e-4), fine_tune=_budget(5, 1e-4)),
+        distill=DistillConfig(temperature=4.0, alpha=0.9, train=_budget(15, 2e-4)),
+        cluster=ClusterConfig(num_clusters=16, init="linear", train=_budget(4, 1e-4)),
+        quantize=QuantConfig(train=_budget(2, 2e-5)),
     )
     return pipeline.smoke(config) if smoke else config

@@ -9,7 +9,7 @@ from ucpjax.train import TrainConfig
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Outer:
     name: str = "a"
-    train: TrainConfig = TrainConfig()
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
 
 def test_override_nested_field_and_int_to_float():

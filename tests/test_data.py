@@ -11,7 +11,7 @@ def test_mnist_is_the_real_dataset(mnist):
     assert mnist.num_classes == 10
     # Mean pixel of the original test set is 33.7912 / 255 (TOOLCHAIN.md).
     assert mnist.x_test.mean() * 255 == pytest.approx(33.7912, abs=1e-3)
-    assert 0.0 <= mnist.x_train.min() and mnist.x_train.max() <= 1.0
+    assert mnist.x_train.min() >= 0.0 and mnist.x_train.max() <= 1.0
     assert np.bincount(mnist.y_test).tolist()[:3] == [980, 1135, 1032]
 
 

@@ -4,7 +4,7 @@
 Python entry point; ``ucpjax compress --config ...`` the command line.
 """
 
-__all__ = ["compress", "PipelineConfig", "Result"]
+__all__ = ["PipelineConfig", "Result", "compress"]
 
 
 def __getattr__(name):

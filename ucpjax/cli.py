@@ -38,7 +38,8 @@ def _train_command(args) -> int:
     train.save_checkpoint(folder.root / "checkpoint", model.variables)
     folder.write_json("metrics.json", metrics)
     print(f"\n{args.model} on {args.data}: test accuracy {metrics['test_accuracy']:.4f} "
-          f"(error {100 * (1 - metrics['test_accuracy']):.2f}%), val {metrics['val_accuracy']:.4f}, "
+          f"(error {100 * (1 - metrics['test_accuracy']):.2f}%), "
+          f"val {metrics['val_accuracy']:.4f}, "
           f"{config.epochs} epochs in {seconds:.0f} s -> {folder.root}")
     return 0
 
@@ -81,7 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--learning-rate", type=float, default=1e-3)
     t.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
     t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--augment", action="store_true", help="random crops and flips")
+    t.add_argument("--augment", default="none", choices=("none", "shift", "crop_flip"),
+                   help="shift: translate digits by up to 2 px; crop_flip: natural images")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(run=_train_command)
 
@@ -91,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run prune -> distill -> cluster -> quantize -> export as configured.",
         epilog=f"overrides are field=value pairs; fields and defaults:\n  {fields}")
-    c.add_argument("--config", required=True, help="experiment file, e.g. experiments/lenet300_mnist.py")
+    c.add_argument("--config", required=True,
+                   help="experiment file, e.g. experiments/lenet300_mnist.py")
     c.add_argument("--out", required=True, help="run folder")
     c.add_argument("--resume", action="store_true", help="continue from the last finished stage")
     c.add_argument("--smoke", action="store_true", help="seconds-long run on a data slice")

@@ -74,9 +74,9 @@ def _coerce(config, field: dataclasses.Field, value, full: str):
         return float(value)
     if isinstance(current, tuple) and isinstance(value, (list, tuple)):
         return tuple(value)
-    if current is not None and value is not None and not isinstance(value, type(current)):
-        if not (isinstance(current, float) and isinstance(value, int)):
-            raise ConfigError(f"{full}={value!r}: expected {type(current).__name__}")
+    mismatch = current is not None and value is not None and not isinstance(value, type(current))
+    if mismatch and not (isinstance(current, float) and isinstance(value, int)):
+        raise ConfigError(f"{full}={value!r}: expected {type(current).__name__}")
     return value
 
 

@@ -128,7 +128,8 @@ def factor(params, leaves: str = DEFAULT_LEAVES) -> tuple[Any, Callable[[Any], A
 
 def fit_preserving(
     params, make_loss: Callable[[Callable[[Any], Any]], Any], *, x, y, config, seed: int,
-    leaves: str = DEFAULT_LEAVES, extra=None, last_transform: optax.GradientTransformation | None = None,
+    leaves: str = DEFAULT_LEAVES, extra=None,
+    last_transform: optax.GradientTransformation | None = None,
     desc: str = "fine-tune",
 ):
     """Trains params while keeping every zero and every weight-sharing constraint.

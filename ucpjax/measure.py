@@ -2,8 +2,9 @@
 
 ``zip_bytes`` follows TFMOT's convention (its notebooks call it "gzipped" but
 write a zip with DEFLATE), so numbers compare like with like with TF baselines.
-``sparsity`` is the fraction of exact zeros in the kernels. ``macs`` counts per layer, for one example, both the dense multiplications and
-those with a non-zero weight (what a sparse kernel would have to do).
+``sparsity`` is the fraction of exact zeros in the kernels. ``macs`` counts per
+layer, for one example, both the dense multiplications and those with a
+non-zero weight (what a sparse kernel would have to do).
 """
 
 from __future__ import annotations

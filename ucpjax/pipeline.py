@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from ucpjax import cluster, distill, fold, measure, packing, prune, quant
+from ucpjax import cluster, constraints, distill, fold, measure, packing, prune, quant
 from ucpjax import data as data_lib
 from ucpjax import models as models_lib
 from ucpjax import train as train_lib
@@ -73,12 +73,13 @@ class PipelineConfig:
     # A `ucpjax train` output folder to start from instead of training `dense`.
     init_from: str = ""
     stages: tuple[str, ...] = STAGES
-    dense: train_lib.TrainConfig = train_lib.TrainConfig(epochs=10)
-    prune: prune.PruneConfig = prune.PruneConfig()
-    distill: distill.DistillConfig = distill.DistillConfig()
-    cluster: cluster.ClusterConfig = cluster.ClusterConfig()
-    quantize: quant.QuantConfig = quant.QuantConfig()
-    export: ExportConfig = ExportConfig()
+    dense: train_lib.TrainConfig = dataclasses.field(
+        default_factory=lambda: train_lib.TrainConfig(epochs=10))
+    prune: prune.PruneConfig = dataclasses.field(default_factory=prune.PruneConfig)
+    distill: distill.DistillConfig = dataclasses.field(default_factory=distill.DistillConfig)
+    cluster: cluster.ClusterConfig = dataclasses.field(default_factory=cluster.ClusterConfig)
+    quantize: quant.QuantConfig = dataclasses.field(default_factory=quant.QuantConfig)
+    export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
 
     def __post_init__(self):
         for stage in self.stages:
@@ -125,7 +126,7 @@ def stage_seed(seed: int, position: int) -> int:
 def run_stage(name: str, model: Model, config: PipelineConfig, dataset: data_lib.Dataset,
               seed: int, teacher: Model) -> tuple[Any, dict]:
     """Runs one compression stage on ``model``; returns ``(params, report)``."""
-    common = dict(apply_fn=model.apply_fn(), data=dataset, seed=seed)
+    common = {"apply_fn": model.apply_fn(), "data": dataset, "seed": seed}
     if name == "prune":
         return prune.prune(model.params, config.prune, **common)
     if name == "distill":
@@ -264,8 +265,10 @@ def compress_model(
     input_shape = dataset.input_shape
     rows, reports = [], {}
     plan = (["dense"] if train_dense_model else ["given"]) + list(config.stages)
-    teacher = None
+    teacher = before_cluster = None
     for position, name in enumerate(plan):
+        if name == "cluster":
+            before_cluster = model
         loaded = folder.load_stage(position, name, model) if folder else None
         if loaded is not None:
             model, done = loaded
@@ -310,9 +313,23 @@ def compress_model(
 
         folder.write_json("report.json", report)
         folder.write_bytes("report.md", format_markdown(report).encode())
-        plots.accuracy_vs_size(rows, folder.root / "accuracy_vs_size.png")
+        plots.accuracy_vs_size(rows, folder.root / "accuracy_vs_size.png",
+                               size_key="packed_bytes")
+        weights_plot(before_cluster or model, config, folder.root / "weights.png")
     log(format_summary(report))
     return Result(model.variables, tflite, report)
+
+
+def weights_plot(model: Model, config: PipelineConfig, path: pathlib.Path) -> None:
+    """Each layer's weights before clustering, with every initialisation's centroids."""
+    from ucpjax import plots
+
+    key = jax.random.key(config.seed)
+    names = {constraints.path_name(p): w for p, w in
+             jax.tree_util.tree_leaves_with_path(model.params) if w.ndim > 1}
+    centroids = {name: cluster.centroids_by_init(w, config.cluster.num_clusters, key, 0)
+                 for name, w in names.items()}
+    plots.weight_histograms(model.params, centroids, path)
 
 
 def finish(model: Model, dataset: data_lib.Dataset, pipeline_config: PipelineConfig,

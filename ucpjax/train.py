@@ -51,7 +51,9 @@ class TrainConfig:
     optimizer: str = "adam"  # "adam" or "sgd" (Nesterov momentum 0.9)
     weight_decay: float = 0.0
     schedule: str = "cosine"  # "cosine" or "constant"
-    augment: bool = False  # random crop (pad 4) + horizontal flip, for CIFAR-like data
+    # "shift": random translation by up to 2 pixels (digits); "crop_flip": 4-pixel
+    # padded random crop and horizontal flip (natural images); "none".
+    augment: str = "none"
 
     def __post_init__(self):
         check(self.epochs > 0, "epochs", self.epochs, "must be > 0")
@@ -61,6 +63,7 @@ class TrainConfig:
         check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
         check(self.schedule in ("cosine", "constant"), "schedule", self.schedule,
               "cosine or constant")
+        check(self.augment in AUGMENTATIONS, "augment", self.augment, f"one of {AUGMENTATIONS}")
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -117,26 +120,31 @@ def _shard_batch(m: Mesh, *arrays: np.ndarray):
     return out
 
 
-def _augment(x: jax.Array, key: jax.Array) -> jax.Array:
-    """Random 4-pixel-padded crop and horizontal flip, per example."""
+AUGMENTATIONS = ("none", "shift", "crop_flip")
+
+
+def _augment(x: jax.Array, key: jax.Array, mode: str) -> jax.Array:
+    """Per-example random translation (``shift``) or crop and flip (``crop_flip``)."""
+    pad, flip, fill = {"shift": (2, False, "constant"), "crop_flip": (4, True, "reflect")}[mode]
+
     def one(image, k):
         k_crop, k_flip = jax.random.split(k)
-        h, w, _ = image.shape
-        padded = jnp.pad(image, ((4, 4), (4, 4), (0, 0)), mode="reflect")
-        dy, dx = jax.random.randint(k_crop, (2,), 0, 9)
-        image = jax.lax.dynamic_slice(padded, (dy, dx, 0), (h, w, image.shape[-1]))
-        return jnp.where(jax.random.bernoulli(k_flip), image[:, ::-1], image)
+        h, w, c = image.shape
+        padded = jnp.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode=fill)
+        dy, dx = jax.random.randint(k_crop, (2,), 0, 2 * pad + 1)
+        image = jax.lax.dynamic_slice(padded, (dy, dx, 0), (h, w, c))
+        return jnp.where(flip & jax.random.bernoulli(k_flip), image[:, ::-1], image)
     return jax.vmap(one)(x, jax.random.split(key, x.shape[0]))
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                    augment: bool = False):
+                    augment: str = "none"):
     """A jitted ``step(state, x, y, key) -> (state, metrics)``."""
     def step(state: TrainState, x, y, key):
         key = jax.random.fold_in(key, state.step)
-        if augment:
+        if augment != "none":
             key, k_aug = jax.random.split(key)
-            x = _augment(x, k_aug)
+            x = _augment(x, k_aug, augment)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (_, (extra, metrics)), grads = grad_fn(state.params, state.extra, x, y, key)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

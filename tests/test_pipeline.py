@@ -1,0 +1,142 @@
+"""The whole pipeline through the CLI and the Python API, on slices of MNIST."""
+
+import json
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+import ucpjax
+from ucpjax import pipeline, train
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DEFAULT = ROOT / "experiments" / "lenet300_mnist.py"
+FINAL_KEYS = {"jax_accuracy", "tflite_accuracy", "float32_bytes", "tflite_bytes",
+              "tflite_zip_bytes", "packed_bytes", "compression_tflite_zip",
+              "compression_packed", "sparsity", "macs_dense", "macs_nonzero",
+              "latency_int8_us", "latency_float_us"}
+
+
+def _cli(*args, check=True):
+    cmd = [sys.executable, "-m", "ucpjax.cli", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, check=check, cwd=ROOT)
+
+
+def test_smoke_run_through_cli_ends_with_report_and_runnable_tflite(tmp_path):
+    out = tmp_path / "run"
+    result = _cli("compress", "--config", DEFAULT, "--out", out, "--smoke")
+    assert "| quantize |" in result.stdout  # the summary table
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["final"]) >= FINAL_KEYS
+    final = report["final"]
+    assert 0 <= final["tflite_accuracy"] <= 1 and 0 <= final["jax_accuracy"] <= 1
+    assert final["macs_dense"] == 266_200 and final["macs_nonzero"] < 266_200 * 0.1
+    assert final["weights_faithful"]
+    for name in ("model.tflite", "model.ucpj", "report.md", "config.json",
+                 "accuracy_vs_size.png", "weights.png"):
+        assert (out / name).stat().st_size > 0, name
+
+    from ucpjax import data, export
+
+    test = data.load("mnist").take(1000, 250)
+    tflite = (out / "model.tflite").read_bytes()
+    assert export.evaluate(tflite, test.x_test, test.y_test)["accuracy"] == pytest.approx(
+        final["tflite_accuracy"], abs=1e-9)
+
+    again = _cli("compress", "--config", DEFAULT, "--out", out, "--smoke")
+    assert "| quantize |" in again.stdout and "exporting" not in again.stdout
+
+
+@pytest.mark.parametrize("override, message", [
+    ("prune.target_sparsty=0.9", "prune.target_sparsty"),
+    ("prune.target_sparsity=1.5", "prune.target_sparsity=1.5"),
+    ("cluster.num_clusters=1", "cluster.num_clusters=1"),
+    ("quantize.weight_bits=9", "quantize.weight_bits=9"),
+    ("stages=('prune','squash')", "stages"),
+])
+def test_bad_config_fails_at_start_naming_the_field(tmp_path, override, message):
+    start = time.perf_counter()
+    result = _cli("compress", "--config", DEFAULT, "--out", tmp_path / "r", "--smoke", override,
+                  check=False)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "r").exists()
+    assert time.perf_counter() - start < 60
+
+
+def _final_params(out):
+    stages = sorted((out / "stages").glob("*_quantize"))
+    return train.restore_checkpoint(stages[-1])["params"]
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+    args = ["compress", "--config", DEFAULT, "--smoke", "export.enabled=False"]
+    whole = tmp_path / "whole"
+    _cli(*args, "--out", whole)
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "ucpjax.cli", *map(str, args), "--out", str(killed)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = killed / "stages" / "01_prune.json"
+    while not marker.exists():  # kill it inside the distill stage
+        assert proc.poll() is None, "run ended before it could be killed"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "report.json").exists()
+
+    refused = _cli(*args, "--out", killed, check=False)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    resumed = _cli(*args, "--out", killed, "--resume")
+    assert "[1] prune: finished earlier, restored" in resumed.stdout
+    assert "[0] dense: finished earlier" in resumed.stdout
+
+    for a, b in zip(jax.tree.leaves(_final_params(whole)), jax.tree.leaves(_final_params(killed)),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    rows = lambda p: json.loads((p / "report.json").read_text())["rows"]  # noqa: E731
+    assert [r["accuracy"] for r in rows(whole)] == [r["accuracy"] for r in rows(killed)]
+
+
+class UserNet(nn.Module):
+    """A model that is not one of ours: conv, BatchNorm, Dropout, dense."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Conv(8, (3, 3), strides=2, use_bias=False)(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+        x = nn.Dropout(0.2, deterministic=not train)(x)
+        x = x.reshape((x.shape[0], -1))
+        return nn.Dense(10)(x)
+
+
+def test_python_api_with_batchnorm_and_dropout(mnist):
+    small = mnist.take(3000, 500)
+    module = UserNet()
+    variables = dict(module.init(jax.random.key(0), small.x_train[:1], train=False))
+    cfg = train.TrainConfig(epochs=2, batch_size=100)
+    state, _ = train.fit(variables["params"], train.classification_loss(module),
+                         train.make_optimizer(cfg, 60), small.x_train, small.y_train,
+                         config=cfg, seed=0, extra={"batch_stats": variables["batch_stats"]})
+    trained = {"params": state.params, **state.extra}
+
+    config = pipeline.smoke(pipeline.PipelineConfig())
+    result = ucpjax.compress(module, trained, train=(small.x_train, small.y_train),
+                             test=(small.x_test, small.y_test), config=config)
+    assert result.report["stages"]["fold/batchnorm_layers"] == 1
+    final = result.report["final"]
+    assert set(final) >= FINAL_KEYS and final["weights_faithful"]
+    # BatchNorm folded, so the int8 file computes what the JAX model computes.
+    assert final["tflite_agreement"] >= 0.97
+    assert abs(final["tflite_accuracy"] - final["jax_accuracy"]) <= 0.02
+    assert isinstance(result.tflite, bytes) and len(result.tflite) == final["tflite_bytes"]
+    kernel = np.asarray(result.variables["params"]["Dense_0"]["kernel"])
+    assert np.mean(kernel == 0) >= 0.8
+    assert len(np.unique(kernel[kernel != 0])) <= 16
