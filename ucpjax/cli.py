@@ -6,41 +6,23 @@ import argparse
 import os
 import pathlib
 import sys
-import time
 
 from ucpjax.config import ConfigError, describe, override
 
 
 def _train_command(args) -> int:
-    from ucpjax import data, models, train
-    from ucpjax.pipeline import Model, RunFolder, train_dense
+    from ucpjax import models, pipeline, train
 
-    config = train.TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
-                               learning_rate=args.learning_rate, optimizer=args.optimizer,
-                               weight_decay=args.weight_decay, augment=args.augment)
-    dataset = data.load(args.data, seed=args.seed)
-    module = models.create(args.model, dataset.num_classes)
-    model = Model(module, models.init(module, dataset.input_shape, args.seed))
-    start = time.perf_counter()
-    model, _ = train_dense(model, config, dataset, args.seed)
-    seconds = time.perf_counter() - start
-    apply_fn = model.apply_fn()
-    metrics = {
-        "model": args.model, "data": args.data, "seed": args.seed,
-        "parameters": models.param_count(model.params),
-        "epochs": config.epochs, "batch_size": config.batch_size,
-        "learning_rate": config.learning_rate, "optimizer": config.optimizer,
-        "val_accuracy": train.accuracy(apply_fn, model.params, dataset.x_val, dataset.y_val),
-        "test_accuracy": train.accuracy(apply_fn, model.params, dataset.x_test, dataset.y_test),
-        "wall_seconds": seconds, "devices": len(__import__("jax").devices()),
-    }
-    folder = RunFolder(pathlib.Path(args.out))
-    train.save_checkpoint(folder.root / "checkpoint", model.variables)
-    folder.write_json("metrics.json", metrics)
-    print(f"\n{args.model} on {args.data}: test accuracy {metrics['test_accuracy']:.4f} "
-          f"(error {100 * (1 - metrics['test_accuracy']):.2f}%), "
-          f"val {metrics['val_accuracy']:.4f}, "
-          f"{config.epochs} epochs in {seconds:.0f} s -> {folder.root}")
+    models.create(args.model)  # an unknown name fails before the data loads
+    config = pipeline.PipelineConfig(
+        model=args.model, data=args.data, seed=args.seed,
+        dense=train.TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
+                                learning_rate=args.learning_rate, optimizer=args.optimizer,
+                                weight_decay=args.weight_decay, augment=args.augment))
+    m = pipeline.train_to_folder(config, pathlib.Path(args.out))
+    print(f"\n{args.model} on {args.data}: test accuracy {m['test_accuracy']:.4f} "
+          f"(error {100 * (1 - m['test_accuracy']):.2f}%), val {m['val_accuracy']:.4f}, "
+          f"{args.epochs:g} epochs in {m['wall_seconds']:.0f} s -> {args.out}")
     return 0
 
 

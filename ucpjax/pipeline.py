@@ -511,12 +511,46 @@ def smoke(config: PipelineConfig) -> PipelineConfig:
     )
 
 
-def run_config(config: PipelineConfig, out: pathlib.Path | None, *, resume: bool = False,
-               log=print) -> Result:
-    """Loads data and model named by ``config`` and runs the pipeline."""
+def load_dataset(config: PipelineConfig) -> data_lib.Dataset:
     dataset = data_lib.load(config.data, val_size=config.val_size, seed=config.seed)
     if config.subset:
         dataset = dataset.take(config.subset, max(config.subset // 4, 100))
+    return dataset
+
+
+def initial_model(config: PipelineConfig, dataset: data_lib.Dataset) -> Model:
     module = models_lib.create(config.model, dataset.num_classes)
-    variables = models_lib.init(module, dataset.input_shape, config.seed)
-    return compress_model(Model(module, variables), dataset, config, out, resume=resume, log=log)
+    return Model(module, models_lib.init(module, dataset.input_shape, config.seed))
+
+
+def run_config(config: PipelineConfig, out: pathlib.Path | None, *, resume: bool = False,
+               log=print) -> Result:
+    """Loads data and model named by ``config`` and runs the pipeline."""
+    dataset = load_dataset(config)
+    return compress_model(initial_model(config, dataset), dataset, config, out, resume=resume,
+                          log=log)
+
+
+def train_to_folder(config: PipelineConfig, out: pathlib.Path) -> dict:
+    """Trains ``config``'s dense model into ``out`` (``checkpoint/``, ``metrics.json``).
+
+    The folder is what ``init_from`` reads; ``ucpjax train`` writes the same.
+    """
+    dataset = load_dataset(config)
+    start = time.perf_counter()
+    model, _ = train_dense(initial_model(config, dataset), config.dense, dataset, config.seed)
+    seconds = time.perf_counter() - start
+    apply_fn = model.apply_fn()
+    metrics = {
+        "model": config.model, "data": config.data, "seed": config.seed,
+        "parameters": models_lib.param_count(model.params),
+        **to_dict(config.dense),
+        "val_accuracy": train_lib.accuracy(apply_fn, model.params, dataset.x_val, dataset.y_val),
+        "test_accuracy": train_lib.accuracy(apply_fn, model.params, dataset.x_test,
+                                            dataset.y_test),
+        "wall_seconds": seconds, "machine": machine(),
+    }
+    folder = RunFolder(out)
+    train_lib.save_checkpoint(folder.root / "checkpoint", model.variables)
+    folder.write_json("metrics.json", metrics)  # written last: marks the folder complete
+    return metrics

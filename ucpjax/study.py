@@ -9,10 +9,14 @@ and ``DIR/accuracy_vs_size.png``.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import pathlib
 import time
 
 from ucpjax import pipeline
+from ucpjax.config import to_dict
 
 # Columns of the comparison: (key in a report's "final", header, format).
 COLUMNS = (
@@ -51,6 +55,7 @@ def run(path, out: pathlib.Path, *, smoke: bool = False, only: list[str] | None 
             continue
         log(f"=== {name}")
         start = time.perf_counter()
+        config = shared_dense(config, out, log)
         result = pipeline.run_config(config, out / name, resume=True, log=log)
         rows.append(row_of(name, result.report, time.perf_counter() - start))
     rows += [{**row, "published": True} for row in published]
@@ -68,6 +73,24 @@ def run(path, out: pathlib.Path, *, smoke: bool = False, only: list[str] | None 
         out / "accuracy_vs_size.png")
     log(markdown(rows))
     return study
+
+
+def shared_dense(config: pipeline.PipelineConfig, out: pathlib.Path, log=print):
+    """``config`` starting from a dense model trained once per distinct recipe.
+
+    Variants that differ only after the dense stage would otherwise each train
+    the same dense model (same seed, same data, same recipe: same weights).
+    """
+    if config.init_from:
+        return config
+    recipe = {k: to_dict(config)[k] for k in ("model", "data", "seed", "val_size", "subset",
+                                               "dense")}
+    digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
+    folder = out / "_dense" / f"{config.model}-{digest}"
+    if not (folder / "metrics.json").exists():
+        log(f"training the shared dense model into {folder}")
+        pipeline.train_to_folder(config, folder)
+    return dataclasses.replace(config, init_from=str(folder))
 
 
 def row_of(name: str, report: dict, seconds: float) -> dict:
