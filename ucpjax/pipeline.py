@@ -33,6 +33,7 @@ import numpy as np
 from ucpjax import cluster, constraints, distill, fold, measure, packing, prune, quant
 from ucpjax import data as data_lib
 from ucpjax import models as models_lib
+from ucpjax import report as report_lib
 from ucpjax import train as train_lib
 from ucpjax.config import ConfigError, check, to_dict
 
@@ -254,7 +255,7 @@ def compress_model(
         _check_same_config(folder, config)
         finished = folder.read_json("report.json")
         if finished is not None:  # a finished run only prints its report
-            log(format_summary(finished))
+            log("\n" + report_lib.markdown(finished))
             tflite = folder.root / "model.tflite"
             return Result(model.variables, tflite.read_bytes() if tflite.exists() else None,
                           finished)
@@ -312,11 +313,11 @@ def compress_model(
         from ucpjax import plots
 
         folder.write_json("report.json", report)
-        folder.write_bytes("report.md", format_markdown(report).encode())
+        folder.write_bytes("report.md", report_lib.markdown(report).encode())
         plots.accuracy_vs_size(rows, folder.root / "accuracy_vs_size.png",
                                size_key="packed_bytes")
         weights_plot(before_cluster or model, config, folder.root / "weights.png")
-    log(format_summary(report))
+    log("\n" + report_lib.markdown(report))
     return Result(model.variables, tflite, report)
 
 
@@ -390,47 +391,6 @@ def finish(model: Model, dataset: data_lib.Dataset, pipeline_config: PipelineCon
     if folder:
         folder.write_bytes("model.tflite", tflite)
     return final, tflite
-
-
-_ROW_COLUMNS = (("stage", "stage", "{}"), ("accuracy", "test acc", "{:.4f}"),
-                ("sparsity", "sparsity", "{:.3f}"), ("max_distinct", "distinct", "{}"),
-                ("packed_bytes", "packed B", "{:,}"), ("macs_nonzero", "mults (nz)", "{:,}"),
-                ("macs_dense", "mults", "{:,}"), ("seconds", "time s", "{:.1f}"))
-
-_FINAL_KEYS = ("jax_accuracy", "tflite_accuracy", "tflite_agreement", "float32_bytes",
-               "tflite_bytes", "tflite_zip_bytes", "packed_bytes", "compression_tflite_zip",
-               "compression_packed", "sparsity", "macs_dense", "macs_nonzero",
-               "latency_int8_us", "latency_float_us", "weights_faithful",
-               "tflite_within_tolerance")
-
-
-def _markdown_table(header, rows) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _fmt(value) -> str:
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:,.4f}" if abs(value) < 100 else f"{value:,.1f}"
-    return str(value)
-
-
-def format_markdown(report: dict) -> str:
-    """The report as markdown: one row per stage, then the final measurements."""
-    stage_rows = [[fmt.format(row[key]) for key, _, fmt in _ROW_COLUMNS] for row in report["rows"]]
-    final = report["final"]
-    final_rows = [[key, _fmt(final[key])] for key in _FINAL_KEYS if key in final]
-    return (_markdown_table([title for _, title, _ in _ROW_COLUMNS], stage_rows)
-            + "\n\n" + _markdown_table(["final", "value"], final_rows) + "\n")
-
-
-def format_summary(report: dict) -> str:
-    return "\n" + format_markdown(report)
 
 
 def compress(module: nn.Module, variables, *, train, test, config: PipelineConfig | None = None,
