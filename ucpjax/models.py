@@ -104,19 +104,26 @@ class FashionCnn(nn.Module):
 
 @register("cifar_cnn")
 class CifarCnn(nn.Module):
-    """VGG-style CNN with BatchNorm for CIFAR-10, sized for CPU training.
+    """VGG-style CNN with BatchNorm for CIFAR-10, sized for training on two CPU cores.
 
-    Three stages of two 3x3 convs (32, 64, 128 channels) with BatchNorm and ReLU,
-    max-pooled between stages, global average pooling and one dense layer. About
-    0.29M parameters and 38M multiply-adds per image: small enough for an hour on
-    two cores, and plain conv/BN/ReLU so every layer maps to an int8 TFLite op.
+    A 2x2 stride-2 conv stem (32 channels, a learned space-to-depth) brings the
+    image to 16x16, then three stages of two 3x3 convs (48, 96, 192 channels) with
+    BatchNorm and ReLU, max-pooled between stages, global average pooling and one
+    dense layer: 0.66M parameters, 25M multiply-adds per image. Why: XLA on CPU
+    computes the weight gradient of a 3x3 conv at 32x32 resolution 10-15x slower
+    than its forward pass, so the former all-32x32 first stage (35M MACs) trained
+    at ~40 images/s against ~150 for this net. Plain conv/BN/ReLU/max-pool/mean/dense,
+    every BatchNorm right after its conv (foldable), so every layer maps to an int8
+    TFLite op.
     """
 
     num_classes: int = 10
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        for stage, width in enumerate((32, 64, 128)):
+        x = nn.Conv(32, (2, 2), strides=(2, 2), padding="VALID", use_bias=False)(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+        for stage, width in enumerate((48, 96, 192)):
             if stage:
                 x = nn.max_pool(x, (2, 2), (2, 2))
             for _ in range(2):
