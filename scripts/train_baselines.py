@@ -3,8 +3,10 @@
     .venv/bin/python scripts/train_baselines.py                     # MNIST models
     .venv/bin/python scripts/train_baselines.py --only cifar_cnn    # about an hour
 
-Writes results/baselines.json and results/baselines.md (test error, epochs,
-wall time on this machine) and checkpoints under runs/baselines/<model>.
+Writes results/baselines/<model>.json, then results/baselines.md from all of
+them (test error, epochs, wall time on this machine); checkpoints go to
+runs/baselines/<model>. One file per model, so runs of different models can
+go on at the same time.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 import time
@@ -63,17 +64,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", default=",".join(DEFAULT), help="comma-separated models")
     args = parser.parse_args()
-    path = ROOT / "results" / "baselines.json"
-    results = json.loads(path.read_text()) if path.exists() else {}
+    folder = ROOT / "results" / "baselines"
+    folder.mkdir(parents=True, exist_ok=True)
     for model in args.only.split(","):
-        results[model] = run(model)
-        results[model]["machine"] = f"{platform.machine()}, {os.cpu_count()} CPU cores"
-        results[model]["date"] = time.strftime("%Y-%m-%d")
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=2))
-        os.replace(tmp, path)
-    table = markdown(list(results.values()))
+        metrics = run(model)
+        metrics["date"] = time.strftime("%Y-%m-%d")
+        tmp = folder / f".{model}.tmp"
+        tmp.write_text(json.dumps(metrics, indent=2))
+        os.replace(tmp, folder / f"{model}.json")
+    rows = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    table = markdown(rows)
     (ROOT / "results" / "baselines.md").write_text(table)
     print(table)
 
