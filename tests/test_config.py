@@ -17,6 +17,11 @@ def test_override_nested_field_and_int_to_float():
     assert cfg.train.learning_rate == 1.0 and cfg.name == "b"
 
 
+def test_fraction_for_a_float_field_holding_an_int():
+    cfg = override(Outer(train=TrainConfig(epochs=2)), ["train.epochs=2.5"])
+    assert cfg.train.epochs == 2.5
+
+
 def test_unknown_field_is_named():
     with pytest.raises(ConfigError, match="train.learnig_rate"):
         override(Outer(), ["train.learnig_rate=0.1"])

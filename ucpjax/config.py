@@ -70,7 +70,7 @@ def _coerce(config, field: dataclasses.Field, value, full: str):
     """Ints for float fields, lists for tuples; rejects other type mismatches."""
     hint = typing.get_type_hints(type(config)).get(field.name)
     current = getattr(config, field.name)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if isinstance(current, tuple) and isinstance(value, (list, tuple)):
         return tuple(value)
