@@ -16,17 +16,21 @@ from ucpjax.quant import QuantConfig
 from ucpjax.train import TrainConfig
 
 
+def _budget(epochs: float, learning_rate: float) -> TrainConfig:
+    return TrainConfig(epochs=epochs, learning_rate=learning_rate, augment="shift")
+
+
 def get_config(smoke: bool = False) -> PipelineConfig:
     config = PipelineConfig(
         model="lenet5",
         data="mnist",
-        dense=TrainConfig(epochs=15, learning_rate=1e-3),
+        # The recipe of scripts/train_baselines.py: add init_from=runs/baselines/lenet5
+        # to start from that model instead of training the same one again.
+        dense=_budget(15, 1e-3),
         prune=PruneConfig(target_sparsity=0.93, scope="global", frequency=100,
-                          train=TrainConfig(epochs=10, learning_rate=5e-4),
-                          fine_tune=TrainConfig(epochs=2, learning_rate=1e-4)),
-        distill=DistillConfig(train=TrainConfig(epochs=5, learning_rate=2e-4)),
-        cluster=ClusterConfig(num_clusters=16, init="linear",
-                              train=TrainConfig(epochs=2, learning_rate=1e-4)),
-        quantize=QuantConfig(train=TrainConfig(epochs=1, learning_rate=2e-5)),
+                          train=_budget(8, 1e-3), fine_tune=_budget(2, 1e-4)),
+        distill=DistillConfig(train=_budget(5, 1e-3)),
+        cluster=ClusterConfig(num_clusters=16, init="linear", train=_budget(2, 1e-4)),
+        quantize=QuantConfig(train=_budget(1, 2e-5)),
     )
     return pipeline.smoke(config) if smoke else config
