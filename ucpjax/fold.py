@@ -41,8 +41,8 @@ def find_batchnorm_pairs(model: nn.Module, variables, input_shape) -> list[tuple
     return pairs
 
 
-def fold_batchnorm(model: nn.Module, variables, input_shape) -> tuple[dict, int]:
-    """Returns ``(variables, count)`` with every foldable BatchNorm folded.
+def fold_batchnorm(model: nn.Module, variables, input_shape) -> tuple[dict, tuple]:
+    """Returns ``(variables, frozen)`` with every foldable BatchNorm folded.
 
     Args:
       model: a flax.linen module called as ``model.apply(variables, x, train=False)``.
@@ -50,18 +50,21 @@ def fold_batchnorm(model: nn.Module, variables, input_shape) -> tuple[dict, int]
       input_shape: one example's shape (no batch axis).
 
     Returns:
-      New variables computing the same inference function, and how many
-      BatchNorm layers were folded. BatchNorms not fed by a layer stay as they are.
+      New variables computing the same inference function, and the paths of
+      the folded BatchNorms' ``scale`` params: they must stay 1.0 from now on
+      (trained, they would rescale the kernel behind every later stage's back).
+      Folding is idempotent. BatchNorms not fed by a layer stay as they are.
     """
     if "batch_stats" not in variables:
-        return variables, 0
+        return variables, ()
     pairs = find_batchnorm_pairs(model, variables, input_shape)
     params = jax.tree.map(np.asarray, variables["params"])
     stats = jax.tree.map(np.asarray, variables["batch_stats"])
     for layer_path, bn_path, eps in pairs:
         _fold_one(_node(params, layer_path), _node(params, bn_path), _node(stats, bn_path), eps)
     as_jnp = lambda tree: jax.tree.map(jnp.asarray, tree)  # noqa: E731
-    return {**variables, "params": as_jnp(params), "batch_stats": as_jnp(stats)}, len(pairs)
+    frozen = tuple((*bn, "scale") for _, bn, _ in pairs if "scale" in _node(params, bn))
+    return {**variables, "params": as_jnp(params), "batch_stats": as_jnp(stats)}, frozen
 
 
 def _node(tree: dict, path: tuple) -> dict:

@@ -91,24 +91,59 @@ class PipelineConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-    """A Flax module with its variables, as the pipeline sees it."""
+    """A Flax module with its variables, as the pipeline sees it.
+
+    ``frozen`` names params held fixed (folded BatchNorm scales): stages see
+    ``params`` without them, and ``apply_fn`` puts them back.
+    """
 
     module: nn.Module
     variables: dict
+    frozen: tuple[tuple[str, ...], ...] = ()
 
     @property
     def params(self):
-        return self.variables["params"]
+        return _split(self.variables["params"], self.frozen)[0]
 
     @property
     def extra(self) -> dict:
         return {k: v for k, v in self.variables.items() if k != "params"}
 
     def apply_fn(self) -> train_lib.ApplyFn:
-        return train_lib.inference_fn(self.module, self.extra)
+        fixed, extra = _split(self.variables["params"], self.frozen)[1], self.extra
+        return lambda params, x: self.module.apply(
+            {"params": _merge(params, fixed), **extra}, x, train=False)
 
     def with_params(self, params) -> Model:
-        return Model(self.module, {**self.variables, "params": params})
+        fixed = _split(self.variables["params"], self.frozen)[1]
+        return Model(self.module, {**self.variables, "params": _merge(params, fixed)},
+                     self.frozen)
+
+
+def _split(params: dict, paths) -> tuple[dict, dict]:
+    """``(params without paths, {path: value})``."""
+    if not paths:
+        return params, {}
+    free = jax.tree.map(lambda x: x, params)  # a copy of the dict structure
+    fixed = {}
+    for path in paths:
+        node = free
+        for name in path[:-1]:
+            node = node[name]
+        fixed[path] = node.pop(path[-1])
+    return free, fixed
+
+
+def _merge(params: dict, fixed: dict) -> dict:
+    if not fixed:
+        return params
+    merged = jax.tree.map(lambda x: x, params)
+    for path, value in fixed.items():
+        node = merged
+        for name in path[:-1]:
+            node = node[name]
+        node[path[-1]] = value
+    return merged
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,7 +243,7 @@ class RunFolder:
         if done is None:
             return None
         variables = train_lib.restore_checkpoint(self.root / base, like.variables)
-        return Model(like.module, variables), done
+        return Model(like.module, variables, like.frozen), done
 
 
 def _json_default(obj):
@@ -273,6 +308,8 @@ def compress_model(
         loaded = folder.load_stage(position, name, model) if folder else None
         if loaded is not None:
             model, done = loaded
+            if position == 0:
+                model = _folded(model, input_shape)  # idempotent: recovers `frozen`
             log(f"[{position}] {name}: finished earlier, restored")
         else:
             start = time.perf_counter()
@@ -293,9 +330,8 @@ def compress_model(
                 model = model.with_params(params)
             if position == 0:
                 # Fold BatchNorm before any stage, so what they constrain is what ships.
-                variables, folded = fold.fold_batchnorm(model.module, model.variables, input_shape)
-                model = Model(model.module, variables)
-                report["fold/batchnorm_layers"] = folded
+                model = _folded(model, input_shape)
+                report["fold/batchnorm_layers"] = len(model.frozen)
             row = stage_row(name, model, dataset, input_shape, time.perf_counter() - start)
             done = {"row": row, "report": report}
             if folder:
@@ -319,6 +355,11 @@ def compress_model(
         weights_plot(before_cluster or model, config, folder.root / "weights.png")
     log("\n" + report_lib.markdown(report))
     return Result(model.variables, tflite, report)
+
+
+def _folded(model: Model, input_shape) -> Model:
+    variables, frozen = fold.fold_batchnorm(model.module, model.variables, input_shape)
+    return Model(model.module, variables, frozen)
 
 
 def weights_plot(model: Model, config: PipelineConfig, path: pathlib.Path) -> None:
