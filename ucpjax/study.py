@@ -15,7 +15,7 @@ import json
 import pathlib
 import time
 
-from ucpjax import pipeline
+from ucpjax import pipeline, report
 from ucpjax.config import to_dict
 
 # Columns of the comparison: (key in a report's "final", header, format).
@@ -105,11 +105,7 @@ def row_of(name: str, report: dict, seconds: float) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     """The rows as a markdown table; a missing value prints as '-'."""
-    header = ["variant", *(title for _, title, _ in COLUMNS)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        name = row["name"] + (" (published)" if row.get("published") else "")
-        cells = [fmt.format(row[key]) if row.get(key) is not None else "-"
-                 for key, _, fmt in COLUMNS]
-        lines.append("| " + " | ".join([name, *cells]) + " |")
-    return "\n".join(lines) + "\n"
+    body = [[row["name"] + (" (published)" if row.get("published") else ""),
+             *(fmt.format(row[key]) if row.get(key) is not None else "-"
+               for key, _, fmt in COLUMNS)] for row in rows]
+    return report.table(["variant", *(title for _, title, _ in COLUMNS)], body) + "\n"
