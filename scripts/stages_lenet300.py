@@ -21,7 +21,6 @@ import time
 
 import jax
 import numpy as np
-import optax
 
 from ucpjax import cluster, constraints, distill, pipeline, prune, quant, train
 
@@ -30,16 +29,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 def fine_tune(params, config: train.TrainConfig, apply_fn, data, seed: int):
     """Plain cross-entropy training that keeps the zeros: the no-distillation control."""
-    def make_loss(materialize):
-        def loss_fn(trainable, extra, x, y, key):
-            del key
-            logits = apply_fn(materialize(trainable), x)
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-            return loss, (extra, {"loss": loss})
-        return loss_fn
-    params, _, _ = constraints.fit_preserving(params, make_loss, x=data.x_train,
-                                              y=data.y_train, config=config, seed=seed,
-                                              desc="fine-tune")
+    params, _, _ = constraints.fit_preserving(
+        params, constraints.cross_entropy(apply_fn), x=data.x_train, y=data.y_train,
+        config=config, seed=seed, desc="fine-tune")
     return params
 
 

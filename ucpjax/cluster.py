@@ -25,7 +25,6 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from ucpjax import constraints
 from ucpjax import train as train_lib
@@ -399,17 +398,9 @@ def _share_leaf(w: np.ndarray, name: str, config: ClusterConfig, key) -> tuple[n
 
 
 def _fine_tune(params, config: ClusterConfig, apply_fn, data, seed: int):
-    def make_loss(materialize):
-        def loss_fn(trainable, extra, x, y, key):
-            del key
-            logits = apply_fn(materialize(trainable), x)
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-            return loss, (extra, {"loss": loss, "accuracy": jnp.mean(logits.argmax(-1) == y)})
-        return loss_fn
-
     params, _, history = constraints.fit_preserving(
-        params, make_loss, x=data.x_train, y=data.y_train, config=config.train, seed=seed,
-        leaves=config.leaves, desc="cluster")
+        params, constraints.cross_entropy(apply_fn), x=data.x_train, y=data.y_train,
+        config=config.train, seed=seed, leaves=config.leaves, desc="cluster")
     return params, history
 
 

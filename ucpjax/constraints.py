@@ -126,6 +126,18 @@ def factor(params, leaves: str = DEFAULT_LEAVES) -> tuple[Any, Callable[[Any], A
     return trainable, materialize
 
 
+def cross_entropy(apply_fn) -> Callable[[Callable[[Any], Any]], Any]:
+    """The ``make_loss`` of plain classification fine-tuning, for ``fit_preserving``."""
+    def make_loss(materialize):
+        def loss_fn(trainable, extra, x, y, key):
+            del key
+            logits = apply_fn(materialize(trainable), x)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            return loss, (extra, {"loss": loss, "accuracy": jnp.mean(logits.argmax(-1) == y)})
+        return loss_fn
+    return make_loss
+
+
 def fit_preserving(
     params, make_loss: Callable[[Callable[[Any], Any]], Any], *, x, y, config, seed: int,
     leaves: str = DEFAULT_LEAVES, extra=None,

@@ -255,16 +255,6 @@ def prune_shared_once(weights, sparsity: float) -> jax.Array:
     return jnp.where(_keep_largest(scores, _count(jnp.float32(sparsity), w.size)), w, 0.0)
 
 
-def _classification_loss(apply_fn):
-    def make_loss(materialize):
-        def loss_fn(trainable, extra, x, y, key):
-            del key
-            logits = apply_fn(materialize(trainable), x)
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-            return loss, (extra, {"loss": loss, "accuracy": jnp.mean(logits.argmax(-1) == y)})
-        return loss_fn
-    return make_loss
-
 
 def sparsity_report(params, leaves: str = constraints.DEFAULT_LEAVES,
                     prefix: str = "prune") -> dict:
@@ -319,7 +309,7 @@ def prune(params, config: PruneConfig, *, apply_fn, data, seed: int) -> tuple[An
         mask_targets, initial_sparsity=config.initial_sparsity,
         begin_step=round(config.begin * last), end_step=round(config.end * last),
         frequency=config.frequency, power=config.power, global_leaves=global_leaves)
-    make_loss = _classification_loss(apply_fn)
+    make_loss = constraints.cross_entropy(apply_fn)
     params, _, history = constraints.fit_preserving(
         params, make_loss, x=data.x_train, y=data.y_train, config=config.train, seed=seed,
         leaves=config.leaves, last_transform=pruning, desc="prune")
