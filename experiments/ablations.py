@@ -25,8 +25,8 @@ def _base() -> pipeline.PipelineConfig:
     shift = lambda epochs, lr: TrainConfig(epochs=epochs, learning_rate=lr, augment="shift")
     return dataclasses.replace(
         config,
-        prune=dataclasses.replace(config.prune, train=shift(8, 5e-4), fine_tune=shift(2, 1e-4)),
-        distill=dataclasses.replace(config.distill, train=shift(5, 2e-4)),
+        prune=dataclasses.replace(config.prune, train=shift(8, 1e-3), fine_tune=shift(2, 1e-4)),
+        distill=dataclasses.replace(config.distill, train=shift(5, 1e-3)),
         cluster=dataclasses.replace(config.cluster, train=shift(2, 1e-4)),
         quantize=dataclasses.replace(config.quantize, train=shift(1, 2e-5)),
         export=dataclasses.replace(config.export, enabled=False),
