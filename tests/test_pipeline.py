@@ -140,3 +140,18 @@ def test_python_api_with_batchnorm_and_dropout(mnist):
     kernel = np.asarray(result.variables["params"]["Dense_0"]["kernel"])
     assert np.mean(kernel == 0) >= 0.8
     assert len(np.unique(kernel[kernel != 0])) <= 16
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.py")), ids=lambda p: p.stem)
+def test_every_experiment_resolves_and_has_a_smoke_switch(path):
+    from ucpjax import study
+
+    variants, published = study.load_variants(path, smoke=True)
+    assert variants
+    for name, config in variants.items():
+        assert isinstance(config, pipeline.PipelineConfig), name
+        assert 0 < config.subset <= 1000, name  # smoke runs use a data slice
+        assert config.dense.epochs <= 2 and config.prune.train.epochs <= 1, name
+    full, _ = study.load_variants(path, smoke=False)
+    assert set(full) == set(variants)
+    assert all(row.get("name") for row in published)
