@@ -28,7 +28,7 @@ import numpy as np
 
 from ucpjax import constraints
 from ucpjax import train as train_lib
-from ucpjax.config import check
+from ucpjax.config import check, is_regex
 
 INITS = ("linear", "density", "forgy", "kmeans++")
 
@@ -54,23 +54,15 @@ class ClusterConfig:
         for item in self.layer_clusters:
             check(isinstance(item, tuple) and len(item) == 2, "layer_clusters", item,
                   "each entry must be a (regex, k) pair")
-            check(_compiles(item[0]), "layer_clusters", item[0], "not a valid regex")
+            check(is_regex(item[0]), "layer_clusters", item[0], "not a valid regex")
             _check_k(item[1], "layer_clusters")
-        check(_compiles(self.leaves), "leaves", self.leaves, "not a valid regex")
+        check(is_regex(self.leaves), "leaves", self.leaves, "not a valid regex")
 
 
 def _check_k(k, field: str) -> None:
     check(isinstance(k, int) and k >= 2, field, k, "fewer than 2 clusters: must be >= 2")
     check(k <= constraints.MAX_SHARED_VALUES, field, k,
           f"must be <= {constraints.MAX_SHARED_VALUES} (constraints.MAX_SHARED_VALUES)")
-
-
-def _compiles(pattern) -> bool:
-    try:
-        re.compile(pattern)
-    except (re.error, TypeError):
-        return False
-    return True
 
 
 # ---------------------------------------------------------------------------

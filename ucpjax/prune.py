@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from ucpjax import constraints, train
-from ucpjax.config import check
+from ucpjax.config import check, is_regex
 from ucpjax.train import TrainConfig
 
 SCOPES = ("layer", "global")
@@ -78,23 +78,15 @@ class PruneConfig:
         check(0 <= self.end <= 1 and self.begin < self.end, "end", self.end,
               "must be in [0, 1] and > begin")
         check(self.power > 0, "power", self.power, "must be > 0")
-        check(_is_regex(self.leaves), "leaves", self.leaves, "must be a valid regex")
+        check(is_regex(self.leaves), "leaves", self.leaves, "must be a valid regex")
         for pair in self.overrides:
-            ok = (isinstance(pair, tuple) and len(pair) == 2 and _is_regex(pair[0])
+            ok = (isinstance(pair, tuple) and len(pair) == 2 and is_regex(pair[0])
                   and isinstance(pair[1], (int, float)) and 0 <= pair[1] < 1)
             check(ok, "overrides", pair, "pairs (regex, sparsity in [0, 1))")
 
 
 def _is_none(x) -> bool:
     return x is None
-
-
-def _is_regex(pattern) -> bool:
-    try:
-        re.compile(pattern)
-    except (re.error, TypeError):
-        return False
-    return True
 
 
 def polynomial_sparsity(step, *, initial: float, target: float, begin_step: int,
