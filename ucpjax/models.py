@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ucpjax.pooling import max_pool
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -63,9 +65,9 @@ class LeNet5(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = nn.Conv(20, (5, 5), padding="VALID")(x)
-        x = nn.max_pool(x, (2, 2), (2, 2))
+        x = max_pool(x, 2)
         x = nn.Conv(50, (5, 5), padding="VALID")(x)
-        x = nn.max_pool(x, (2, 2), (2, 2))
+        x = max_pool(x, 2)
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(500)(x))
         return nn.Dense(self.num_classes)(x)
@@ -80,7 +82,7 @@ class PcqatMnist(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = nn.relu(nn.Conv(12, (3, 3), padding="VALID")(x))
-        x = nn.max_pool(x, (2, 2), (2, 2))
+        x = max_pool(x, 2)
         x = x.reshape((x.shape[0], -1))
         return nn.Dense(self.num_classes)(x)
 
@@ -96,7 +98,7 @@ class FashionCnn(nn.Module):
         for width in (32, 64):
             x = nn.Conv(width, (3, 3), use_bias=False)(x)
             x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
-            x = nn.max_pool(x, (2, 2), (2, 2))
+            x = max_pool(x, 2)
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(128)(x))
         return nn.Dense(self.num_classes)(x)
@@ -125,7 +127,7 @@ class CifarCnn(nn.Module):
         x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
         for stage, width in enumerate((48, 96, 192)):
             if stage:
-                x = nn.max_pool(x, (2, 2), (2, 2))
+                x = max_pool(x, 2)
             for _ in range(2):
                 x = nn.Conv(width, (3, 3), use_bias=False)(x)
                 x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
