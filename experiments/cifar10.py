@@ -24,7 +24,7 @@ def get_config(smoke: bool = False) -> PipelineConfig:
         model="cifar_cnn",
         data="cifar10",
         # Same as cifar_cnn in scripts/train_baselines.py (keep in sync).
-        dense=TrainConfig(epochs=10, batch_size=64, learning_rate=0.05, **_SGD),
+        dense=TrainConfig(epochs=20, batch_size=64, learning_rate=0.05, **_SGD),
         prune=PruneConfig(target_sparsity=0.7, scope="global", frequency=100,
                           train=TrainConfig(epochs=3, learning_rate=0.02, **_SGD),
                           fine_tune=TrainConfig(epochs=1, learning_rate=0.005, **_SGD)),

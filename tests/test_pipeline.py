@@ -155,3 +155,30 @@ def test_every_experiment_resolves_and_has_a_smoke_switch(path):
     full, _ = study.load_variants(path, smoke=False)
     assert set(full) == set(variants)
     assert all(row.get("name") for row in published)
+
+
+def test_study_shares_finished_stages_between_variants(tmp_path):
+    from ucpjax import study
+
+    experiment = tmp_path / "two_variants.py"
+    experiment.write_text(
+        "import dataclasses\n"
+        "import lenet300_mnist\n"
+        "from ucpjax import pipeline\n\n\n"
+        "def get_variants(smoke=False):\n"
+        "    base = pipeline.smoke(lenet300_mnist.get_config())\n"
+        "    base = dataclasses.replace(base, export=dataclasses.replace(base.export,"
+        " enabled=False))\n"
+        "    return {'pc': dataclasses.replace(base, stages=('prune', 'cluster')),\n"
+        "            'pq': dataclasses.replace(base, stages=('prune', 'quantize'))}\n")
+    (tmp_path / "lenet300_mnist.py").write_text(DEFAULT.read_text())
+    lines = []
+    study.run(experiment, tmp_path / "study", log=lines.append)
+    assert "[1] prune: same as in pc, shared" in lines
+    assert not any("[2] cluster: same" in line or "[2] quantize: same" in line for line in lines)
+
+    alone = pipeline.run_config(pipeline.load_module(experiment).get_variants()["pq"],
+                                tmp_path / "alone", log=lambda _: None)
+    shared = train.restore_checkpoint(tmp_path / "study" / "pq" / "stages" / "02_quantize")
+    for a, b in zip(jax.tree.leaves(alone.variables), jax.tree.leaves(shared), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -5,6 +5,11 @@ An experiment file defines ``get_variants(smoke=False) -> {name: PipelineConfig}
 ``ucpjax study --config FILE --out DIR`` runs each variant in ``DIR/<name>``
 (each a resumable run folder) and writes ``DIR/study.json``, ``DIR/study.md``
 and ``DIR/accuracy_vs_size.png``.
+
+Variants share work: one dense model per distinct recipe, and the finished
+stages of any earlier variant whose pipeline starts the same way (same
+stages with the same settings, same seed). Stages are deterministic for a
+seed, so a shared stage is the stage that would have been recomputed.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import pathlib
+import shutil
 import time
 
 from ucpjax import pipeline, report
@@ -49,15 +55,17 @@ def run(path, out: pathlib.Path, *, smoke: bool = False, only: list[str] | None 
         log=print) -> dict:
     """Runs (or resumes) every variant and writes the comparison table."""
     variants, published = load_variants(path, smoke)
-    rows = []
+    rows, finished_stages = [], {}
     for name, config in variants.items():
         if only and name not in only:
             continue
         log(f"=== {name}")
         start = time.perf_counter()
         config = shared_dense(config, out, log)
+        reuse_stages(config, out / name, finished_stages, log)
         result = pipeline.run_config(config, out / name, resume=True, log=log)
         rows.append(row_of(name, result.report, time.perf_counter() - start))
+        finished_stages.update(dict.fromkeys(prefix_keys(config), out / name))
     rows += [{**row, "published": True} for row in published]
     study = {"experiment": str(path), "smoke": smoke, "rows": rows,
              "date": time.strftime("%Y-%m-%d"), "machine": pipeline.machine()}
@@ -91,6 +99,48 @@ def shared_dense(config: pipeline.PipelineConfig, out: pathlib.Path, log=print):
         log(f"training the shared dense model into {folder}")
         pipeline.train_to_folder(config, folder)
     return dataclasses.replace(config, init_from=str(folder))
+
+
+def prefix_keys(config: pipeline.PipelineConfig) -> list[str]:
+    """One key per stage position: what determines the model after that stage.
+
+    Position 0 is the dense model; key ``i`` covers it and the first ``i``
+    stages with their settings, so equal keys mean bit-equal stage outputs.
+    """
+    resolved = to_dict(config)
+    recipe = {k: resolved[k] for k in ("model", "data", "seed", "val_size", "subset",
+                                       "dense", "init_from")}
+    keys = []
+    for position in range(len(config.stages) + 1):
+        stages = config.stages[:position]
+        prefix = {**recipe, "stages": stages, **{stage: resolved[stage] for stage in stages}}
+        keys.append(hashlib.sha1(json.dumps(prefix, sort_keys=True).encode()).hexdigest())
+    return keys
+
+
+def reuse_stages(config: pipeline.PipelineConfig, run: pathlib.Path, finished: dict,
+                 log=print) -> None:
+    """Copies into ``run`` the longest prefix of stages another variant finished.
+
+    ``finished`` maps prefix keys to run folders; the pipeline's resume then
+    restores these stages instead of recomputing them.
+    """
+    names = ["dense", *config.stages]
+    for position, key in enumerate(prefix_keys(config)):
+        if key not in finished:
+            return
+        stage = pipeline.RunFolder(run).stage_name(position, names[position])
+        if (run / f"{stage}.json").exists():
+            continue
+        source = finished[key] / stage
+        scratch = run / f"{stage}.copying"
+        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.copytree(source, scratch)
+        shutil.rmtree(run / stage, ignore_errors=True)
+        scratch.rename(run / stage)
+        pipeline.RunFolder(run).write_bytes(f"{stage}.json",
+                                            source.with_name(f"{source.name}.json").read_bytes())
+        log(f"[{position}] {names[position]}: same as in {finished[key].name}, shared")
 
 
 def row_of(name: str, report: dict, seconds: float) -> dict:
