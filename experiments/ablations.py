@@ -4,8 +4,9 @@
     .venv/bin/ucpjax study --config experiments/ablations.py --out runs/abl --smoke
     .venv/bin/ucpjax study --config experiments/ablations.py --out runs/ablations --only k4,k8
 
-One dense model is trained once and shared by every variant (the study runner
-trains it for the first variant and starts the others from it). Each variant
+One dense model is trained once and shared by every variant, and a variant
+whose first stages match an earlier variant's (same stages, same settings)
+starts from those finished stages (the study runner does both). Each variant
 changes one thing of a shorter version of the default pipeline; the export is
 off (the figures are the JAX model's test accuracy and the packed size).
 """
