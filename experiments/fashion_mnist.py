@@ -4,6 +4,7 @@
     .venv/bin/ucpjax compress --config experiments/fashion_mnist.py --out runs/f --smoke
 
 Shows BatchNorm folded before compression (the .tflite must match the JAX model).
+Budget: 6 dense + 8 compression epochs.
 """
 
 from ucpjax import pipeline
@@ -19,13 +20,13 @@ def get_config(smoke: bool = False) -> PipelineConfig:
     config = PipelineConfig(
         model="fashion_cnn",
         data="fashion_mnist",
-        dense=TrainConfig(epochs=12, learning_rate=1e-3),
+        dense=TrainConfig(epochs=6, learning_rate=1e-3),
         prune=PruneConfig(target_sparsity=0.85, scope="global", frequency=100,
-                          train=TrainConfig(epochs=6, learning_rate=5e-4),
-                          fine_tune=TrainConfig(epochs=2, learning_rate=1e-4)),
-        distill=DistillConfig(train=TrainConfig(epochs=4, learning_rate=2e-4)),
+                          train=TrainConfig(epochs=3, learning_rate=5e-4),
+                          fine_tune=TrainConfig(epochs=1, learning_rate=1e-4)),
+        distill=DistillConfig(train=TrainConfig(epochs=2, learning_rate=2e-4)),
         cluster=ClusterConfig(num_clusters=16, init="linear",
-                              train=TrainConfig(epochs=2, learning_rate=1e-4)),
+                              train=TrainConfig(epochs=1, learning_rate=1e-4)),
         quantize=QuantConfig(train=TrainConfig(epochs=1, learning_rate=2e-5)),
     )
     return pipeline.smoke(config) if smoke else config
