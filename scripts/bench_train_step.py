@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import pathlib
 import platform
@@ -27,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ucpjax import models
+from ucpjax import models, pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # (model, input shape of one image, batch size of its experiment)
@@ -97,12 +96,9 @@ def main() -> None:
     summary = {"command": ".venv/bin/python scripts/bench_train_step.py", "rows": rows,
                "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg(),
                            "python": platform.python_version(), "jax": jax.__version__}}
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("bench_train_step.json", json.dumps(summary, indent=2)),
-                       ("bench_train_step.md", md)):
-        tmp = args.out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, args.out / name)
+    folder = pipeline.RunFolder(args.out)  # atomic writes
+    folder.write_json("bench_train_step.json", summary)
+    folder.write_bytes("bench_train_step.md", md.encode())
     print(md)
 
 

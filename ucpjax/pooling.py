@@ -1,7 +1,8 @@
 """Max pooling whose gradient is fast on XLA's CPU backend.
 
 XLA lowers the gradient of ``nn.max_pool`` to ``select_and_scatter``, which on
-CPU costs 10-25x the forward pass: half of a training step of ``pcqat_mnist``.
+CPU costs ~20x the forward pass (128x26x26x12: 0.95 ms vs 19.6 ms), half of a
+training step of ``pcqat_mnist``.
 Non-overlapping windows need no scatter: every input belongs to one window, so
 the gradient is the output gradient routed to the first maximum of each window
 (XLA's own choice among ties). The forward pass stays ``nn.max_pool``, so
