@@ -9,10 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import flax.linen as nn
 
-from ucpjax import data, export, models, quant, train
+from ucpjax import data, export, models, pooling, quant, train
 
 NUM_CLUSTERS = 16
+CALIBRATION = 300  # representative examples given to the converter
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,7 @@ def per_channel(trained, mnist):
     """Kernels on the per-channel int8 grid (what the converter will store), converted."""
     apply_fn, params = trained
     params = quant.quantize_weights(params, quant.QuantConfig())
-    return params, export.to_tflite(apply_fn, params, mnist.input_shape, mnist.x_train)
+    return params, export.to_tflite(apply_fn, params, mnist.input_shape, mnist.x_train[:CALIBRATION])
 
 
 def _clustered_on_tensor_grid(params):
@@ -59,8 +61,9 @@ def per_tensor(trained, mnist):
     apply_fn, params = trained
     params = _clustered_on_tensor_grid(params)
     def convert(sparse):
-        return export.to_tflite(apply_fn, params, mnist.input_shape, mnist.x_train,
-                                per_tensor_dense=True, sparse=sparse)
+        return export.to_tflite(apply_fn, params, mnist.input_shape,
+                                mnist.x_train[:CALIBRATION], per_tensor_dense=True,
+                                sparse=sparse)
 
     return params, convert(False), convert(True)
 
@@ -75,8 +78,8 @@ def test_weights_are_int8_and_biases_int32(per_channel):
 
 def test_float_model_is_not_int8(trained, mnist):
     apply_fn, params = trained
-    model_bytes = export.to_tflite(apply_fn, params, mnist.input_shape, mnist.x_train,
-                                   int8=False)
+    model_bytes = export.to_tflite(apply_fn, params, mnist.input_shape,
+                                   mnist.x_train[:CALIBRATION], int8=False)
     assert not export.weights_check(model_bytes, params)["all_int8"]
     # Float32 TFLite computes what JAX computes, up to summation order.
     result = export.agreement(model_bytes, apply_fn, params, mnist.x_test[:500],
@@ -87,7 +90,8 @@ def test_float_model_is_not_int8(trained, mnist):
 def test_tflite_accuracy_equals_jax_within_tolerance(per_channel, trained, mnist):
     apply_fn, _ = trained
     params, model_bytes = per_channel
-    result = export.agreement(model_bytes, apply_fn, params, mnist.x_test, mnist.y_test)
+    int8_fn = export.simulated_int8(apply_fn, params, mnist.x_train[:CALIBRATION])
+    result = export.agreement(model_bytes, int8_fn, params, mnist.x_test, mnist.y_test)
     assert result["jax_accuracy"] > 0.8  # a trained model, not a trivial one
     assert result["agreement"] >= export.MIN_AGREEMENT
     assert abs(result["accuracy_delta"]) <= export.MAX_ACCURACY_DELTA
@@ -179,3 +183,60 @@ def test_weights_check_reads_conv_layouts(mnist):
     assert report["faithful"] and report["unmatched"] == 0 and report["all_int8"]
     assert report["Conv_0/kernel/max_error_steps"] <= 0.01
     assert report["Conv_1/kernel/max_error_steps"] <= 0.01
+
+
+class PooledNet(nn.Module):
+    """Convs -> ReLU -> global average pool -> Dense: the head of cifar_cnn."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.Conv(16, (3, 3), strides=(2, 2), padding="VALID")(x))  # 13x13
+        x = nn.relu(nn.Conv(32, (3, 3), padding="SAME")(x))
+        return nn.Dense(10)(pooling.GlobalAveragePool()(x))
+
+
+@pytest.fixture(scope="module")
+def pooled(mnist):
+    model = PooledNet()
+    params = models.init(model, mnist.input_shape)["params"]
+    config = train.TrainConfig(epochs=2, batch_size=32, learning_rate=1e-2)
+    optimizer = train.make_optimizer(config, train.total_steps(config, len(mnist.x_train)))
+    state, _ = train.fit(params, train.classification_loss(model), optimizer,
+                         mnist.x_train, mnist.y_train, config=config, seed=0)
+    apply_fn = train.inference_fn(model, {})
+    params = quant.quantize_weights(state.params, quant.QuantConfig())
+    rep = mnist.x_train[:CALIBRATION]
+    return apply_fn, params, export.to_tflite(apply_fn, params, mnist.input_shape, rep)
+
+
+def test_activation_scales_are_the_simulated_ones(pooled, mnist):
+    """The converter calibrates each tensor to the min/max over the representative
+    examples, as quant.calibrate does: the .tflite's scales and zero points are
+    the ones simulated_int8 quantizes to, including MEAN's input (the conv output)."""
+    apply_fn, params, model_bytes = pooled
+    ranges = quant.calibrate(apply_fn, params, mnist.x_train[:CALIBRATION])
+    expected = {name: tuple(float(v) for v in quant.activation_qparams(r["min"], r["max"], 8))
+                for name, r in ranges.items()}
+    interp = export.interpreter(model_bytes, use_xnnpack=False)
+    mean_op = next(op for op in interp._get_ops_details() if op["op_name"] in ("MEAN", "SUM"))
+    tensors = {"Conv_0": interp.get_input_details()[0]["index"],
+               "GlobalAveragePool_0": mean_op["inputs"][0],
+               quant.OUTPUT: interp.get_output_details()[0]["index"]}
+    details = {d["index"]: d for d in interp.get_tensor_details()}
+    for name, index in tensors.items():
+        scale, zero_point = details[index]["quantization"]
+        assert scale == pytest.approx(expected[name][0], rel=1e-6), name
+        assert zero_point == expected[name][1], name
+
+
+def test_pooled_model_is_faithful(pooled, mnist):
+    apply_fn, params, model_bytes = pooled
+    report = export.weights_check(model_bytes, params)
+    assert report["faithful"] and report["unmatched"] == 0
+    # The converter folds the mean's 1/(13*13) into the Dense weights; codes unchanged.
+    assert report["Dense_0/kernel/folded_factor"] == pytest.approx(1 / 169, rel=1e-5)
+    assert report["Conv_1/kernel/folded_factor"] == 1.0
+    int8_fn = export.simulated_int8(apply_fn, params, mnist.x_train[:CALIBRATION])
+    result = export.agreement(model_bytes, int8_fn, params, mnist.x_test, mnist.y_test)
+    assert result["jax_accuracy"] > 0.5  # learning, if slowly: a mean-pooled head on MNIST
+    assert export.check_tolerance(result)

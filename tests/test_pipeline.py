@@ -17,7 +17,7 @@ from ucpjax import pipeline, train
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT = ROOT / "experiments" / "lenet300_mnist.py"
-FINAL_KEYS = {"jax_accuracy", "tflite_accuracy", "float32_bytes", "tflite_bytes",
+FINAL_KEYS = {"jax_accuracy", "jax_int8_accuracy", "tflite_accuracy", "float32_bytes", "tflite_bytes",
               "tflite_zip_bytes", "packed_bytes", "compression_tflite_zip",
               "compression_packed", "sparsity", "macs_dense", "macs_nonzero",
               "latency_int8_us", "latency_float_us"}
@@ -135,7 +135,7 @@ def test_python_api_with_batchnorm_and_dropout(mnist):
     assert set(final) >= FINAL_KEYS and final["weights_faithful"]
     # BatchNorm folded, so the int8 file computes what the JAX model computes.
     assert final["tflite_agreement"] >= 0.97
-    assert abs(final["tflite_accuracy"] - final["jax_accuracy"]) <= 0.02
+    assert abs(final["tflite_accuracy"] - final["jax_int8_accuracy"]) <= 0.02
     assert isinstance(result.tflite, bytes) and len(result.tflite) == final["tflite_bytes"]
     kernel = np.asarray(result.variables["params"]["Dense_0"]["kernel"])
     assert np.mean(kernel == 0) >= 0.8

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from ucpjax import constraints
+from ucpjax import constraints, quant
 
 # The faithfulness target of the issue: .tflite vs JAX argmax agreement and
 # accuracy difference (0.1 percentage point).
@@ -48,7 +48,6 @@ def _tf():
 def to_tflite(
     apply_fn: Callable, params, input_shape: tuple[int, ...], representative_x: np.ndarray,
     *, int8: bool = True, per_tensor_dense: bool = False, sparse: bool = False,
-    num_calibration: int = 300,
 ) -> bytes:
     """Converts ``apply_fn(params, x)`` to a TFLite flatbuffer with batch size 1.
 
@@ -56,14 +55,15 @@ def to_tflite(
       apply_fn: ``apply_fn(params, x) -> logits`` in inference mode.
       params: the params pytree (closed over as constants).
       input_shape: one example's shape, e.g. ``(28, 28, 1)``.
-      representative_x: training inputs for calibrating activation ranges (int8 only).
+      representative_x: training inputs for calibrating activation ranges (int8
+        only): the converter takes each tensor's min and max over all of them
+        (``simulated_int8`` computes the same ranges).
       int8: full-integer model (int8 weights, activations, input and output);
         False gives the float32 model.
       per_tensor_dense: one scale per Dense kernel instead of one per output channel
         (keeps a weight-shared kernel on <= k codes when it sits on one int8 grid).
       sparse: store weights of >= 30% sparsity in TFLite's sparse format (smaller
         file, same compute; needs ``OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES``).
-      num_calibration: how many examples of ``representative_x`` calibrate.
 
     Returns:
       The .tflite file contents.
@@ -79,7 +79,7 @@ def to_tflite(
     concrete = module.fn.get_concrete_function()
     converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], module)
     if int8:
-        calibration = np.asarray(representative_x[:num_calibration], np.float32)
+        calibration = np.asarray(representative_x, np.float32)
 
         def representative_dataset():
             for i in range(len(calibration)):
@@ -197,6 +197,21 @@ def agreement(model_bytes: bytes, apply_fn: Callable, params, x: np.ndarray,
     }
 
 
+def simulated_int8(apply_fn: Callable, params, representative_x: np.ndarray) -> Callable:
+    """``apply_fn`` computing what the int8 .tflite of ``to_tflite`` computes, in JAX.
+
+    Activations are fake-quantized where TFLite quantizes them, to the ranges the
+    converter calibrates from the same ``representative_x`` (min and max over all
+    of it), so the .tflite's activation scales and zero points are these; ``params``
+    should be on their int8 grid (``quant.quantize_weights``; QAT leaves them there).
+    What is left between the two is integer rounding inside TFLite's kernels
+    (requantization multipliers, int32 biases). This is the JAX model the .tflite
+    is checked against: the float-activation model is not what ships.
+    """
+    ranges = quant.calibrate(apply_fn, params, np.asarray(representative_x, np.float32))
+    return quant.quantized_apply(apply_fn, ranges, bits=8)
+
+
 def check_tolerance(result: dict, *, min_agreement: float = MIN_AGREEMENT,
                     max_accuracy_delta: float = MAX_ACCURACY_DELTA,
                     raise_error: bool = True) -> bool:
@@ -278,6 +293,19 @@ def _dequantize(q: np.ndarray, quant: dict) -> tuple[np.ndarray, np.ndarray]:
     return values, np.broadcast_to(scales, q.shape)
 
 
+def _folded_factor(values: np.ndarray, params: np.ndarray) -> float:
+    """The one constant ``c`` with ``values ~= c * params`` (1.0 when they already match).
+
+    Taken from the largest magnitudes, which the int8 grid resolves best; a
+    mismatch that is not one constant factor remains in the comparison after it.
+    """
+    big_values, big_params = np.abs(values).max(initial=0.0), np.abs(params).max(initial=0.0)
+    if big_values == 0 or big_params == 0:
+        return 1.0
+    factor = float(big_values / big_params)
+    return 1.0 if np.isclose(factor, 1.0, rtol=1e-6) else factor
+
+
 def _weight_tensors(interp) -> tuple[list[int], list[int]]:
     """Indices of the weight and bias tensors of FC / conv ops."""
     weights, biases = [], []
@@ -297,6 +325,10 @@ def weights_check(model_bytes: bytes, params, *, leaves: str = constraints.DEFAU
     Every weight tensor of a FULLY_CONNECTED / CONV_2D / DEPTHWISE_CONV_2D op is
     dequantized (``(q - zero_point) * scale`` per channel) and matched to the
     selected params leaf of the same shape in TFLite's layout that it is closest to.
+    The converter may fold a constant that follows a layer into its weights (a
+    global average pool's ``1/(H*W)`` into the next FULLY_CONNECTED), which scales
+    the int8 grid but keeps the int8 codes: such a per-tensor factor is divided
+    out before comparing, and reported.
 
     Args:
       model_bytes: the .tflite file (dense weight format; sparse-format weights
@@ -309,7 +341,8 @@ def weights_check(model_bytes: bytes, params, *, leaves: str = constraints.DEFAU
     Returns:
       Flat dict: ``faithful`` (every selected leaf matched, within tolerance, same
       zeros), ``all_int8`` (every weight tensor int8), ``biases_int32``,
-      ``max_abs_error``, and per leaf ``<path>/max_abs_error``,
+      ``max_abs_error``, and per leaf ``<path>/folded_factor`` (1.0 unless the
+      converter folded a constant in), ``<path>/max_abs_error``,
       ``<path>/max_error_steps``, ``<path>/zeros_equal``, ``<path>/distinct``
       (distinct non-zero dequantized values), ``<path>/distinct_params``.
     """
@@ -340,14 +373,16 @@ def weights_check(model_bytes: bytes, params, *, leaves: str = constraints.DEFAU
                 continue
             for layout in _layouts(kernel):
                 if layout.shape == values.shape:
-                    err = np.abs(values - layout)
-                    steps = float((err / np.maximum(scales, 1e-30)).max(initial=0.0))
+                    factor = _folded_factor(values, layout)
+                    err = np.abs(values / factor - layout)
+                    steps = float((err * factor / np.maximum(scales, 1e-30)).max(initial=0.0))
                     if best is None or steps < best[1]:
-                        best = (name, steps, float(err.max(initial=0.0)), layout)
+                        best = (name, steps, float(err.max(initial=0.0)), layout, factor)
         if best is None:
             continue
-        name, steps, max_err, layout = best
+        name, steps, max_err, layout, factor = best
         matched[name] = {
+            "folded_factor": factor,
             "max_abs_error": max_err,
             "max_error_steps": steps,
             "zeros_equal": bool(np.array_equal(values == 0, layout == 0)),

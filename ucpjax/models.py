@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ucpjax.pooling import max_pool
+from ucpjax.pooling import GlobalAveragePool, max_pool
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -131,5 +131,5 @@ class CifarCnn(nn.Module):
             for _ in range(2):
                 x = nn.Conv(width, (3, 3), use_bias=False)(x)
                 x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
-        x = jnp.mean(x, axis=(1, 2))
+        x = GlobalAveragePool()(x)
         return nn.Dense(self.num_classes)(x)

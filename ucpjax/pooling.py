@@ -45,3 +45,17 @@ def _backward(size, residuals, dy):
 
 
 max_pool.defvjp(_forward, _backward)
+
+
+class GlobalAveragePool(nn.Module):
+    """Mean over the spatial axes of NHWC ``x``.
+
+    A module rather than a bare ``jnp.mean`` so that QAT can see its input: in
+    the int8 .tflite the tensor feeding MEAN is quantized (it is a conv's output),
+    and ``ucpjax.quant`` fake-quantizes the inputs of the modules TFLite
+    quantizes. Without it the JAX model would skip one int8 rounding the .tflite does.
+    """
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.mean(x, axis=(1, 2))

@@ -5,8 +5,9 @@ Weights are quantized symmetrically on a narrow grid, ``[-(2^(b-1)-1), 2^(b-1)-1
 does, so ``quantize_weights`` returns the float values the ``.tflite`` will hold
 (``int8 * scale``). Activations are asymmetric (``[-2^(b-1), 2^(b-1)-1]`` with an
 integral zero point, range containing 0) and are fake-quantized where TFLite
-quantizes tensors: the inputs of every Dense/Conv call and the model output
-(ReLU is fused into the op before it, pooling and reshapes keep the scale).
+quantizes tensors: the inputs of every Dense/Conv call and of
+``ucpjax.pooling.GlobalAveragePool``, and the model output (ReLU is fused into
+the op before it, max pooling and reshapes keep the scale).
 Their ranges are exponential moving averages kept in the ``extra`` state of the
 training loss (see ``ucpjax.train``), keyed by layer path.
 
@@ -38,12 +39,14 @@ import optax
 from ucpjax import constraints
 from ucpjax import train as train_lib
 from ucpjax.config import check
+from ucpjax.pooling import GlobalAveragePool
 from ucpjax.train import TrainConfig
 
 # Key of the model output (logits) among the activation ranges.
 OUTPUT = "logits"
-# Layers whose inputs TFLite quantizes (FULLY_CONNECTED, CONV_2D, DEPTHWISE_CONV_2D).
-QUANTIZED_LAYERS = (nn.Dense, nn.Conv)
+# Modules whose inputs TFLite quantizes (FULLY_CONNECTED, CONV_2D, DEPTHWISE_CONV_2D,
+# MEAN).
+QUANTIZED_LAYERS = (nn.Dense, nn.Conv, GlobalAveragePool)
 # Examples whose float activations initialise the ranges before the first step.
 CALIBRATION_SIZE = 512
 # Scale of an activation range [0, 0] (a dead tensor), to avoid dividing by zero.
@@ -280,11 +283,13 @@ def _batch_range(x):
     return {"min": jax.lax.stop_gradient(jnp.min(x)), "max": jax.lax.stop_gradient(jnp.max(x))}
 
 
-def calibrate(apply_fn, params, x: np.ndarray) -> dict:
-    """Activation ranges of one batch: ``{name: {"min", "max"}}`` for every quantized tensor.
+def calibrate(apply_fn, params, x: np.ndarray, batch_size: int = 256) -> dict:
+    """Activation ranges over ``x``: ``{name: {"min", "max"}}`` for every quantized tensor.
 
-    This single traced run also discovers the layer paths, so the range tree has
-    its final structure before training is jitted.
+    The min and max over all of ``x`` (taken ``batch_size`` examples at a time),
+    which is also how the TFLite converter calibrates from its representative
+    dataset. Tracing also discovers the layer paths, so the range tree has its
+    final structure before training is jitted.
     """
     def observe(params, x):
         ranges = {}
@@ -296,7 +301,11 @@ def calibrate(apply_fn, params, x: np.ndarray) -> dict:
         _run(apply_fn, params, x, visit)
         return ranges
 
-    return jax.device_get(jax.jit(observe)(params, x))
+    observe = jax.jit(observe)
+    batches = [jax.device_get(observe(params, x[i:i + batch_size]))
+               for i in range(0, len(x), batch_size)]
+    return {name: {"min": np.min([b[name]["min"] for b in batches]),
+                   "max": np.max([b[name]["max"] for b in batches])} for name in batches[0]}
 
 
 def quantized_apply(apply_fn, ranges, bits: int = 8):

@@ -7,9 +7,10 @@ _ROW_COLUMNS = (("stage", "stage", "{}"), ("accuracy", "test acc", "{:.4f}"),
                 ("packed_bytes", "packed B", "{:,}"), ("macs_nonzero", "mults (nz)", "{:,}"),
                 ("macs_dense", "mults", "{:,}"), ("seconds", "time s", "{:.1f}"))
 
-_FINAL_KEYS = ("jax_accuracy", "tflite_accuracy", "tflite_agreement", "float32_bytes",
-               "tflite_bytes", "tflite_zip_bytes", "packed_bytes", "compression_tflite_zip",
-               "compression_packed", "sparsity", "macs_dense", "macs_nonzero",
+# jax_accuracy: float activations; jax_int8_accuracy: int8 activations as the .tflite has them.
+_FINAL_KEYS = ("jax_accuracy", "jax_int8_accuracy", "tflite_accuracy", "tflite_agreement",
+               "float32_bytes", "tflite_bytes", "tflite_zip_bytes", "packed_bytes",
+               "compression_tflite_zip", "compression_packed", "sparsity", "macs_dense", "macs_nonzero",
                "latency_int8_us", "latency_float_us", "weights_faithful",
                "tflite_within_tolerance")
 
