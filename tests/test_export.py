@@ -5,11 +5,11 @@ epoch) and converted a few times; conversion takes seconds, so every .tflite is
 built in a module-scoped fixture.
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import flax.linen as nn
 
 from ucpjax import data, export, models, pooling, quant, train
 
@@ -38,7 +38,8 @@ def per_channel(trained, mnist):
     """Kernels on the per-channel int8 grid (what the converter will store), converted."""
     apply_fn, params = trained
     params = quant.quantize_weights(params, quant.QuantConfig())
-    return params, export.to_tflite(apply_fn, params, mnist.input_shape, mnist.x_train[:CALIBRATION])
+    return params, export.to_tflite(apply_fn, params, mnist.input_shape,
+                                    mnist.x_train[:CALIBRATION])
 
 
 def _clustered_on_tensor_grid(params):
