@@ -46,7 +46,7 @@ class ExportConfig:
 
     enabled: bool = True
     sparse: bool = False  # TFLite EXPERIMENTAL_SPARSITY weight storage
-    representative_samples: int = 500
+    representative_samples: int = 300  # converter calibration (and simulated_int8)
     latency_repeats: int = 200
     accuracy_tolerance: float = 0.001  # |tflite - jax| accuracy, as a fraction
     min_agreement: float = 0.995  # argmax agreement of .tflite and JAX model
