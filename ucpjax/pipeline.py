@@ -48,8 +48,8 @@ class ExportConfig:
     sparse: bool = False  # TFLite EXPERIMENTAL_SPARSITY weight storage
     representative_samples: int = 300  # converter calibration (and simulated_int8)
     latency_repeats: int = 200
-    accuracy_tolerance: float = 0.001  # |tflite - jax| accuracy, as a fraction
-    min_agreement: float = 0.995  # argmax agreement of .tflite and JAX model
+    accuracy_tolerance: float = 0.001  # |tflite - jax_int8| accuracy, as a fraction
+    min_agreement: float = 0.995  # argmax agreement of .tflite and JAX int8 model
 
     def __post_init__(self):
         check(self.representative_samples >= 1, "representative_samples",
