@@ -28,7 +28,7 @@ RECIPES = {
     "lenet5": ("mnist", ["--epochs", "15", "--learning-rate", "1e-3", "--augment", "shift"]),
     "pcqat_mnist": ("mnist", ["--epochs", "10", "--learning-rate", "1e-3"]),
     "fashion_cnn": ("fashion_mnist", ["--epochs", "15", "--learning-rate", "1e-3"]),
-    # Batch 64: more images/s than 128 with XLA on CPU, and twice the steps per epoch.
+    # Batch 48: the most images/s of 40-256 with XLA on CPU (RESULTS.md, dense baselines).
     "cifar_cnn": ("cifar10", ["--epochs", "24", "--batch-size", "48", "--optimizer", "sgd",
                               "--learning-rate", "0.05", "--weight-decay", "5e-4",
                               "--augment", "crop_flip"]),
