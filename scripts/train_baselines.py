@@ -28,7 +28,7 @@ RECIPES = {
     "lenet5": ("mnist", ["--epochs", "15", "--learning-rate", "1e-3", "--augment", "shift"]),
     "pcqat_mnist": ("mnist", ["--epochs", "10", "--learning-rate", "1e-3"]),
     "fashion_cnn": ("fashion_mnist", ["--epochs", "15", "--learning-rate", "1e-3"]),
-    # Batch 48: the most images/s of 40-256 with XLA on CPU (RESULTS.md, dense baselines).
+    # Batch 48: with 40, the most images/s of 32-256 on this CPU (RESULTS.md, baselines).
     "cifar_cnn": ("cifar10", ["--epochs", "24", "--batch-size", "48", "--optimizer", "sgd",
                               "--learning-rate", "0.05", "--weight-decay", "5e-4",
                               "--augment", "crop_flip"]),
