@@ -16,34 +16,44 @@ import itertools
 
 import lenet300_mnist  # sibling experiment: ucpjax puts this folder on sys.path
 
-from ucpjax import pipeline
+from ucpjax import experiment
 from ucpjax.cluster import INITS
+from ucpjax.experiment import Experiment
+from ucpjax.recipe import STAGES
 from ucpjax.train import TrainConfig
 
 
-def _base() -> pipeline.PipelineConfig:
+def _shift(epochs: float, learning_rate: float) -> TrainConfig:
+    return TrainConfig(epochs=epochs, learning_rate=learning_rate, augment="shift")
+
+
+def _base() -> Experiment:
     config = lenet300_mnist.get_config()
-    shift = lambda epochs, lr: TrainConfig(epochs=epochs, learning_rate=lr, augment="shift")
-    return dataclasses.replace(
-        config,
-        prune=dataclasses.replace(config.prune, train=shift(8, 1e-3), fine_tune=shift(2, 1e-4)),
-        distill=dataclasses.replace(config.distill, train=shift(5, 1e-3)),
-        cluster=dataclasses.replace(config.cluster, train=shift(2, 1e-4)),
-        quantize=dataclasses.replace(config.quantize, train=shift(1, 2e-5)),
-        export=dataclasses.replace(config.export, enabled=False),
-    )
+    recipe, replace = config.recipe, dataclasses.replace
+    return replace(config, recipe=replace(
+        recipe,
+        prune=replace(recipe.prune, train=_shift(8, 1e-3), fine_tune=_shift(2, 1e-4)),
+        distill=replace(recipe.distill, train=_shift(5, 1e-3)),
+        cluster=replace(recipe.cluster, fine_tune=_shift(2, 1e-4)),
+        quantize=replace(recipe.quantize, train=_shift(1, 2e-5)),
+        export=replace(recipe.export, enabled=False),
+    ))
 
 
 def get_variants(smoke: bool = False) -> dict:
     base = _base()
-    replace = dataclasses.replace
-    variants = {"order_" + "-".join(order): replace(base, stages=order)
-                for order in itertools.permutations(pipeline.STAGES)}
-    variants["no_distill"] = replace(base, stages=("prune", "cluster", "quantize"))
+    replace, recipe = dataclasses.replace, base.recipe
+
+    def variant(**changes) -> Experiment:
+        return replace(base, recipe=replace(recipe, **changes))
+
+    variants = {"order_" + "-".join(order): variant(stages=order)
+                for order in itertools.permutations(STAGES)}
+    variants["no_distill"] = variant(stages=("prune", "cluster", "quantize"))
     for init in INITS:
-        variants[f"init_{init}"] = replace(base, cluster=replace(base.cluster, init=init))
+        variants[f"init_{init}"] = variant(cluster=replace(recipe.cluster, init=init))
     for k in (4, 8, 16, 32):
-        variants[f"k{k}"] = replace(base, cluster=replace(base.cluster, num_clusters=k))
+        variants[f"k{k}"] = variant(cluster=replace(recipe.cluster, num_clusters=k))
     for bits in (4, 6, 8):
-        variants[f"bits{bits}"] = replace(base, quantize=replace(base.quantize, weight_bits=bits))
-    return {k: pipeline.smoke(v) for k, v in variants.items()} if smoke else variants
+        variants[f"bits{bits}"] = variant(quantize=replace(recipe.quantize, weight_bits=bits))
+    return {k: experiment.smoke(v) for k, v in variants.items()} if smoke else variants

@@ -10,12 +10,13 @@ The compression stages get 9 epochs in all (prune 4 + 2, distill 1, cluster 1,
 quantize 1).
 """
 
-from ucpjax import pipeline
+from ucpjax import experiment
 from ucpjax.cluster import ClusterConfig
 from ucpjax.distill import DistillConfig
-from ucpjax.pipeline import PipelineConfig
+from ucpjax.experiment import Experiment
 from ucpjax.prune import PruneConfig
-from ucpjax.quant import QuantConfig
+from ucpjax.quantize import QuantizeConfig
+from ucpjax.recipe import Recipe
 from ucpjax.train import TrainConfig
 
 _SGD = {"optimizer": "sgd", "weight_decay": 5e-4, "augment": "crop_flip"}
@@ -25,8 +26,8 @@ def _fine_tune(epochs: float, learning_rate: float) -> TrainConfig:
     return TrainConfig(epochs=epochs, learning_rate=learning_rate, augment="crop_flip")
 
 
-def get_config(smoke: bool = False) -> PipelineConfig:
-    config = PipelineConfig(
+def get_config(smoke: bool = False) -> Experiment:
+    config = Experiment(
         model="cifar_cnn",
         data="cifar10",
         # Same as cifar_cnn in scripts/train_baselines.py (keep in sync).
@@ -34,10 +35,12 @@ def get_config(smoke: bool = False) -> PipelineConfig:
         # After BatchNorm is folded into the convolutions nothing renormalises the
         # activations: SGD at 0.02 destroyed the folded net (10% accuracy) in its first
         # steps, so the compression stages fine-tune with Adam at small steps.
-        prune=PruneConfig(target_sparsity=0.7, scope="global", frequency=100,
-                          train=_fine_tune(4, 1e-4), fine_tune=_fine_tune(2, 5e-5)),
-        distill=DistillConfig(train=_fine_tune(1, 5e-5)),
-        cluster=ClusterConfig(num_clusters=32, init="linear", train=_fine_tune(1, 2e-5)),
-        quantize=QuantConfig(train=_fine_tune(1, 1e-5)),
+        recipe=Recipe(
+            prune=PruneConfig(target_sparsity=0.7, scope="global", frequency=100,
+                              train=_fine_tune(4, 1e-4), fine_tune=_fine_tune(2, 5e-5)),
+            distill=DistillConfig(train=_fine_tune(1, 5e-5)),
+            cluster=ClusterConfig(num_clusters=32, init="linear", fine_tune=_fine_tune(1, 2e-5)),
+            quantize=QuantizeConfig(train=_fine_tune(1, 1e-5)),
+        ),
     )
-    return pipeline.smoke(config) if smoke else config
+    return experiment.smoke(config) if smoke else config

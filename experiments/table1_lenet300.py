@@ -13,7 +13,7 @@ import dataclasses
 
 import lenet300_mnist  # sibling experiment: ucpjax puts this folder on sys.path
 
-from ucpjax import pipeline
+from ucpjax import experiment
 
 # Deep Compression's 1.58% error at 40x (1070 KB -> 27 KB, read as 1,000-byte
 # KB: 266,610 float32 weights are 1,066,440 B); soft weight-sharing (Ullrich
@@ -31,11 +31,10 @@ PUBLISHED = [
 
 def get_variants(smoke: bool = False) -> dict:
     ours = lenet300_mnist.get_config()
-    budget = (ours.distill.train.epochs + ours.quantize.train.epochs)
-    fine_tune = dataclasses.replace(ours.prune.fine_tune,
-                                    epochs=ours.prune.fine_tune.epochs + budget)
-    deep_compression = dataclasses.replace(
-        ours, stages=("prune", "cluster"),
-        prune=dataclasses.replace(ours.prune, fine_tune=fine_tune))
+    recipe, replace = ours.recipe, dataclasses.replace
+    budget = recipe.distill.train.epochs + recipe.quantize.train.epochs
+    fine_tune = replace(recipe.prune.fine_tune, epochs=recipe.prune.fine_tune.epochs + budget)
+    deep_compression = replace(ours, recipe=replace(
+        recipe, stages=("prune", "cluster"), prune=replace(recipe.prune, fine_tune=fine_tune)))
     variants = {"ucpjax": ours, "deep_compression_style": deep_compression}
-    return {k: pipeline.smoke(v) for k, v in variants.items()} if smoke else variants
+    return {k: experiment.smoke(v) for k, v in variants.items()} if smoke else variants

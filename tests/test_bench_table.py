@@ -4,7 +4,6 @@ A smoke pipeline run in-process makes a real ucpjax run folder; the table must r
 column from it, and a tf_pcqat.json-shaped file, with sane values.
 """
 
-import dataclasses
 import importlib.util
 import json
 import pathlib
@@ -12,7 +11,7 @@ import sys
 
 import pytest
 
-from ucpjax import pipeline
+from ucpjax import experiment
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -32,11 +31,10 @@ bench = _bench()
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A finished smoke run of the pcqat_mnist experiment (~20 s on 2 cores)."""
-    config = pipeline.load_module(bench.EXPERIMENTS["pcqat_mnist"]).get_config(smoke=True)
-    config = dataclasses.replace(config, export=dataclasses.replace(
-        config.export, latency_repeats=5))
+    config = experiment.load(bench.EXPERIMENTS["pcqat_mnist"], smoke=True)
+    config = experiment.apply_overrides(config, ["export.latency_repeats=5"])
     out = tmp_path_factory.mktemp("bench") / "ucpjax_0"
-    pipeline.run_config(config, out, log=lambda _: None)
+    experiment.run(config, out, log=lambda _: None)
     return out
 
 

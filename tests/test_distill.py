@@ -125,7 +125,7 @@ def test_distill_keeps_constraints_and_teacher_and_lowers_loss(mnist):
                                   teacher_apply_fn=teacher_apply, teacher_params=teacher_params)
     assert loss_on_batch(out) < 0.9 * before
 
-    # Teacher untouched (and still usable: its buffers were not donated).
+    # Teacher untouched.
     jax.tree.map(np.testing.assert_array_equal, teacher_params, teacher_copy)
     assert report["distill/teacher_val_accuracy"] == train.accuracy(
         teacher_apply, teacher_params, mnist.x_val, mnist.y_val)

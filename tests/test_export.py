@@ -5,13 +5,15 @@ epoch) and converted a few times; conversion takes seconds, so every .tflite is
 built in a module-scoped fixture.
 """
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ucpjax import data, export, models, pooling, quant, train
+from ucpjax import data, export, models, pooling, quantize, train
 
 NUM_CLUSTERS = 16
 CALIBRATION = 300  # representative examples given to the converter
@@ -37,7 +39,7 @@ def trained(mnist):
 def per_channel(trained, mnist):
     """Kernels on the per-channel int8 grid (what the converter will store), converted."""
     apply_fn, params = trained
-    params = quant.quantize_weights(params, quant.QuantConfig())
+    params = quantize.quantize_weights(params, quantize.QuantizeConfig())
     return params, export.to_tflite(apply_fn, params, mnist.input_shape,
                                     mnist.x_train[:CALIBRATION])
 
@@ -54,7 +56,7 @@ def _clustered_on_tensor_grid(params):
         return np.where(w == 0, 0.0, nearest).astype(np.float32)
 
     shared_params = jax.tree.map(shared, params)
-    return quant.quantize_weights(shared_params, quant.QuantConfig(per_channel=False))
+    return quantize.quantize_weights(shared_params, quantize.QuantizeConfig(per_channel=False))
 
 
 @pytest.fixture(scope="module")
@@ -83,20 +85,21 @@ def test_float_model_is_not_int8(trained, mnist):
                                    mnist.x_train[:CALIBRATION], int8=False)
     assert not export.weights_check(model_bytes, params)["all_int8"]
     # Float32 TFLite computes what JAX computes, up to summation order.
-    result = export.agreement(model_bytes, apply_fn, params, mnist.x_test[:500],
-                              mnist.y_test[:500])
-    assert result["agreement"] == 1.0
+    result = _measured(model_bytes, apply_fn, params, mnist.x_test[:500], mnist.y_test[:500])
+    assert result["tflite_agreement"] == 1.0
 
 
 def test_tflite_accuracy_equals_jax_within_tolerance(per_channel, trained, mnist):
     apply_fn, _ = trained
     params, model_bytes = per_channel
     int8_fn = export.simulated_int8(apply_fn, params, mnist.x_train[:CALIBRATION])
-    result = export.agreement(model_bytes, int8_fn, params, mnist.x_test, mnist.y_test)
-    assert result["jax_accuracy"] > 0.8  # a trained model, not a trivial one
-    assert result["agreement"] >= export.MIN_AGREEMENT
-    assert abs(result["accuracy_delta"]) <= export.MAX_ACCURACY_DELTA
-    assert export.check_tolerance(result)
+    result = _measured(model_bytes, int8_fn, params, mnist.x_test, mnist.y_test)
+    assert result["jax_int8_accuracy"] > 0.8  # a trained model, not a trivial one
+    config = export.ExportConfig()
+    assert result["tflite_agreement"] >= config.min_agreement
+    assert abs(result["tflite_accuracy"] - result["jax_int8_accuracy"]) <= (
+        config.accuracy_tolerance)
+    export.check(result, config)
 
 
 def test_evaluate_matches_runner(per_channel, mnist):
@@ -156,26 +159,38 @@ def test_latency_is_measured(per_channel):
     assert 0 < microseconds < 50_000
 
 
-def test_check_tolerance_flags_misses():
-    good = {"agreement": 0.999, "tflite_accuracy": 0.981, "jax_accuracy": 0.9815,
-            "accuracy_delta": -0.0005}
-    assert export.check_tolerance(good)
-    low_agreement = {**good, "agreement": 0.99}
-    with pytest.raises(export.ToleranceError, match="agreement"):
-        export.check_tolerance(low_agreement)
-    accuracy_drop = {**good, "tflite_accuracy": 0.979, "accuracy_delta": -0.0025}
-    with pytest.raises(export.ToleranceError, match="accuracy"):
-        export.check_tolerance(accuracy_drop)
-    with pytest.warns(UserWarning, match="not faithful"):
-        assert not export.check_tolerance(accuracy_drop, raise_error=False)
+def _measured(model_bytes, apply_fn, params, x, y) -> dict:
+    """What ``export.verify`` measures, for a model exported here."""
+    jax_pred = train.predict(apply_fn, params, x).argmax(-1)
+    tflite = export.evaluate(model_bytes, x, y)
+    return {"tflite_agreement": float(np.mean(tflite["predictions"] == jax_pred)),
+            "tflite_accuracy": tflite["accuracy"],
+            "jax_int8_accuracy": float(np.mean(jax_pred == y)),
+            "weights_faithful": export.weights_check(model_bytes, params)["faithful"]}
+
+
+def test_check_names_each_miss():
+    config = export.ExportConfig()
+    good = {"tflite_agreement": 0.999, "tflite_accuracy": 0.981, "jax_int8_accuracy": 0.9815,
+            "weights_faithful": True}
+    export.check(good, config)
+    misses = [({"tflite_agreement": 0.99}, "export.min_agreement"),
+              ({"tflite_accuracy": 0.979}, "export.accuracy_tolerance"),
+              ({"weights_faithful": False}, "weights_check")]
+    for change, culprit in misses:
+        with pytest.raises(export.ToleranceError, match=culprit) as err:
+            export.check({**good, **change}, config)
+        assert "\n" not in str(err.value)
+    export.check({**good, "tflite_accuracy": 0.979},
+                 dataclasses.replace(config, accuracy_tolerance=0.01))
 
 
 def test_weights_check_reads_conv_layouts(mnist):
     """LeNet-5: Conv_0 (1 input channel) becomes DEPTHWISE_CONV_2D (1HWO), Conv_1 CONV_2D
     (OHWI); both must be found and equal the per-channel grid weights (untrained is fine)."""
     model = models.create("lenet5")
-    params = quant.quantize_weights(models.init(model, mnist.input_shape)["params"],
-                                    quant.QuantConfig())
+    params = quantize.quantize_weights(models.init(model, mnist.input_shape)["params"],
+                                    quantize.QuantizeConfig())
     model_bytes = export.to_tflite(train.inference_fn(model, {}), params, mnist.input_shape,
                                    mnist.x_train[:50])
     ops = {op["op_name"] for op in export.interpreter(model_bytes)._get_ops_details()}
@@ -205,24 +220,24 @@ def pooled(mnist):
     state, _ = train.fit(params, train.classification_loss(model), optimizer,
                          mnist.x_train, mnist.y_train, config=config, seed=0)
     apply_fn = train.inference_fn(model, {})
-    params = quant.quantize_weights(state.params, quant.QuantConfig())
+    params = quantize.quantize_weights(state.params, quantize.QuantizeConfig())
     rep = mnist.x_train[:CALIBRATION]
     return apply_fn, params, export.to_tflite(apply_fn, params, mnist.input_shape, rep)
 
 
 def test_activation_scales_are_the_simulated_ones(pooled, mnist):
     """The converter calibrates each tensor to the min/max over the representative
-    examples, as quant.calibrate does: the .tflite's scales and zero points are
+    examples, as quantize.calibrate does: the .tflite's scales and zero points are
     the ones simulated_int8 quantizes to, including MEAN's input (the conv output)."""
     apply_fn, params, model_bytes = pooled
-    ranges = quant.calibrate(apply_fn, params, mnist.x_train[:CALIBRATION])
-    expected = {name: tuple(float(v) for v in quant.activation_qparams(r["min"], r["max"], 8))
+    ranges = quantize.calibrate(apply_fn, params, mnist.x_train[:CALIBRATION])
+    expected = {name: tuple(float(v) for v in quantize.activation_qparams(r["min"], r["max"], 8))
                 for name, r in ranges.items()}
     interp = export.interpreter(model_bytes, use_xnnpack=False)
     mean_op = next(op for op in interp._get_ops_details() if op["op_name"] in ("MEAN", "SUM"))
     tensors = {"Conv_0": interp.get_input_details()[0]["index"],
                "GlobalAveragePool_0": mean_op["inputs"][0],
-               quant.OUTPUT: interp.get_output_details()[0]["index"]}
+               quantize.OUTPUT: interp.get_output_details()[0]["index"]}
     details = {d["index"]: d for d in interp.get_tensor_details()}
     for name, index in tensors.items():
         scale, zero_point = details[index]["quantization"]
@@ -238,6 +253,6 @@ def test_pooled_model_is_faithful(pooled, mnist):
     assert report["Dense_0/kernel/folded_factor"] == pytest.approx(1 / 169, rel=1e-5)
     assert report["Conv_1/kernel/folded_factor"] == 1.0
     int8_fn = export.simulated_int8(apply_fn, params, mnist.x_train[:CALIBRATION])
-    result = export.agreement(model_bytes, int8_fn, params, mnist.x_test, mnist.y_test)
-    assert result["jax_accuracy"] > 0.5  # learning, if slowly: a mean-pooled head on MNIST
-    assert export.check_tolerance(result)
+    result = _measured(model_bytes, int8_fn, params, mnist.x_test, mnist.y_test)
+    assert result["jax_int8_accuracy"] > 0.5  # learning, if slowly: a mean-pooled head on MNIST
+    export.check(result, export.ExportConfig())

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ucpjax import measure, models, packing
+from ucpjax.rules import LayerRule
 
 
 def _assert_same(tree, decoded):
@@ -107,7 +108,8 @@ def test_huffman_round_trip_and_never_worse_than_fixed_width(symbols, skew):
        density=st.sampled_from([0.01, 0.1, 0.5]))
 def test_coded_streams_not_larger_than_fixed_width(seed, k, density):
     kernel = _clustered(seed, (60, 50), k, density)
-    layer = packing.size_breakdown({"k": kernel}, leaves="k", coded=True)["layers"]["k"]
+    breakdown = packing.size_breakdown({"k": kernel}, rules=(LayerRule(pattern="k"),), coded=True)
+    layer = breakdown["layers"]["k"]
     bits = layer["gap_bits"]
     gaps, index, codebook = packing.sparse_entries(packing._as_bits(kernel), bits)
     n = len(gaps)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import ucpjax
-from ucpjax import pipeline, train
+from ucpjax import experiment, train
+from ucpjax.experiment import Experiment
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT = ROOT / "experiments" / "lenet300_mnist.py"
@@ -51,6 +52,23 @@ def test_smoke_run_through_cli_ends_with_report_and_runnable_tflite(tmp_path):
 
     again = _cli("compress", "--config", DEFAULT, "--out", out, "--smoke")
     assert "| quantize |" in again.stdout and "exporting" not in again.stdout
+
+    # A failed faithfulness check fails the run: exit 3, one line naming the miss.
+    original = (out / "report.json").read_text()
+    bad = json.loads(original)
+    bad["final"]["tflite_agreement"] = 0.9
+    (out / "report.json").write_text(json.dumps(bad))
+    failed = _cli("compress", "--config", DEFAULT, "--out", out, "--smoke", check=False)
+    assert failed.returncode == 3 and "export.min_agreement" in failed.stderr
+    assert len(failed.stderr.strip().splitlines()) == 1 and "Traceback" not in failed.stderr
+
+    # Final files lost after the run finished are rebuilt from the saved stages.
+    (out / "report.json").write_text(original)
+    for name in ("model.tflite", "weights.png"):
+        (out / name).unlink()
+    healed = _cli("compress", "--config", DEFAULT, "--out", out, "--smoke")
+    assert "finished earlier, restored" in healed.stdout and "exporting" in healed.stdout
+    assert (out / "model.tflite").read_bytes() == tflite and (out / "weights.png").exists()
 
 
 @pytest.mark.parametrize("override, message", [
@@ -101,7 +119,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     for a, b in zip(jax.tree.leaves(_final_params(whole)), jax.tree.leaves(_final_params(killed)),
                     strict=True):
         np.testing.assert_array_equal(a, b)
-    rows = lambda p: json.loads((p / "report.json").read_text())["rows"]  # noqa: E731
+    rows = lambda p: json.loads((p / "report.json").read_text())["rows"]
     assert [r["accuracy"] for r in rows(whole)] == [r["accuracy"] for r in rows(killed)]
 
 
@@ -127,9 +145,9 @@ def test_python_api_with_batchnorm_and_dropout(mnist):
                          config=cfg, seed=0, extra={"batch_stats": variables["batch_stats"]})
     trained = {"params": state.params, **state.extra}
 
-    config = pipeline.smoke(pipeline.PipelineConfig())
+    recipe = experiment.smoke(Experiment()).recipe
     result = ucpjax.compress(module, trained, train=(small.x_train, small.y_train),
-                             test=(small.x_test, small.y_test), config=config)
+                             test=(small.x_test, small.y_test), recipe=recipe)
     assert result.report["stages"]["fold/batchnorm_layers"] == 1
     final = result.report["final"]
     assert set(final) >= FINAL_KEYS and final["weights_faithful"]
@@ -149,9 +167,9 @@ def test_every_experiment_resolves_and_has_a_smoke_switch(path):
     variants, published = study.load_variants(path, smoke=True)
     assert variants
     for name, config in variants.items():
-        assert isinstance(config, pipeline.PipelineConfig), name
+        assert isinstance(config, Experiment), name
         assert 0 < config.subset <= 1000, name  # smoke runs use a data slice
-        assert config.dense.epochs <= 2 and config.prune.train.epochs <= 1, name
+        assert config.dense.epochs <= 2 and config.recipe.prune.train.epochs <= 1, name
     full, _ = study.load_variants(path, smoke=False)
     assert set(full) == set(variants)
     assert all(row.get("name") for row in published)
@@ -160,25 +178,27 @@ def test_every_experiment_resolves_and_has_a_smoke_switch(path):
 def test_study_shares_finished_stages_between_variants(tmp_path):
     from ucpjax import study
 
-    experiment = tmp_path / "two_variants.py"
-    experiment.write_text(
+    path = tmp_path / "two_variants.py"
+    path.write_text(
         "import dataclasses\n"
         "import lenet300_mnist\n"
-        "from ucpjax import pipeline\n\n\n"
+        "from ucpjax import experiment\n\n\n"
         "def get_variants(smoke=False):\n"
-        "    base = pipeline.smoke(lenet300_mnist.get_config())\n"
-        "    base = dataclasses.replace(base, export=dataclasses.replace(base.export,"
-        " enabled=False))\n"
-        "    return {'pc': dataclasses.replace(base, stages=('prune', 'cluster')),\n"
-        "            'pq': dataclasses.replace(base, stages=('prune', 'quantize'))}\n")
+        "    base = experiment.smoke(lenet300_mnist.get_config())\n"
+        "    recipe = dataclasses.replace(base.recipe, export=dataclasses.replace(\n"
+        "        base.recipe.export, enabled=False))\n"
+        "    def stages(*names):\n"
+        "        return dataclasses.replace(base, recipe=dataclasses.replace(recipe,"
+        " stages=names))\n"
+        "    return {'pc': stages('prune', 'cluster'), 'pq': stages('prune', 'quantize')}\n")
     (tmp_path / "lenet300_mnist.py").write_text(DEFAULT.read_text())
     lines = []
-    study.run(experiment, tmp_path / "study", log=lines.append)
+    study.run(path, tmp_path / "study", log=lines.append)
     assert "[1] prune: same as in pc, shared" in lines
     assert not any("[2] cluster: same" in line or "[2] quantize: same" in line for line in lines)
 
-    alone = pipeline.run_config(pipeline.load_module(experiment).get_variants()["pq"],
-                                tmp_path / "alone", log=lambda _: None)
+    alone = experiment.run(experiment.load_module(path).get_variants()["pq"],
+                           tmp_path / "alone", log=lambda _: None)
     shared = train.restore_checkpoint(tmp_path / "study" / "pq" / "stages" / "02_quantize")
     for a, b in zip(jax.tree.leaves(alone.variables), jax.tree.leaves(shared), strict=True):
         np.testing.assert_array_equal(a, b)

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from ucpjax import constraints, data, models, prune, train
+from ucpjax import constraints, data, models, prune, rules, train
 from ucpjax.config import ConfigError
 from ucpjax.train import TrainConfig
 
@@ -65,7 +65,7 @@ def _tiny_params():
 
 def _targets(params, target):
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: target if constraints.path_name(path).endswith("kernel") else None,
+        lambda path, _: target if rules.path_name(path).endswith("kernel") else None,
         params)
 
 
@@ -165,9 +165,11 @@ def test_prune_stage_exact_sparsity_keeps_clusters_and_survives_training(mnist, 
     assert constraints.codebook(params["Dense_1"]["kernel"]) is not None
     config = prune.PruneConfig(
         target_sparsity=0.8, frequency=3, end=0.6, train=TINY,
-        fine_tune=dataclasses.replace(TINY, epochs=0.5),
-        overrides=((r"Dense_2", 0.5),))
-    pruned, report = prune.prune(params, config, apply_fn=apply_fn, data=mnist, seed=0)
+        fine_tune=dataclasses.replace(TINY, epochs=0.5))
+    per_layer = (rules.LayerRule(pattern=r"Dense_2/kernel", sparsity=0.5),
+                 *rules.DEFAULT_RULES)
+    pruned, report = prune.prune(params, config, apply_fn=apply_fn, data=mnist, seed=0,
+                                 rules=per_layer)
     expected = {"Dense_0": round(0.8 * 784 * 300), "Dense_1": round(0.8 * 300 * 100),
                 "Dense_2": round(0.5 * 100 * 10)}
     for name, n in expected.items():
@@ -180,7 +182,6 @@ def test_prune_stage_exact_sparsity_keeps_clusters_and_survives_training(mnist, 
     assert report["prune/nonzero"] == total - sum(expected.values())
     assert report["prune/sparsity"] == pytest.approx(sum(expected.values()) / total)
     assert 0.0 <= report["prune/val_accuracy"] <= 1.0
-    assert not params["Dense_0"]["kernel"].is_deleted()  # training donated copies only
 
     # Another stage's training keeps every zero in place.
     def make_loss(materialize):
@@ -189,9 +190,8 @@ def test_prune_stage_exact_sparsity_keeps_clusters_and_survives_training(mnist, 
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
             return loss, (extra, {"loss": loss})
         return loss_fn
-    # A copy: train.fit donates its input buffers.
     after, _, _ = constraints.fit_preserving(
-        jax.tree.map(jnp.array, pruned), make_loss, x=mnist.x_train, y=mnist.y_train,
+        pruned, make_loss, x=mnist.x_train, y=mnist.y_train,
         config=dataclasses.replace(TINY, epochs=0.5), seed=1)
     for name in expected:
         before_zero = np.asarray(pruned[name]["kernel"]) == 0
@@ -225,8 +225,6 @@ def test_prune_stage_global_scope_hits_overall_target(mnist, lenet):
     ("end", {"end": 1.5}),
     ("scope", {"scope": "channel"}),
     ("power", {"power": 0}),
-    ("overrides", {"overrides": (("Dense_0", 1.0),)}),
-    ("overrides", {"overrides": (("[", 0.5),)}),
 ])
 def test_invalid_config_names_field(field, kwargs):
     with pytest.raises(ConfigError, match=rf"^{field}="):

@@ -1,16 +1,18 @@
 """ucpjax: compress a Flax model for phones (prune, distill, cluster, quantize, int8 TFLite).
 
-``ucpjax.compress(module, variables, train=..., test=..., config=...)`` is the
+``ucpjax.compress(module, variables, train=..., test=..., recipe=...)`` is the
 Python entry point; ``ucpjax compress --config ...`` the command line.
 """
 
-__all__ = ["PipelineConfig", "Result", "compress"]
+# Lazy, so `import ucpjax.data` does not pull in every stage.
+_EXPORTS = {"compress": "pipeline", "Result": "pipeline", "Recipe": "recipe",
+            "LayerRule": "rules", "ToleranceError": "export"}
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):
-    # Lazy, so `import ucpjax.data` does not pull in every stage.
-    if name in __all__:
-        from ucpjax import pipeline
+    if name in _EXPORTS:
+        import importlib
 
-        return getattr(pipeline, name)
+        return getattr(importlib.import_module(f"ucpjax.{_EXPORTS[name]}"), name)
     raise AttributeError(f"module 'ucpjax' has no attribute {name!r}")

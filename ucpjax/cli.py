@@ -1,4 +1,10 @@
-"""Command line: ``ucpjax train`` (a dense model) and ``ucpjax compress`` (the pipeline)."""
+"""Command line: ``ucpjax train`` (a dense model), ``compress`` (the pipeline), ``study``.
+
+Exit status: 0 done; 2 a bad input (one line naming it); 3 the ``.tflite``
+failed its faithfulness check (the run folder keeps everything for a look);
+130 interrupted (``--resume`` continues). ``--debug`` or ``UCPJAX_DEBUG=1``
+shows the traceback.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +13,22 @@ import os
 import pathlib
 import sys
 
-from ucpjax.config import ConfigError, describe, override
+from ucpjax.config import ConfigError, describe
+
+EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_INTERRUPTED = 2, 3, 130
 
 
 def _train_command(args) -> int:
-    from ucpjax import models, pipeline, train
+    from ucpjax import experiment, models, train
 
     models.create(args.model)  # an unknown name fails before the data loads
-    config = pipeline.PipelineConfig(
-        model=args.model, data=args.data, seed=args.seed,
+    setup = experiment.Experiment(
+        model=args.model, data=args.data,
+        recipe=experiment.Recipe(seed=args.seed),
         dense=train.TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
                                 learning_rate=args.learning_rate, optimizer=args.optimizer,
                                 weight_decay=args.weight_decay, augment=args.augment))
-    m = pipeline.train_to_folder(config, pathlib.Path(args.out))
+    m = experiment.train_to_folder(setup, pathlib.Path(args.out))
     print(f"\n{args.model} on {args.data}: test accuracy {m['test_accuracy']:.4f} "
           f"(error {100 * (1 - m['test_accuracy']):.2f}%), val {m['val_accuracy']:.4f}, "
           f"{args.epochs:g} epochs in {m['wall_seconds']:.0f} s -> {args.out}")
@@ -27,32 +36,32 @@ def _train_command(args) -> int:
 
 
 def _compress_command(args) -> int:
-    from ucpjax import pipeline
+    from ucpjax import experiment
 
-    module = pipeline.load_module(args.config)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"{args.config} is a study (get_variants): run `ucpjax study`")
-    config = override(module.get_config(smoke=args.smoke), args.overrides)
+    config = experiment.apply_overrides(experiment.load(args.config, smoke=args.smoke),
+                                        args.overrides)
     if args.show_config:
         print("\n".join(describe(config)))
         return 0
-    pipeline.run_config(config, pathlib.Path(args.out), resume=args.resume)
+    experiment.run(config, pathlib.Path(args.out), resume=args.resume)
     return 0
 
 
 def _study_command(args) -> int:
     from ucpjax import study
 
-    only = args.only.split(",") if args.only else None
+    only = [name for name in args.only.split(",") if name] if args.only else None
     study.run(args.config, pathlib.Path(args.out), smoke=args.smoke, only=only)
     return 0
 
 
 def _parser() -> argparse.ArgumentParser:
     from ucpjax import models
-    from ucpjax.pipeline import PipelineConfig
+    from ucpjax.experiment import Experiment
 
-    parser = argparse.ArgumentParser(prog="ucpjax", description=__doc__)
+    parser = argparse.ArgumentParser(prog="ucpjax", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a dense model")
@@ -69,12 +78,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(run=_train_command)
 
-    fields = "\n  ".join(describe(PipelineConfig()))
+    fields = "\n  ".join(describe(Experiment()))
     c = sub.add_parser(
         "compress", help="run the compression pipeline",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run prune -> distill -> cluster -> quantize -> export as configured.",
-        epilog=f"overrides are field=value pairs; fields and defaults:\n  {fields}")
+        epilog="overrides are field=value pairs (recipe fields without the 'recipe.' "
+               f"prefix); fields and defaults:\n  {fields}")
     c.add_argument("--config", required=True,
                    help="experiment file, e.g. experiments/lenet300_mnist.py")
     c.add_argument("--out", required=True, help="run folder")
@@ -96,11 +106,29 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = _parser().parse_args(argv)
+    debug = args.debug or os.environ.get("UCPJAX_DEBUG") == "1"
+    from ucpjax.export import ToleranceError
+
     try:
         return args.run(args)
-    except (ConfigError, ValueError, FloatingPointError) as err:
-        print(f"ucpjax: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("\nucpjax: interrupted; resume with --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except ToleranceError as err:
+        if debug:
+            raise
+        print(f"ucpjax: check failed: {err}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    except (ConfigError, ValueError, FloatingPointError, OSError) as err:
+        if debug:
+            raise
+        print(f"ucpjax: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _one_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
 
 
 if __name__ == "__main__":

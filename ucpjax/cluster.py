@@ -20,49 +20,48 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ucpjax import constraints
+from ucpjax import rules as rules_lib
 from ucpjax import train as train_lib
-from ucpjax.config import check, is_regex
+from ucpjax.config import check
+from ucpjax.rules import DEFAULT_RULES, Rules
 
 INITS = ("linear", "density", "forgy", "kmeans++")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ClusterConfig:
-    """Per-layer k-means weight sharing and centroid fine-tuning."""
+    """Per-layer k-means weight sharing, then fine-tuning of the centroids.
 
-    num_clusters: int = 16  # non-zero centroids per leaf; zero is an extra, implicit slot
-    init: str = "linear"  # one of INITS; Deep Compression found linear best
+    Which leaves are clustered, and per-leaf k, come from the recipe's
+    ``LayerRule``s (``ucpjax.rules``).
+
+    Attributes:
+      num_clusters: non-zero centroids per leaf (zero is an extra, implicit slot).
+      init: one of INITS; Deep Compression found linear best.
+      iterations: Lloyd iterations.
+      fine_tune: budget of the centroid fine-tuning, or None to skip it.
+    """
+
+    num_clusters: int = 16
+    init: str = "linear"
     iterations: int = 30
-    # Per-leaf overrides: ((regex on 'Layer/name', k), ...); the first match wins.
-    layer_clusters: tuple[tuple[str, int], ...] = ()
-    leaves: str = constraints.DEFAULT_LEAVES
-    fine_tune: bool = True
-    train: train_lib.TrainConfig = dataclasses.field(
+    fine_tune: train_lib.TrainConfig | None = dataclasses.field(
         default_factory=lambda: train_lib.TrainConfig(epochs=2, learning_rate=1e-4))
 
     def __post_init__(self):
-        _check_k(self.num_clusters, "num_clusters")
+        k = self.num_clusters
+        check(isinstance(k, int) and k >= 2, "num_clusters", k,
+              "fewer than 2 clusters: must be >= 2")
+        check(k <= rules_lib.MAX_CLUSTERS, "num_clusters", k,
+              f"must be <= {rules_lib.MAX_CLUSTERS}")
         check(self.init in INITS, "init", self.init, f"must be one of {INITS}")
         check(self.iterations >= 1, "iterations", self.iterations, "must be >= 1")
-        for item in self.layer_clusters:
-            check(isinstance(item, tuple) and len(item) == 2, "layer_clusters", item,
-                  "each entry must be a (regex, k) pair")
-            check(is_regex(item[0]), "layer_clusters", item[0], "not a valid regex")
-            _check_k(item[1], "layer_clusters")
-        check(is_regex(self.leaves), "leaves", self.leaves, "not a valid regex")
-
-
-def _check_k(k, field: str) -> None:
-    check(isinstance(k, int) and k >= 2, field, k, "fewer than 2 clusters: must be >= 2")
-    check(k <= constraints.MAX_SHARED_VALUES, field, k,
-          f"must be <= {constraints.MAX_SHARED_VALUES} (constraints.MAX_SHARED_VALUES)")
 
 
 # ---------------------------------------------------------------------------
@@ -339,12 +338,12 @@ def centroids_by_init(weights, k: int, key, iterations: int) -> dict[str, np.nda
 # ---------------------------------------------------------------------------
 # the stage
 
-def layer_k(name: str, config: ClusterConfig) -> int:
-    """The configured k of leaf ``name``: the first matching override, else num_clusters."""
-    for pattern, k in config.layer_clusters:
-        if re.search(pattern, name):
-            return k
-    return config.num_clusters
+def layer_k(name: str, config: ClusterConfig, rules: Rules = DEFAULT_RULES) -> int:
+    """The k of leaf ``name``: its rule's, else ``num_clusters``; 0 when not clustered."""
+    rule = rules_lib.rule_for(name, rules)
+    if rule is None:
+        return 0
+    return config.num_clusters if rule.clusters is None else rule.clusters
 
 
 def bits_per_index(k: int) -> int:
@@ -367,15 +366,16 @@ def compact_nonzero(values: np.ndarray) -> tuple[jax.Array, jax.Array]:
     return jnp.asarray(padded), jnp.asarray(np.arange(size) < len(nonzero))
 
 
-def _share_leaf(w: np.ndarray, name: str, config: ClusterConfig, key) -> tuple[np.ndarray, dict]:
-    """Clusters one leaf; returns the shared weights and its report entries."""
+def _share_leaf(w: np.ndarray, requested: int, config: ClusterConfig,
+                key) -> tuple[np.ndarray, dict]:
+    """Clusters one leaf to ``requested`` values; returns the shared weights and its report."""
     values = w.reshape(-1).astype(np.float32)
     mask = values != 0
     count = int(mask.sum())
     distinct = len(np.unique(values[mask]))
     # At most a quarter of the leaf's size, so constraints.codebook sees it as shared.
-    k = min(layer_k(name, config), count, max(w.size // 4, 1))
-    info = {"k_requested": layer_k(name, config), "k": k, "nonzero": count}
+    k = min(requested, count, max(w.size // 4, 1))
+    info = {"k_requested": requested, "k": k, "nonzero": count}
     if distinct <= k or k < 2:
         # Already shared (or too few weights): keep the values as they are.
         info.update(k=distinct, kept=1, wcss=0.0)
@@ -389,14 +389,8 @@ def _share_leaf(w: np.ndarray, name: str, config: ClusterConfig, key) -> tuple[n
     return shared.reshape(w.shape).astype(w.dtype), info
 
 
-def _fine_tune(params, config: ClusterConfig, apply_fn, data, seed: int):
-    params, _, history = constraints.fit_preserving(
-        params, constraints.cross_entropy(apply_fn), x=data.x_train, y=data.y_train,
-        config=config.train, seed=seed, leaves=config.leaves, desc="cluster")
-    return params, history
-
-
-def cluster(params, config: ClusterConfig, *, apply_fn, data, seed: int):
+def cluster(params, config: ClusterConfig, *, apply_fn, data, seed: int,
+            rules: Rules = DEFAULT_RULES):
     """Shares each selected leaf's non-zero weights among k centroids, then fine-tunes them.
 
     Args:
@@ -405,34 +399,36 @@ def cluster(params, config: ClusterConfig, *, apply_fn, data, seed: int):
       apply_fn: ``apply_fn(params, x) -> logits`` in inference mode.
       data: a ``ucpjax.data.Dataset``.
       seed: fixes forgy / kmeans++ draws and fine-tuning.
+      rules: which leaves are clustered, and per-leaf k.
 
     Returns:
       ``(params, report)``; per leaf ``cluster/<leaf>/{k, distinct, wcss,
       bits_per_index, kept}`` (``kept`` = 1: the leaf already had <= k distinct
       non-zero values and was left as is), plus ``cluster/val_accuracy``.
     """
-    names = jax.tree_util.tree_map_with_path(lambda p, _: constraints.path_name(p), params)
-    chosen = constraints.selected(params, config.leaves)
-    flat, treedef = jax.tree.flatten(params)
-    flat_names, flat_chosen = jax.tree.leaves(names), jax.tree.leaves(chosen)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    names = [rules_lib.path_name(path) for path, _ in flat]
+    wanted = [layer_k(name, config, rules) for name in names]
     root = jax.random.key(seed)
     report, out, ks = {}, [], {}
-    for i, (w, name, sel) in enumerate(zip(flat, flat_names, flat_chosen, strict=True)):
-        if not sel:
+    for i, ((_, w), name, k) in enumerate(zip(flat, names, wanted, strict=True)):
+        if not k:
             out.append(w)
             continue
-        shared, info = _share_leaf(np.asarray(w), name, config, jax.random.fold_in(root, i))
+        shared, info = _share_leaf(np.asarray(w), k, config, jax.random.fold_in(root, i))
         out.append(jnp.asarray(shared))
         ks[name] = info["k"]
         report.update({f"cluster/{name}/{key}": value for key, value in info.items()})
     params = jax.tree.unflatten(treedef, out)
     report["cluster/val_accuracy_before_fine_tune"] = train_lib.accuracy(
         apply_fn, params, data.x_val, data.y_val)
-    if config.fine_tune:
-        params, history = _fine_tune(params, config, apply_fn, data, seed)
+    if config.fine_tune is not None:
+        params, _, history = constraints.fit_preserving(
+            params, constraints.cross_entropy(apply_fn), x=data.x_train, y=data.y_train,
+            config=config.fine_tune, seed=seed, rules=rules, desc="cluster")
         report["cluster/train_loss"] = history[-1]["loss"]
-    for w, name, sel in zip(jax.tree.leaves(params), flat_names, flat_chosen, strict=True):
-        if sel:
+    for w, name in zip(jax.tree.leaves(params), names, strict=True):
+        if name in ks:
             values = np.asarray(w)
             distinct = len(np.unique(values[values != 0]))
             report[f"cluster/{name}/distinct"] = distinct

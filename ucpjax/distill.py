@@ -21,6 +21,7 @@ import optax
 
 from ucpjax import constraints, train
 from ucpjax.config import check
+from ucpjax.rules import DEFAULT_RULES, Rules
 from ucpjax.train import ApplyFn, TrainConfig
 
 
@@ -31,13 +32,11 @@ class DistillConfig:
     Attributes:
       temperature: softmax temperature ``T`` of both models' logits in the soft term.
       alpha: weight of the soft (teacher) term; ``1 - alpha`` weights the labels.
-      leaves: regex of the constrained leaves whose zeros and sharing are kept.
       train: the training budget.
     """
 
     temperature: float = 4.0
     alpha: float = 0.9
-    leaves: str = constraints.DEFAULT_LEAVES
     train: TrainConfig = dataclasses.field(
         default_factory=lambda: TrainConfig(epochs=3, learning_rate=1e-4))
 
@@ -88,7 +87,8 @@ def make_distill_loss(apply_fn: ApplyFn, teacher_apply_fn: ApplyFn, *, temperatu
 
 
 def distill(params, config: DistillConfig, *, apply_fn: ApplyFn, data, seed: int,
-            teacher_apply_fn: ApplyFn, teacher_params) -> tuple[Any, dict]:
+            teacher_apply_fn: ApplyFn, teacher_params,
+            rules: Rules = DEFAULT_RULES) -> tuple[Any, dict]:
     """Trains the student ``params`` towards the teacher, keeping every constraint.
 
     Args:
@@ -99,6 +99,7 @@ def distill(params, config: DistillConfig, *, apply_fn: ApplyFn, data, seed: int
       seed: training seed.
       teacher_apply_fn: the teacher's ``apply_fn(params, x) -> logits``.
       teacher_params: the teacher's params; never changed.
+      rules: the constrained leaves, whose zeros and sharing are kept.
 
     Returns:
       ``(params, report)`` with ``distill/val_accuracy``,
@@ -107,12 +108,9 @@ def distill(params, config: DistillConfig, *, apply_fn: ApplyFn, data, seed: int
     """
     make_loss = make_distill_loss(apply_fn, teacher_apply_fn, temperature=config.temperature,
                                   alpha=config.alpha)
-    # Copies: the training step donates its state, and the caller keeps using its arrays.
-    copy = lambda tree: jax.tree.map(jnp.array, tree)
     student, _, history = constraints.fit_preserving(
-        copy(params), make_loss, x=data.x_train, y=data.y_train, config=config.train,
-        seed=seed, leaves=config.leaves, extra={"teacher": copy(teacher_params)},
-        desc="distill")
+        params, make_loss, x=data.x_train, y=data.y_train, config=config.train,
+        seed=seed, rules=rules, extra={"teacher": teacher_params}, desc="distill")
     return student, {
         "distill/val_accuracy": train.accuracy(apply_fn, student, data.x_val, data.y_val),
         "distill/teacher_val_accuracy": train.accuracy(

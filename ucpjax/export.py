@@ -1,41 +1,67 @@
 """Flax -> int8 TFLite, and running the result in LiteRT to check it is faithful.
 
 TensorFlow is imported only here, lazily inside the functions that need it, so
-the JAX side of the project starts fast. The conversion path follows
-../shared/TOOLCHAIN.md: ``jax2tf.convert`` in a ``tf.function`` with a fixed
-batch-1 signature, held by a ``tf.Module`` and converted with
+the JAX side of the project starts fast. The conversion path that works with
+this toolchain: ``jax2tf.convert`` in a ``tf.function`` with a fixed batch-1
+signature, held by a ``tf.Module`` and converted with
 ``TFLiteConverter.from_concrete_functions``.
 
 * ``to_tflite``: float or full-integer (int8 weights, activations, input and output).
 * ``TfliteRunner`` / ``evaluate``: run a model in LiteRT on numpy data.
 * ``weights_check``: do the int8 weights times their scales equal the params?
-* ``agreement`` / ``check_tolerance``: argmax agreement and accuracy against JAX.
+* ``verify``: export, run on the test set and measure everything; ``check``
+  raises ``ToleranceError`` when the ``.tflite`` is not faithful.
 * ``latency_us``: median one-sample invoke time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
-import warnings
 from collections.abc import Callable
 
 import jax
 import numpy as np
 
-from ucpjax import constraints, quant
-
-# The faithfulness target of the issue: .tflite vs JAX argmax agreement and
-# accuracy difference (0.1 percentage point).
-MIN_AGREEMENT = 0.995
-MAX_ACCURACY_DELTA = 0.001
+from ucpjax import measure, quantize, train
+from ucpjax.config import check as check_field
+from ucpjax.rules import DEFAULT_RULES, Rules, path_name, selected
 
 # Ops whose input 1 is a weight tensor and input 2 a bias.
 _WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D")
 
 
 class ToleranceError(RuntimeError):
-    """The .tflite model disagrees with the JAX model beyond the tolerance."""
+    """The .tflite model is not faithful to the JAX model (see ``check``)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExportConfig:
+    """How the final model is exported, measured and checked.
+
+    The ``.tflite`` passes when its test accuracy is within ``accuracy_tolerance``
+    of the JAX model with int8 activations (``simulated_int8``), their argmax
+    agree on at least ``min_agreement`` of the test set, and its int8 weights
+    equal the params (``weights_check``).
+    """
+
+    enabled: bool = True
+    sparse: bool = False  # TFLite EXPERIMENTAL_SPARSITY weight storage
+    representative_samples: int = 300  # converter calibration (and simulated_int8)
+    latency_repeats: int = 200
+    accuracy_tolerance: float = 0.001  # as a fraction: 0.1 point
+    min_agreement: float = 0.995
+
+    def __post_init__(self):
+        check_field(self.representative_samples >= 1, "representative_samples",
+                    self.representative_samples, "must be >= 1")
+        check_field(self.latency_repeats >= 1, "latency_repeats", self.latency_repeats,
+                    "must be >= 1")
+        check_field(0 <= self.accuracy_tolerance < 1, "accuracy_tolerance",
+                    self.accuracy_tolerance, "must be in [0, 1)")
+        check_field(0 <= self.min_agreement <= 1, "min_agreement", self.min_agreement,
+                    "must be in [0, 1]")
 
 
 def _tf():
@@ -176,69 +202,89 @@ def evaluate(model_bytes: bytes, x: np.ndarray, y: np.ndarray, *,
     return {"accuracy": float(np.mean(predictions == np.asarray(y))), "predictions": predictions}
 
 
-def agreement(model_bytes: bytes, apply_fn: Callable, params, x: np.ndarray,
-              y: np.ndarray, *, use_xnnpack: bool = True) -> dict:
-    """How closely the .tflite model follows the JAX model on ``(x, y)``.
-
-    Returns:
-      Flat dict: ``agreement`` (fraction of equal argmax), ``tflite_accuracy``,
-      ``jax_accuracy``, ``accuracy_delta`` (tflite - jax, fractions).
-    """
-    from ucpjax import train
-
-    jax_pred = train.predict(apply_fn, params, x).argmax(-1)
-    result = evaluate(model_bytes, x, y, use_xnnpack=use_xnnpack)
-    jax_acc = float(np.mean(jax_pred == np.asarray(y)))
-    return {
-        "agreement": float(np.mean(result["predictions"] == jax_pred)),
-        "tflite_accuracy": result["accuracy"],
-        "jax_accuracy": jax_acc,
-        "accuracy_delta": result["accuracy"] - jax_acc,
-    }
-
-
 def simulated_int8(apply_fn: Callable, params, representative_x: np.ndarray) -> Callable:
     """``apply_fn`` computing what the int8 .tflite of ``to_tflite`` computes, in JAX.
 
     Activations are fake-quantized where TFLite quantizes them, to the ranges the
     converter calibrates from the same ``representative_x`` (min and max over all
     of it), so the .tflite's activation scales and zero points are these; ``params``
-    should be on their int8 grid (``quant.quantize_weights``; QAT leaves them there).
+    should be on their int8 grid (``quantize.quantize_weights``; QAT leaves them there).
     What is left between the two is integer rounding inside TFLite's kernels
     (requantization multipliers, int32 biases). This is the JAX model the .tflite
     is checked against: the float-activation model is not what ships.
     """
-    ranges = quant.calibrate(apply_fn, params, np.asarray(representative_x, np.float32))
-    return quant.quantized_apply(apply_fn, ranges, bits=8)
+    ranges = quantize.calibrate(apply_fn, params, np.asarray(representative_x, np.float32))
+    return quantize.quantized_apply(apply_fn, ranges, bits=8)
 
 
-def check_tolerance(result: dict, *, min_agreement: float = MIN_AGREEMENT,
-                    max_accuracy_delta: float = MAX_ACCURACY_DELTA,
-                    raise_error: bool = True) -> bool:
-    """Checks an ``agreement`` result against the faithfulness target.
+def verify(apply_fn: Callable, params, dataset, *, config: ExportConfig,
+           quantize_config: quantize.QuantizeConfig,
+           rules: Rules = DEFAULT_RULES) -> tuple[dict, bytes]:
+    """Exports the int8 (and float) ``.tflite`` and measures it on the test set.
 
     Args:
-      result: the dict returned by ``agreement``.
-      min_agreement: least argmax agreement (default 99.5%).
-      max_accuracy_delta: largest |accuracy difference| (default 0.1 point).
-      raise_error: raise ToleranceError on a miss; otherwise warn and return False.
+      apply_fn: ``apply_fn(params, x) -> logits`` in inference mode.
+      params: the final params, on their int8 grid (QAT leaves them there).
+      dataset: a ``ucpjax.data.Dataset``; its test split is the measure.
+      config: an ExportConfig.
+      quantize_config: the recipe's QuantizeConfig (per-channel choice).
+      rules: the compressed leaves.
 
     Returns:
-      True when both targets are met.
+      ``(measurements, tflite)``: accuracies of the ``.tflite`` and of the JAX
+      int8 model, their agreement, sizes, latencies, the weights check and
+      ``tflite_within_tolerance``; pass them to ``check``.
+    """
+    rep = dataset.x_train[:config.representative_samples]
+    per_tensor = quantize.dense_per_tensor(params, quantize_config, rules)
+    tflite = to_tflite(apply_fn, params, dataset.input_shape, rep,
+                       per_tensor_dense=per_tensor, sparse=config.sparse)
+    float_tflite = to_tflite(apply_fn, params, dataset.input_shape, rep, int8=False)
+    evaluation = evaluate(tflite, dataset.x_test, dataset.y_test, use_xnnpack=not config.sparse)
+    # The .tflite is checked against the JAX model with its int8 activations.
+    int8_weights = quantize.quantize_weights(
+        params, dataclasses.replace(quantize_config, per_channel=not per_tensor), rules)
+    jax_pred = train.predict(simulated_int8(apply_fn, int8_weights, rep),
+                             int8_weights, dataset.x_test).argmax(-1)
+    jax_int8_accuracy = float(np.mean(jax_pred == dataset.y_test))
+    agreement = float(np.mean(evaluation["predictions"] == jax_pred))
+    gap = abs(evaluation["accuracy"] - jax_int8_accuracy)
+    return {
+        "jax_int8_accuracy": jax_int8_accuracy,
+        "tflite_accuracy": evaluation["accuracy"],
+        "tflite_agreement": agreement,
+        "tflite_bytes": len(tflite),
+        "tflite_zip_bytes": measure.zip_bytes(tflite),
+        "latency_int8_us": latency_us(tflite, repeats=config.latency_repeats,
+                                      use_xnnpack=not config.sparse),
+        "latency_float_us": latency_us(float_tflite, repeats=config.latency_repeats),
+        "weights_faithful": bool(weights_check(tflite, params, rules=rules)["faithful"]),
+        "tflite_within_tolerance": bool(gap <= config.accuracy_tolerance + 1e-12
+                                        and agreement >= config.min_agreement),
+    }, tflite
+
+
+def check(final: dict, config: ExportConfig) -> None:
+    """Raises ToleranceError, one line saying what missed, unless the .tflite passed.
+
+    Args:
+      final: measurements from ``verify`` (a report's ``"final"``).
+      config: the ExportConfig they were checked against.
     """
     problems = []
-    if result["agreement"] < min_agreement:
-        problems.append(f"argmax agreement {result['agreement']:.4f} < {min_agreement}")
-    if abs(result["accuracy_delta"]) > max_accuracy_delta + 1e-12:
-        problems.append(f"accuracy tflite {result['tflite_accuracy']:.4f} vs jax "
-                        f"{result['jax_accuracy']:.4f} differs by more than {max_accuracy_delta}")
-    if not problems:
-        return True
-    message = "TFLite model is not faithful to the JAX model: " + "; ".join(problems)
-    if raise_error:
-        raise ToleranceError(message)
-    warnings.warn(message, stacklevel=2)
-    return False
+    if final["tflite_agreement"] < config.min_agreement:
+        problems.append(f"argmax agreement {final['tflite_agreement']:.4f} < "
+                        f"export.min_agreement={config.min_agreement}")
+    gap = abs(final["tflite_accuracy"] - final["jax_int8_accuracy"])
+    if gap > config.accuracy_tolerance + 1e-12:
+        problems.append(f"accuracy {final['tflite_accuracy']:.4f} vs JAX int8 "
+                        f"{final['jax_int8_accuracy']:.4f} differs by more than "
+                        f"export.accuracy_tolerance={config.accuracy_tolerance}")
+    if not final["weights_faithful"]:
+        problems.append("its int8 weights differ from the params (weights_check)")
+    if problems:
+        raise ToleranceError("the .tflite is not faithful to the JAX model: "
+                             + "; ".join(problems))
 
 
 def latency_us(model_bytes: bytes, input_shape: tuple[int, ...] | None = None, *,
@@ -318,7 +364,7 @@ def _weight_tensors(interp) -> tuple[list[int], list[int]]:
     return weights, biases
 
 
-def weights_check(model_bytes: bytes, params, *, leaves: str = constraints.DEFAULT_LEAVES,
+def weights_check(model_bytes: bytes, params, *, rules: Rules = DEFAULT_RULES,
                   tolerance_steps: float = 0.01) -> dict:
     """Compares the .tflite weights with the params they came from.
 
@@ -334,7 +380,7 @@ def weights_check(model_bytes: bytes, params, *, leaves: str = constraints.DEFAU
       model_bytes: the .tflite file (dense weight format; sparse-format weights
         are reported as unmatched).
       params: the params pytree the model was converted from.
-      leaves: regex of the params leaves to match (kernels by default).
+      rules: the params leaves to match (``ucpjax.rules``; kernels by default).
       tolerance_steps: largest allowed |dequantized - param|, in units of the
         channel's quantization step; 0.01 allows float32 rounding only.
 
@@ -350,8 +396,8 @@ def weights_check(model_bytes: bytes, params, *, leaves: str = constraints.DEFAU
     details = {d["index"]: d for d in interp.get_tensor_details()}
     weight_ids, bias_ids = _weight_tensors(interp)
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    selected = jax.tree.leaves(constraints.selected(params, leaves))
-    kernels = {constraints.path_name(p): np.asarray(w) for (p, w), s in zip(flat, selected) if s}
+    chosen = jax.tree.leaves(selected(params, rules))
+    kernels = {path_name(p): np.asarray(w) for (p, w), s in zip(flat, chosen) if s}
     report = {
         "all_int8": bool(weight_ids) and all(details[i]["dtype"] == np.int8 for i in weight_ids),
         "biases_int32": all(details[i]["dtype"] == np.int32 for i in bias_ids),

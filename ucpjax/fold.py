@@ -62,7 +62,7 @@ def fold_batchnorm(model: nn.Module, variables, input_shape) -> tuple[dict, tupl
     stats = jax.tree.map(np.asarray, variables["batch_stats"])
     for layer_path, bn_path, eps in pairs:
         _fold_one(_node(params, layer_path), _node(params, bn_path), _node(stats, bn_path), eps)
-    as_jnp = lambda tree: jax.tree.map(jnp.asarray, tree)  # noqa: E731
+    as_jnp = lambda tree: jax.tree.map(jnp.asarray, tree)
     frozen = tuple((*bn, "scale") for _, bn, _ in pairs if "scale" in _node(params, bn))
     return {**variables, "params": as_jnp(params), "batch_stats": as_jnp(stats)}, frozen
 

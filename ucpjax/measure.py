@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from ucpjax import constraints
+from ucpjax import rules as rules_lib
 
 
 def float32_bytes(params) -> int:
@@ -25,10 +25,10 @@ def float32_bytes(params) -> int:
     return 4 * sum(int(np.size(leaf)) for leaf in jax.tree.leaves(params))
 
 
-def sparsity(params, leaves: str = constraints.DEFAULT_LEAVES) -> float:
-    """Fraction of exact zeros over the selected leaves (kernels by default)."""
+def sparsity(params, rules: rules_lib.Rules = rules_lib.DEFAULT_RULES) -> float:
+    """Fraction of exact zeros over the leaves the rules select (kernels by default)."""
     chosen = [np.asarray(w) for w, sel in zip(jax.tree.leaves(params),
-              jax.tree.leaves(constraints.selected(params, leaves))) if sel]
+              jax.tree.leaves(rules_lib.selected(params, rules))) if sel]
     size = sum(w.size for w in chosen)
     return sum(w.size - np.count_nonzero(w) for w in chosen) / size if size else 0.0
 
@@ -59,7 +59,7 @@ def macs(apply_fn: Callable, params, input_shape: tuple[int, ...]) -> dict:
     Returns:
       ``{"total": {"dense": int, "nonzero": int}, "layers": {path: {"dense",
       "nonzero", "input_shape", "output_shape"}}}`` (a layer called twice gets
-      ``path#2``).
+      ``path#2``: ``rules.call_name``).
     """
     calls = []
 
@@ -85,10 +85,9 @@ def macs(apply_fn: Callable, params, input_shape: tuple[int, ...]) -> dict:
         entry = {"dense": kernel.size * positions,
                  "nonzero": int(np.count_nonzero(kernel)) * positions,
                  "input_shape": tuple(in_shape[1:]), "output_shape": tuple(out_shape[1:])}
-        name = base = "/".join(path)
-        repeat = 2
-        while name in layers:
-            name, repeat = f"{base}#{repeat}", repeat + 1
-        layers[name] = entry
+        base, call = "/".join(path), 0
+        while rules_lib.call_name(base, call) in layers:
+            call += 1
+        layers[rules_lib.call_name(base, call)] = entry
         total, nonzero = total + entry["dense"], nonzero + entry["nonzero"]
     return {"total": {"dense": total, "nonzero": nonzero}, "layers": layers}

@@ -40,12 +40,11 @@ from __future__ import annotations
 
 import heapq
 import io
-import re
 from collections.abc import Mapping
 
 import numpy as np
 
-from ucpjax import constraints
+from ucpjax.rules import DEFAULT_RULES, Rules, rule_for
 
 MAGIC = b"UCPK"
 VERSION = 1
@@ -369,29 +368,28 @@ def _flatten(tree, prefix: str = "") -> list[tuple[str, np.ndarray]]:
     return items
 
 
-def _records(params, leaves: str, coded: bool | None):
-    pattern = re.compile(leaves)
+def _records(params, rules: Rules, coded: bool | None):
     for name, array in _flatten(params):
-        yield name, _leaf_parts(name, array, coded if pattern.search(name) else False)
+        chosen = rule_for(name, rules) is not None
+        yield name, _leaf_parts(name, array, coded if chosen else False)
 
 
 # ---------------------------------------------------------------- public API
 
-def encode(params, *, leaves: str = constraints.DEFAULT_LEAVES,
-           coded: bool | None = None) -> bytes:
+def encode(params, *, rules: Rules = DEFAULT_RULES, coded: bool | None = None) -> bytes:
     """Serializes a params tree in the Deep Compression layout (see the module docstring).
 
     Args:
       params: nested dicts of arrays (jax or numpy, any numeric dtype).
-      leaves: regex of the leaves stored as sparse weight-shared tensors (on
-        ``'Layer/name'``); the others are stored raw.
+      rules: the leaves stored as sparse weight-shared tensors (``ucpjax.rules``,
+        the same selection as the stages'); the others are stored raw.
       coded: None stores each selected leaf coded or raw, whichever is smaller;
         True always codes selected leaves, False stores everything raw.
 
     Returns:
       The file contents.
     """
-    records = [part for _, (parts, _) in _records(params, leaves, coded)
+    records = [part for _, (parts, _) in _records(params, rules, coded)
                for part in parts.values()]
     return MAGIC + bytes([VERSION]) + _varint(len(_flatten(params))) + b"".join(records)
 
@@ -447,7 +445,7 @@ def _read_leaf(reader: _Reader, dtype: np.dtype, shape: tuple[int, ...]) -> np.n
     return _scatter(gaps, index, codebook, size, dtype).reshape(shape)
 
 
-def size_breakdown(params, *, leaves: str = constraints.DEFAULT_LEAVES,
+def size_breakdown(params, *, rules: Rules = DEFAULT_RULES,
                    coded: bool | None = None) -> dict:
     """Bytes of ``encode(params)`` per leaf and per part.
 
@@ -459,7 +457,7 @@ def size_breakdown(params, *, leaves: str = constraints.DEFAULT_LEAVES,
       also give ``gap_bits`` (the chosen b) and ``entries`` (non-zeros + fillers).
     """
     layers = {}
-    for name, (parts, info) in _records(params, leaves, coded):
+    for name, (parts, info) in _records(params, rules, coded):
         entry = dict.fromkeys(("header", "codebook", "gaps", "indices", "raw"), 0)
         for part, data in parts.items():
             entry[part] += len(data)

@@ -16,7 +16,6 @@ their number of distinct non-zero values.
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, NamedTuple
 
 import jax
@@ -25,7 +24,9 @@ import numpy as np
 import optax
 
 from ucpjax import constraints, train
-from ucpjax.config import check, is_regex
+from ucpjax import rules as rules_lib
+from ucpjax.config import check
+from ucpjax.rules import DEFAULT_RULES, Rules
 from ucpjax.train import TrainConfig
 
 SCOPES = ("layer", "global")
@@ -35,20 +36,21 @@ SCOPES = ("layer", "global")
 class PruneConfig:
     """Gradual magnitude pruning, then fine-tuning with the zeros fixed.
 
+    Which leaves are pruned, and per-leaf targets, come from the recipe's
+    ``LayerRule``s (``ucpjax.rules``).
+
     Attributes:
       target_sparsity: final fraction of zeros in each pruned leaf (``layer``)
         or over all pruned leaves together (``global``).
       initial_sparsity: sparsity at the start of the ramp.
       scope: ``layer`` prunes each leaf to its target; ``global`` ranks all
-        leaves without an override by one magnitude threshold (weight-shared
-        leaves are pruned one-shot to ``target_sparsity`` each in both scopes).
+        leaves whose rule sets no sparsity of its own by one magnitude
+        threshold (weight-shared leaves are pruned one-shot to their target
+        each in both scopes).
       frequency: steps between mask updates during the ramp.
       begin, end: the ramp's first and last step, as fractions of the pruning
         phase (``train``); the steps after ``end`` train with the final masks.
       power: exponent of the ramp (3 in the paper).
-      overrides: ``((regex, sparsity), ...)``: leaves whose ``'Layer/name'``
-        matches a regex (first match wins) get that target instead.
-      leaves: regex of the leaves to prune (kernels by default, not biases).
       train: budget of the pruning phase.
       fine_tune: budget of the fine-tuning phase, or None to skip it.
     """
@@ -60,8 +62,6 @@ class PruneConfig:
     begin: float = 0.0
     end: float = 0.7
     power: float = 3.0
-    overrides: tuple[tuple[str, float], ...] = ()
-    leaves: str = constraints.DEFAULT_LEAVES
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(epochs=10))
     fine_tune: TrainConfig | None = dataclasses.field(
         default_factory=lambda: TrainConfig(epochs=2, learning_rate=1e-4))
@@ -78,11 +78,6 @@ class PruneConfig:
         check(0 <= self.end <= 1 and self.begin < self.end, "end", self.end,
               "must be in [0, 1] and > begin")
         check(self.power > 0, "power", self.power, "must be > 0")
-        check(is_regex(self.leaves), "leaves", self.leaves, "must be a valid regex")
-        for pair in self.overrides:
-            ok = (isinstance(pair, tuple) and len(pair) == 2 and is_regex(pair[0])
-                  and isinstance(pair[1], (int, float)) and 0 <= pair[1] < 1)
-            check(ok, "overrides", pair, "pairs (regex, sparsity in [0, 1))")
 
 
 def _is_none(x) -> bool:
@@ -215,25 +210,16 @@ def magnitude_pruning(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def leaf_targets(params, config: PruneConfig) -> Any:
-    """Per leaf: its final sparsity (override or ``target_sparsity``), None if not pruned."""
-    chosen = constraints.selected(params, config.leaves)
-    compiled = [(re.compile(pattern), float(s)) for pattern, s in config.overrides]
-
-    def target(path, sel):
-        if not sel:
-            return None
-        name = constraints.path_name(path)
-        return next((s for pattern, s in compiled if pattern.search(name)),
-                    float(config.target_sparsity))
-
-    return jax.tree_util.tree_map_with_path(target, chosen)
+def leaf_targets(params, config: PruneConfig, rules: Rules = DEFAULT_RULES) -> Any:
+    """Per leaf: its final sparsity (its rule's, else ``target_sparsity``), None if not pruned."""
+    targets = rules_lib.setting(params, rules, "sparsity", config.target_sparsity)
+    return jax.tree.map(lambda t: float(t) if t else None, targets, is_leaf=_is_none)
 
 
-def _overridden(params, config: PruneConfig) -> Any:
-    compiled = [re.compile(pattern) for pattern, _ in config.overrides]
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: any(p.search(constraints.path_name(path)) for p in compiled), params)
+def _own_target(params, rules: Rules) -> Any:
+    """Per leaf: whether its rule sets a sparsity of its own (not ranked globally)."""
+    own = rules_lib.setting(params, rules, "sparsity", None)
+    return jax.tree.map(lambda t: t is not None, own, is_leaf=_is_none)
 
 
 def prune_shared_once(weights, sparsity: float) -> jax.Array:
@@ -248,13 +234,12 @@ def prune_shared_once(weights, sparsity: float) -> jax.Array:
 
 
 
-def sparsity_report(params, leaves: str = constraints.DEFAULT_LEAVES,
-                    prefix: str = "prune") -> dict:
+def sparsity_report(params, rules: Rules = DEFAULT_RULES, prefix: str = "prune") -> dict:
     """Per-leaf and overall sparsity and non-zero count over the selected leaves."""
     report, zeros, total = {}, 0, 0
     for path, w in jax.tree_util.tree_leaves_with_path(params):
-        name = constraints.path_name(path)
-        if not re.search(leaves, name):
+        name = rules_lib.path_name(path)
+        if rules_lib.rule_for(name, rules) is None:
             continue
         w = np.asarray(w)
         n_zero = int(np.sum(w == 0))
@@ -266,7 +251,8 @@ def sparsity_report(params, leaves: str = constraints.DEFAULT_LEAVES,
     return report
 
 
-def prune(params, config: PruneConfig, *, apply_fn, data, seed: int) -> tuple[Any, dict]:
+def prune(params, config: PruneConfig, *, apply_fn, data, seed: int,
+          rules: Rules = DEFAULT_RULES) -> tuple[Any, dict]:
     """Gradual magnitude pruning, then fine-tuning with the final zeros fixed.
 
     Args:
@@ -275,25 +261,25 @@ def prune(params, config: PruneConfig, *, apply_fn, data, seed: int) -> tuple[An
       apply_fn: ``apply_fn(params, x) -> logits`` in inference mode.
       data: a ``ucpjax.data.Dataset``.
       seed: training seed.
+      rules: which leaves are pruned, and per-leaf targets.
 
     Returns:
       ``(params, report)``: report has ``prune/sparsity`` (over the selected
       leaves), ``prune/nonzero``, ``prune/<Layer>/<name>/sparsity``,
       ``prune/val_accuracy`` and ``prune/loss`` (last epoch's training loss).
     """
-    targets = leaf_targets(params, config)
-    books = constraints.codebooks(params, config.leaves)
+    targets = leaf_targets(params, config, rules)
+    books = constraints.codebooks(params, rules)
     shared = jax.tree.map(lambda b: b is not None, books,
                           is_leaf=lambda b: b is None or isinstance(b, constraints.Codebook))
-    # One-shot for weight-shared leaves; copies of the rest, since training donates buffers.
-    params = jax.tree.map(lambda w, t, s: prune_shared_once(w, t) if s else jnp.array(w),
+    # Weight-shared leaves cannot be masked weight by weight: pruned once, up front.
+    params = jax.tree.map(lambda w, t, s: prune_shared_once(w, t) if s and t else w,
                           params, targets, shared, is_leaf=_is_none)
     mask_targets = jax.tree.map(lambda t, s: None if s else t, targets, shared, is_leaf=_is_none)
     global_leaves = None
     if config.scope == "global":
-        overridden = _overridden(params, config)
         global_leaves = jax.tree.map(lambda t, o: t is not None and not o,
-                                     mask_targets, overridden, is_leaf=_is_none)
+                                     mask_targets, _own_target(params, rules), is_leaf=_is_none)
 
     steps = train.total_steps(config.train, len(data.x_train))
     last = max(steps - 1, 0)
@@ -304,12 +290,12 @@ def prune(params, config: PruneConfig, *, apply_fn, data, seed: int) -> tuple[An
     make_loss = constraints.cross_entropy(apply_fn)
     params, _, history = constraints.fit_preserving(
         params, make_loss, x=data.x_train, y=data.y_train, config=config.train, seed=seed,
-        leaves=config.leaves, last_transform=pruning, desc="prune")
+        rules=rules, last_transform=pruning, desc="prune")
     if config.fine_tune is not None:
         params, _, history = constraints.fit_preserving(
             params, make_loss, x=data.x_train, y=data.y_train, config=config.fine_tune,
-            seed=seed + 1, leaves=config.leaves, desc="prune fine-tune")
-    report = sparsity_report(params, config.leaves)
+            seed=seed + 1, rules=rules, desc="prune fine-tune")
+    report = sparsity_report(params, rules)
     report["prune/val_accuracy"] = train.accuracy(apply_fn, params, data.x_val, data.y_val)
     report["prune/loss"] = history[-1]["loss"]
     return params, report

@@ -1,6 +1,6 @@
 """Several pipeline runs side by side: paper tables, ablations, baselines.
 
-An experiment file defines ``get_variants(smoke=False) -> {name: PipelineConfig}``
+An experiment file defines ``get_variants(smoke=False) -> {name: Experiment}``
 (and optionally ``PUBLISHED``: rows of published numbers, marked as such).
 ``ucpjax study --config FILE --out DIR`` runs each variant in ``DIR/<name>``
 (each a resumable run folder) and writes ``DIR/study.json``, ``DIR/study.md``
@@ -18,11 +18,13 @@ import dataclasses
 import hashlib
 import json
 import pathlib
-import shutil
 import time
 
-from ucpjax import pipeline, report
-from ucpjax.config import to_dict
+from ucpjax import experiment as experiment_lib
+from ucpjax import report
+from ucpjax.config import ConfigError, to_dict
+from ucpjax.experiment import Experiment
+from ucpjax.run_folder import RunFolder
 
 # Columns of the comparison: (key in a report's "final", header, format).
 COLUMNS = (
@@ -43,11 +45,16 @@ COLUMNS = (
 
 def load_variants(path, smoke: bool) -> tuple[dict, list[dict]]:
     """``({name: config}, published_rows)`` of an experiment file."""
-    module = pipeline.load_module(path)
+    module = experiment_lib.load_module(path)
     if hasattr(module, "get_variants"):
         variants = module.get_variants(smoke=smoke)
+        if not isinstance(variants, dict) or not variants:
+            raise ConfigError(f"{path}: get_variants must return a non-empty "
+                              "{name: Experiment} dict")
     else:
         variants = {pathlib.Path(path).stem: module.get_config(smoke=smoke)}
+    for name, variant in variants.items():
+        experiment_lib.checked(variant, f"{path}: variant {name!r}")
     return variants, list(getattr(module, "PUBLISHED", []))
 
 
@@ -55,6 +62,10 @@ def run(path, out: pathlib.Path, *, smoke: bool = False, only: list[str] | None 
         log=print) -> dict:
     """Runs (or resumes) every variant and writes the comparison table."""
     variants, published = load_variants(path, smoke)
+    unknown = sorted(set(only or ()) - set(variants))
+    if unknown:
+        raise ConfigError(f"--only {','.join(unknown)}: no such variant; the variants are "
+                          f"{','.join(variants)}")
     rows, finished_stages = [], {}
     for name, config in variants.items():
         if only and name not in only:
@@ -63,13 +74,13 @@ def run(path, out: pathlib.Path, *, smoke: bool = False, only: list[str] | None 
         start = time.perf_counter()
         config = shared_dense(config, out, log)
         reuse_stages(config, out / name, finished_stages, log)
-        result = pipeline.run_config(config, out / name, resume=True, log=log)
+        result = experiment_lib.run(config, out / name, resume=True, log=log)
         rows.append(row_of(name, result.report, time.perf_counter() - start))
         finished_stages.update(dict.fromkeys(prefix_keys(config), out / name))
     rows += [{**row, "published": True} for row in published]
     study = {"experiment": str(path), "smoke": smoke, "rows": rows,
-             "date": time.strftime("%Y-%m-%d"), "machine": pipeline.machine()}
-    folder = pipeline.RunFolder(out)
+             "date": time.strftime("%Y-%m-%d"), "machine": experiment_lib.machine()}
+    folder = RunFolder(out)
     folder.write_json("study.json", study)
     folder.write_bytes("study.md", markdown(rows).encode())
     from ucpjax import plots
@@ -83,7 +94,12 @@ def run(path, out: pathlib.Path, *, smoke: bool = False, only: list[str] | None 
     return study
 
 
-def shared_dense(config: pipeline.PipelineConfig, out: pathlib.Path, log=print):
+def _setup_keys(config: Experiment) -> dict:
+    """What determines the dense model: every run-setup field."""
+    return {k: v for k, v in to_dict(config).items() if k != "recipe"} | {"seed": config.seed}
+
+
+def shared_dense(config: Experiment, out: pathlib.Path, log=print):
     """``config`` starting from a dense model trained once per distinct recipe.
 
     Variants that differ only after the dense stage would otherwise each train
@@ -91,55 +107,41 @@ def shared_dense(config: pipeline.PipelineConfig, out: pathlib.Path, log=print):
     """
     if config.init_from:
         return config
-    recipe = {k: to_dict(config)[k] for k in ("model", "data", "seed", "val_size", "subset",
-                                               "dense")}
-    digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
-    folder = out / "_dense" / f"{config.model}-{digest}"
+    digest = hashlib.sha1(json.dumps(_setup_keys(config), sort_keys=True).encode())
+    folder = out / "_dense" / f"{config.model}-{digest.hexdigest()[:10]}"
     if not (folder / "metrics.json").exists():
         log(f"training the shared dense model into {folder}")
-        pipeline.train_to_folder(config, folder)
+        experiment_lib.train_to_folder(config, folder)
     return dataclasses.replace(config, init_from=str(folder))
 
 
-def prefix_keys(config: pipeline.PipelineConfig) -> list[str]:
+def prefix_keys(config: Experiment) -> list[str]:
     """One key per stage position: what determines the model after that stage.
 
     Position 0 is the dense model; key ``i`` covers it and the first ``i``
     stages with their settings, so equal keys mean bit-equal stage outputs.
     """
-    resolved = to_dict(config)
-    recipe = {k: resolved[k] for k in ("model", "data", "seed", "val_size", "subset",
-                                       "dense", "init_from")}
+    setup, recipe = _setup_keys(config), to_dict(config.recipe)
     keys = []
-    for position in range(len(config.stages) + 1):
-        stages = config.stages[:position]
-        prefix = {**recipe, "stages": stages, **{stage: resolved[stage] for stage in stages}}
+    for position in range(len(config.recipe.stages) + 1):
+        stages = config.recipe.stages[:position]
+        prefix = {**setup, "rules": recipe["rules"], "stages": stages,
+                  **{stage: recipe[stage] for stage in stages}}
         keys.append(hashlib.sha1(json.dumps(prefix, sort_keys=True).encode()).hexdigest())
     return keys
 
 
-def reuse_stages(config: pipeline.PipelineConfig, run: pathlib.Path, finished: dict,
-                 log=print) -> None:
+def reuse_stages(config: Experiment, run: pathlib.Path, finished: dict, log=print) -> None:
     """Copies into ``run`` the longest prefix of stages another variant finished.
 
     ``finished`` maps prefix keys to run folders; the pipeline's resume then
     restores these stages instead of recomputing them.
     """
-    names = ["dense", *config.stages]
+    names = ["dense", *config.recipe.stages]
     for position, key in enumerate(prefix_keys(config)):
-        if key not in finished:
+        if key not in finished or not RunFolder(run).copy_stage(
+                RunFolder(finished[key]), position, names[position]):
             return
-        stage = pipeline.RunFolder(run).stage_name(position, names[position])
-        if (run / f"{stage}.json").exists():
-            continue
-        source = finished[key] / stage
-        scratch = run / f"{stage}.copying"
-        shutil.rmtree(scratch, ignore_errors=True)
-        shutil.copytree(source, scratch)
-        shutil.rmtree(run / stage, ignore_errors=True)
-        scratch.rename(run / stage)
-        pipeline.RunFolder(run).write_bytes(f"{stage}.json",
-                                            source.with_name(f"{source.name}.json").read_bytes())
         log(f"[{position}] {names[position]}: same as in {finished[key].name}, shared")
 
 

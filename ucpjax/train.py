@@ -56,6 +56,16 @@ class TrainConfig:
     augment: str = "none"
 
     def __post_init__(self):
+        # Finite numbers first: nan fails every comparison below with a misleading
+        # requirement, and inf epochs would train forever. A large learning rate
+        # is allowed: ``fit`` stops a run that diverges, naming the stage.
+        for name in ("epochs", "learning_rate", "weight_decay"):
+            value = getattr(self, name)
+            check(isinstance(value, (int, float, np.integer, np.floating))
+                  and not isinstance(value, bool) and math.isfinite(value),
+                  name, value, "must be a finite number")
+        check(isinstance(self.batch_size, (int, np.integer)) and not isinstance(
+            self.batch_size, bool), "batch_size", self.batch_size, "must be an integer")
         check(self.epochs > 0, "epochs", self.epochs, "must be > 0")
         check(self.batch_size > 0, "batch_size", self.batch_size, "must be > 0")
         check(self.learning_rate > 0, "learning_rate", self.learning_rate, "must be > 0")
@@ -153,6 +163,51 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     return jax.jit(step)
 
 
+class DivergenceError(FloatingPointError):
+    """Training diverged or learned nothing; the message names the stage."""
+
+
+# Metrics come back from the device once per window of this many steps (and at
+# each epoch's end): the checks below cost one sync per window, not per step.
+_WINDOW = 50
+# A window whose mean loss exceeds this multiple of the reference loss has
+# diverged. The reference is max(first step's loss, log(num_classes)): log(K)
+# is the loss of a uniform guess, a floor that keeps a fine-tuning run that
+# starts near zero and fluctuates (0.01 -> 0.3) from tripping the check, while
+# a too-high learning rate drives the loss to 1e3 and beyond.
+_DIVERGENCE_FACTOR = 10.0
+# A window that starts past this fraction of a stage's steps and has training
+# accuracy at or below chance (1 / num_classes) means the run learned nothing
+# (judging only such windows leaves slow starts on hard data alone) ...
+_CHANCE_AFTER = 0.5
+# ... provided the window holds this many steps: a mean over a few batches of a
+# short smoke run is too noisy to judge.
+_CHANCE_MIN_STEPS = 20
+
+
+def _check_progress(means: dict, first_loss: float, step: int, window: int,
+                    num_steps: int, num_classes: int, desc: str) -> None:
+    """Raises DivergenceError if a window's mean metrics show divergence."""
+    fix = "lower the learning rate of this stage"
+    if not all(math.isfinite(v) for v in means.values()):
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in means.items())
+        raise DivergenceError(f"{desc}: non-finite metrics ({shown}) at step {step} of "
+                              f"{num_steps}; {fix}")
+    loss = means.get("loss")
+    # A first loss that is NaN (no "loss" metric) leaves only the floor.
+    reference = max(first_loss if math.isfinite(first_loss) else 0.0,
+                    math.log(num_classes) if num_classes >= 2 else 0.0)
+    if loss is not None and reference > 0 and loss > _DIVERGENCE_FACTOR * reference:
+        raise DivergenceError(f"{desc}: training diverged (loss {first_loss:.3g} -> "
+                              f"{loss:.3g} at step {step} of {num_steps}); {fix}")
+    acc = means.get("accuracy")
+    if (acc is not None and num_classes >= 2 and window >= _CHANCE_MIN_STEPS
+            and step - window >= _CHANCE_AFTER * num_steps and acc <= 1 / num_classes):
+        raise DivergenceError(
+            f"{desc}: training stuck at chance (accuracy {acc:.3f} <= 1/{num_classes} in "
+            f"steps {step - window + 1}-{step} of {num_steps}); {fix}")
+
+
 def fit(
     params, loss_fn: LossFn, optimizer: optax.GradientTransformation,
     x: np.ndarray, y: np.ndarray, *, config: TrainConfig, seed: int, extra=None,
@@ -160,22 +215,30 @@ def fit(
 ) -> tuple[TrainState, list[dict]]:
     """Trains for ``config.epochs`` (fractions allowed) and returns the final state.
 
+    Every ``_WINDOW`` steps the window's mean metrics are checked: a NaN/Inf
+    metric, a mean loss above ``_DIVERGENCE_FACTOR`` times the reference (see
+    that constant), or, in a window past ``_CHANCE_AFTER`` of the steps,
+    training accuracy at or below chance stops the run.
+
     Args:
       params: initial trainable pytree.
       loss_fn: see the module docstring.
       optimizer: a full optax chain (see ``make_optimizer``).
-      x, y: training data, numpy.
+      x, y: training data, numpy; ``y`` holds class ids 0..K-1.
       config: epochs and batch size (the rest is already in ``optimizer``).
       seed: fixes shuffling, dropout and augmentation.
       extra: initial non-trained state (``{}`` when None).
-      desc: label of the progress bar.
+      desc: the stage's name, for the progress bar and errors.
 
     Returns:
       ``(state, history)``; history has one dict of mean metrics per epoch.
 
     Raises:
-      FloatingPointError: when the loss becomes NaN or infinite.
+      ConfigError: ``batch_size`` larger than the training set.
+      DivergenceError: (a FloatingPointError) the run diverged, as above.
     """
+    check(config.batch_size <= len(x), "batch_size", config.batch_size,
+          f"larger than the {len(x)} training examples; use a batch size <= {len(x)}")
     m = mesh()
     if config.batch_size % m.size:
         raise ValueError(f"batch_size={config.batch_size} must be a multiple of "
@@ -187,22 +250,43 @@ def fit(
     step = make_train_step(loss_fn, optimizer, config.augment)
     key = jax.random.key(seed)
     num_steps, per_epoch = total_steps(config, len(x)), steps_per_epoch(len(x), config.batch_size)
-    history, done = [], 0
+    num_classes = int(np.max(y)) + 1 if np.issubdtype(np.asarray(y).dtype, np.integer) else 0
+    history, done, first_loss = [], 0, None
     bar = tqdm(total=num_steps, desc=desc, unit="step", mininterval=1.0, leave=False)
+
+    def flush(window: dict, size: int, sums: dict) -> None:
+        """Adds a window's device sums to ``sums`` and checks its means."""
+        nonlocal first_loss
+        window = jax.device_get(window)  # the one host-device sync per window
+        if first_loss is None:
+            first_loss = float(window.pop("_first_loss", math.nan))
+        for name, total in window.items():
+            sums[name] = sums.get(name, 0.0) + float(total)
+        means = {name: float(total) / size for name, total in window.items()}
+        try:
+            _check_progress(means, first_loss, done, size, num_steps, num_classes, desc)
+        except DivergenceError:
+            bar.close()
+            raise
+
     for epoch in range(math.ceil(num_steps / per_epoch)):
-        sums, count = {}, 0
+        sums, count, window, size = {}, 0, {}, 0
         for xb, yb in data_lib.batches(x, y, config.batch_size, seed=seed * 100_003 + epoch):
             if done == num_steps:
                 break
             state, metrics = step(state, *_shard_batch(m, xb, yb), key)
+            if done == 0 and "loss" in metrics:
+                window["_first_loss"] = metrics["loss"]  # loss of the model as given
             for name, value in metrics.items():
-                sums[name] = sums.get(name, 0.0) + value
-            done, count = done + 1, count + 1
+                window[name] = window.get(name, 0.0) + value
+            done, count, size = done + 1, count + 1, size + 1
             bar.update()
-        means = {name: float(total) / count for name, total in sums.items()}
-        if not all(math.isfinite(v) for v in means.values()):
-            bar.close()
-            raise FloatingPointError(f"{desc}: non-finite metrics {means} in epoch {epoch + 1}")
+            if size == _WINDOW:
+                flush(window, size, sums)
+                window, size = {}, 0
+        if size:
+            flush(window, size, sums)
+        means = {name: total / count for name, total in sums.items()}
         history.append(means)
         bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()})
     bar.close()

@@ -11,6 +11,10 @@ the op before it, max pooling and reshapes keep the scale).
 Their ranges are exponential moving averages kept in the ``extra`` state of the
 training loss (see ``ucpjax.train``), keyed by layer path.
 
+Which kernels are quantized, and with how many bits, come from the recipe's
+``LayerRule``s (``ucpjax.rules``); the int8 ``.tflite`` holds every kernel in
+8 bits, so fewer bits are for the packed file and for ablations.
+
 Which scale a kernel gets follows the converter:
 
 * Conv kernels (4-D) are always quantized per output channel.
@@ -37,9 +41,11 @@ import numpy as np
 import optax
 
 from ucpjax import constraints
+from ucpjax import rules as rules_lib
 from ucpjax import train as train_lib
 from ucpjax.config import check
 from ucpjax.pooling import GlobalAveragePool
+from ucpjax.rules import DEFAULT_RULES, Rules
 from ucpjax.train import TrainConfig
 
 # Key of the model output (logits) among the activation ranges.
@@ -57,16 +63,16 @@ NONE, PER_TENSOR, PER_CHANNEL = "none", "tensor", "channel"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class QuantConfig:
+class QuantizeConfig:
     """Quantization-aware training.
 
     Attributes:
-      weight_bits: bits of the symmetric weight grid (8 for TFLite int8).
+      weight_bits: bits of the symmetric weight grid (8 for TFLite int8), for
+        leaves whose rule sets no bits of its own.
       activation_bits: bits of the asymmetric activation grid (8 for TFLite int8).
       per_channel: one scale per output channel for Dense kernels; False gives
         one per tensor (Conv kernels stay per channel: the converter has no switch).
       ema_decay: decay of the moving averages of the activation ranges.
-      leaves: regex of the quantized leaves (kernels; biases stay float).
       train: the fine-tuning budget.
     """
 
@@ -74,7 +80,6 @@ class QuantConfig:
     activation_bits: int = 8
     per_channel: bool = True
     ema_decay: float = 0.99
-    leaves: str = constraints.DEFAULT_LEAVES
     train: TrainConfig = dataclasses.field(
         default_factory=lambda: TrainConfig(epochs=1, learning_rate=1e-4))
 
@@ -146,15 +151,19 @@ def _quantize_leaf(w, mode: str, bits: int):
     return fake_quant(w, scale, 0.0, qmin=-qmax, qmax=qmax)
 
 
-def fake_quant_weights(params, modes, bits: int):
+def fake_quant_weights(params, modes, bits):
     """Fake-quantizes every leaf of ``params`` whose mode (see ``weight_modes``) is not NONE.
+
+    ``bits`` is a pytree like ``params`` (``weight_bits``) or one int for all leaves.
 
     Zeros map to exactly 0. A weight-shared per-tensor leaf keeps at most its k
     values: quantizing the decoded weights element-wise with one scale equals
     quantizing the centroids and decoding, and its gradient reaches each centroid
     as the sum over its members, as in ``constraints.factor``.
     """
-    return jax.tree.map(lambda w, m: _quantize_leaf(w, m, bits), params, modes)
+    if isinstance(bits, int):
+        bits = jax.tree.map(lambda _: bits, params)
+    return jax.tree.map(_quantize_leaf, params, modes, bits)
 
 
 def _on_grid(w, mode: str, bits: int) -> bool:
@@ -173,7 +182,14 @@ def _weight_shared(w, bits: int) -> bool:
     return not (_on_grid(w, PER_CHANNEL, bits) and not _on_grid(w, PER_TENSOR, bits))
 
 
-def dense_per_tensor(params, config: QuantConfig) -> bool:
+def weight_bits(params, config: QuantizeConfig, rules: Rules = DEFAULT_RULES):
+    """Pytree like ``params``: each leaf's weight bits (its rule's, else ``weight_bits``)."""
+    bits = rules_lib.setting(params, rules, "bits", config.weight_bits)
+    return jax.tree.map(lambda b: config.weight_bits if b is None else b, bits,
+                        is_leaf=lambda b: b is None)
+
+
+def dense_per_tensor(params, config: QuantizeConfig, rules: Rules = DEFAULT_RULES) -> bool:
     """Whether all Dense (2-D) kernels use one scale per tensor.
 
     True when ``config.per_channel`` is False or any selected 2-D kernel is
@@ -182,54 +198,58 @@ def dense_per_tensor(params, config: QuantConfig) -> bool:
 
     Args:
       params: params pytree (before or after ``quantize_weights``: same answer).
-      config: a QuantConfig.
+      config: a QuantizeConfig.
+      rules: the quantized leaves and their bits.
 
     Returns:
       The flag.
     """
     if not config.per_channel:
         return True
-    selected = jax.tree.leaves(constraints.selected(params, config.leaves))
-    return any(sel and np.ndim(w) == 2 and _weight_shared(w, config.weight_bits)
-               for w, sel in zip(jax.tree.leaves(params), selected, strict=True))
+    leaves = zip(jax.tree.leaves(params), jax.tree.leaves(rules_lib.selected(params, rules)),
+                 jax.tree.leaves(weight_bits(params, config, rules)), strict=True)
+    return any(sel and np.ndim(w) == 2 and _weight_shared(w, bits) for w, sel, bits in leaves)
 
 
-def weight_modes(params, config: QuantConfig):
+def weight_modes(params, config: QuantizeConfig, rules: Rules = DEFAULT_RULES):
     """Per leaf: NONE (not selected), PER_TENSOR or PER_CHANNEL.
 
     Conv kernels (4-D) are per channel always: the converter quantizes convs per
     channel, so a clustered conv keeps at most k values per output channel, not
     per tensor (the report counts both).
     """
-    dense_tensor = dense_per_tensor(params, config)
+    dense_tensor = dense_per_tensor(params, config, rules)
 
-    def mode(w, sel):
+    def mode(w, sel, bits):
         if not sel:
             return NONE
         if np.ndim(w) == 4:
             return PER_CHANNEL
         if np.ndim(w) == 2:
             return PER_TENSOR if dense_tensor else PER_CHANNEL
-        if np.ndim(w) < 2 or not config.per_channel or _weight_shared(w, config.weight_bits):
+        if np.ndim(w) < 2 or not config.per_channel or _weight_shared(w, bits):
             return PER_TENSOR
         return PER_CHANNEL
 
-    return jax.tree.map(mode, params, constraints.selected(params, config.leaves))
+    return jax.tree.map(mode, params, rules_lib.selected(params, rules),
+                        weight_bits(params, config, rules))
 
 
-def quantize_weights(params, config: QuantConfig):
+def quantize_weights(params, config: QuantizeConfig, rules: Rules = DEFAULT_RULES):
     """Params with every selected weight tensor on its int grid (what the .tflite holds).
 
     Idempotent; zeros stay exactly zero.
 
     Args:
       params: params pytree.
-      config: a QuantConfig (weight_bits, per_channel, leaves).
+      config: a QuantizeConfig (weight_bits, per_channel).
+      rules: the quantized leaves and their bits.
 
     Returns:
       Params of the same structure; each selected leaf equals ``int codes * scale``.
     """
-    return fake_quant_weights(params, weight_modes(params, config), config.weight_bits)
+    return fake_quant_weights(params, weight_modes(params, config, rules),
+                              weight_bits(params, config, rules))
 
 
 # ---------------------------------------------------------------- activations
@@ -261,7 +281,7 @@ def _run(apply_fn, params, x, visit: Visit) -> jax.Array:
     """``apply_fn(params, x)`` with ``visit(name, tensor)`` applied to each quantized tensor.
 
     Names are the layer paths (``"Dense_0"``) for the inputs of Dense/Conv calls,
-    with ``":n"`` appended for the n-th repeated call of one layer, and OUTPUT.
+    ``rules.call_name`` for a layer called again (``"Dense_0#2"``), and OUTPUT.
     """
     calls: dict[str, int] = {}
 
@@ -272,7 +292,7 @@ def _run(apply_fn, params, x, visit: Visit) -> jax.Array:
         name = "/".join(context.module.path)
         n = calls.get(name, 0)
         calls[name] = n + 1
-        return next_fun(visit(f"{name}:{n}" if n else name, args[0]), *args[1:], **kwargs)
+        return next_fun(visit(rules_lib.call_name(name, n), args[0]), *args[1:], **kwargs)
 
     with nn.intercept_methods(interceptor):
         logits = apply_fn(params, x)
@@ -325,19 +345,19 @@ def quantized_apply(apply_fn, ranges, bits: int = 8):
     return lambda params, x: _run(apply_fn, params, x, visit)
 
 
-def qat_loss(apply_fn, modes, config: QuantConfig):
+def qat_loss(apply_fn, modes, bits, config: QuantizeConfig):
     """``make_loss(materialize) -> loss_fn`` for ``constraints.fit_preserving``.
 
     The loss is the cross-entropy of the model with fake-quantized weights and
     activations; ``extra`` holds the activation ranges, updated as moving averages
     of each batch's min and max (the updated range quantizes the batch).
     """
-    decay, bits = config.ema_decay, config.activation_bits
+    decay, activation_bits = config.ema_decay, config.activation_bits
 
     def make_loss(materialize):
         def loss_fn(trainable, extra, x, y, key):
             del key  # apply_fn runs in inference mode: nothing random
-            params = fake_quant_weights(materialize(trainable), modes, config.weight_bits)
+            params = fake_quant_weights(materialize(trainable), modes, bits)
             new = {}
 
             def visit(name, t):
@@ -346,7 +366,8 @@ def qat_loss(apply_fn, modes, config: QuantConfig):
                 batch = _batch_range(t)
                 new[name] = jax.tree.map(lambda old, b: decay * old + (1 - decay) * b,
                                          extra[name], batch)
-                return fake_quant_activation(t, new[name]["min"], new[name]["max"], bits)
+                return fake_quant_activation(t, new[name]["min"], new[name]["max"],
+                                             activation_bits)
 
             logits = _run(apply_fn, params, x, visit)
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
@@ -358,60 +379,60 @@ def qat_loss(apply_fn, modes, config: QuantConfig):
     return make_loss
 
 
-def quantize(params, config: QuantConfig, *, apply_fn, data, seed: int):
+def quantize(params, config: QuantizeConfig, *, apply_fn, data, seed: int,
+             rules: Rules = DEFAULT_RULES):
     """Quantization-aware fine-tuning, then the weights put on their int grid.
 
     Zeros and weight sharing of earlier stages are kept (``constraints.fit_preserving``).
 
     Args:
       params: params pytree.
-      config: a QuantConfig.
+      config: a QuantizeConfig.
       apply_fn: ``apply_fn(params, x) -> logits`` of a Flax model, inference mode.
       data: a ``ucpjax.data.Dataset``.
       seed: training seed.
+      rules: the quantized leaves and their bits.
 
     Returns:
-      ``(params, report)``: params equal to ``quantize_weights(trained, config)``
-      and a flat report (``quant/...``).
+      ``(params, report)``: params equal to ``quantize_weights(trained, config,
+      rules)`` and a flat report (``quantize/...``).
     """
-    modes = weight_modes(params, config)
-    bits = config.weight_bits
+    modes, bits = weight_modes(params, config, rules), weight_bits(params, config, rules)
     ranges = calibrate(apply_fn, fake_quant_weights(params, modes, bits),
                        data.x_train[:CALIBRATION_SIZE])
-    # train.fit donates its state, and device_put may hand it the caller's own
-    # buffers: train on a copy so that ``params`` stays usable.
     trained, state, history = constraints.fit_preserving(
-        jax.tree.map(jnp.copy, params), qat_loss(apply_fn, modes, config),
-        x=data.x_train, y=data.y_train, config=config.train, seed=seed, leaves=config.leaves,
-        extra=ranges, desc="quant")
+        params, qat_loss(apply_fn, modes, bits, config),
+        x=data.x_train, y=data.y_train, config=config.train, seed=seed, rules=rules,
+        extra=ranges, desc="quantize")
     ranges = jax.device_get(state.extra)
     quantized = fake_quant_weights(trained, modes, bits)
-    report = _report(quantized, modes, config, ranges)
-    report["quant/train_loss"] = history[-1]["loss"]
-    report["quant/val_accuracy"] = train_lib.accuracy(
+    report = _report(quantized, modes, bits, config, ranges)
+    report["quantize/train_loss"] = history[-1]["loss"]
+    report["quantize/val_accuracy"] = train_lib.accuracy(
         quantized_apply(apply_fn, ranges, config.activation_bits), quantized,
         data.x_val, data.y_val)
-    report["quant/val_accuracy_float_activations"] = train_lib.accuracy(
+    report["quantize/val_accuracy_float_activations"] = train_lib.accuracy(
         apply_fn, quantized, data.x_val, data.y_val)
     return quantized, report
 
 
-def _report(params, modes, config: QuantConfig, ranges) -> dict[str, Any]:
-    bits = config.weight_bits
+def _report(params, modes, bits, config: QuantizeConfig, ranges) -> dict[str, Any]:
     leaves = list(zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(modes),
-                      strict=True))
+                      jax.tree.leaves(bits), strict=True))
     report: dict[str, Any] = {
-        "quant/weight_bits": bits, "quant/activation_bits": config.activation_bits,
-        "quant/dense_per_tensor": int(any(m == PER_TENSOR and np.ndim(w) == 2
-                                          for (_, w), m in leaves)),
+        "quantize/weight_bits": config.weight_bits,
+        "quantize/activation_bits": config.activation_bits,
+        "quantize/dense_per_tensor": int(any(m == PER_TENSOR and np.ndim(w) == 2
+                                             for (_, w), m, _ in leaves)),
     }
     scales = []
-    for (path, w), mode in leaves:
+    for (path, w), mode, leaf_bits in leaves:
         if mode == NONE:
             continue
         w = np.asarray(w)
-        name = f"quant/{constraints.path_name(path)}"
-        s = np.asarray(weight_scale(jnp.asarray(w), mode, bits)).ravel()
+        name = f"quantize/{rules_lib.path_name(path)}"
+        report[f"{name}/bits"] = leaf_bits
+        s = np.asarray(weight_scale(jnp.asarray(w), mode, leaf_bits)).ravel()
         s = s[np.abs(w).reshape(-1, s.size).max(0) > 0] if mode == PER_CHANNEL else s
         scales.append(s)
         report[f"{name}/per_channel"] = int(mode == PER_CHANNEL)
@@ -423,11 +444,11 @@ def _report(params, modes, config: QuantConfig, ranges) -> dict[str, Any]:
                 int(np.unique(c[c != 0]).size) for c in columns)
     if scales:
         scales = np.concatenate(scales)
-        report["quant/scale_min"] = float(scales.min()) if scales.size else 1.0
-        report["quant/scale_max"] = float(scales.max()) if scales.size else 1.0
+        report["quantize/scale_min"] = float(scales.min()) if scales.size else 1.0
+        report["quantize/scale_max"] = float(scales.max()) if scales.size else 1.0
     for name, r in ranges.items():
         scale, zero_point = activation_qparams(r["min"], r["max"], config.activation_bits)
-        report[f"quant/act/{name}/scale"] = float(scale)
-        report[f"quant/act/{name}/zero_point"] = int(zero_point)
+        report[f"quantize/act/{name}/scale"] = float(scale)
+        report[f"quantize/act/{name}/zero_point"] = int(zero_point)
     return report
 

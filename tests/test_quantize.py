@@ -1,4 +1,4 @@
-"""Tests of ucpjax.quant: STE, the TFLite weight grid, QAT keeping earlier constraints."""
+"""Tests of ucpjax.quantize: STE, the TFLite weight grid, QAT keeping earlier constraints."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ucpjax import constraints, data, models, quant, train
+from ucpjax import constraints, data, models, quantize, train
 from ucpjax.config import ConfigError
 
 SMALL_TRAIN = train.TrainConfig(epochs=0.25, batch_size=64, learning_rate=1e-3)
@@ -51,17 +51,18 @@ def _assert_on_grid(w, scale, qmax):
 def test_ste_gradient_is_one_inside_zero_outside():
     scale, zp = 0.1, 3.0  # representable range [(-128-3)*0.1, (127-3)*0.1] = [-13.1, 12.4]
     x = jnp.array([-20.0, -13.0, -0.04, 0.0, 0.05, 12.3, 12.5, 50.0])
-    grad = jax.jit(jax.grad(lambda x: quant.fake_quant(x, scale, zp, qmin=-128, qmax=127).sum()))
+    grad = jax.jit(jax.grad(lambda x: quantize.fake_quant(x, scale, zp, qmin=-128, qmax=127).sum()))
     np.testing.assert_array_equal(grad(x), [0, 1, 1, 1, 1, 1, 0, 0])
     # Weights: symmetric narrow grid [-127 s, 127 s].
-    wgrad = jax.jit(jax.grad(lambda w: quant.fake_quant(w, 0.01, 0.0, qmin=-127, qmax=127).sum()))
+    wgrad = jax.jit(jax.grad(
+        lambda w: quantize.fake_quant(w, 0.01, 0.0, qmin=-127, qmax=127).sum()))
     np.testing.assert_array_equal(wgrad(jnp.array([-1.3, -1.26, 0.3, 1.26, 1.3])), [0, 1, 1, 1, 0])
 
 
 def test_fake_quant_is_bit_exact_on_the_grid():
     scale = np.float32(0.0123)
     codes = np.arange(-128, 128, dtype=np.float32)
-    fq = jax.jit(lambda x, zp: quant.fake_quant(x, scale, zp, qmin=-128, qmax=127))
+    fq = jax.jit(lambda x, zp: quantize.fake_quant(x, scale, zp, qmin=-128, qmax=127))
     for zp in (0.0, -5.0, 17.0):
         on_grid = ((codes - np.float32(zp)) * scale).astype(np.float32)
         keep = (codes - zp >= -128) & (codes - zp <= 127)
@@ -71,10 +72,10 @@ def test_fake_quant_is_bit_exact_on_the_grid():
 
 def test_quantize_weights_idempotent_keeps_zeros_per_channel_scales():
     params = _random_params()
-    config = quant.QuantConfig()
-    assert not quant.dense_per_tensor(params, config)
-    once = quant.quantize_weights(params, config)
-    twice = quant.quantize_weights(once, config)
+    config = quantize.QuantizeConfig()
+    assert not quantize.dense_per_tensor(params, config)
+    once = quantize.quantize_weights(params, config)
+    twice = quantize.quantize_weights(once, config)
     jax.tree.map(np.testing.assert_array_equal, once, twice)
     np.testing.assert_array_equal(once["Dense_0"]["bias"], params["Dense_0"]["bias"])
     for layer in ("Dense_0", "Conv_0"):
@@ -90,9 +91,9 @@ def test_quantize_weights_idempotent_keeps_zeros_per_channel_scales():
 
 def test_per_tensor_when_per_channel_false_but_conv_stays_per_channel():
     params = _random_params(seed=1)
-    config = quant.QuantConfig(per_channel=False)
-    assert quant.dense_per_tensor(params, config)
-    q = quant.quantize_weights(params, config)
+    config = quantize.QuantizeConfig(per_channel=False)
+    assert quantize.dense_per_tensor(params, config)
+    q = quantize.quantize_weights(params, config)
     w = np.asarray(params["Dense_0"]["kernel"])
     _assert_on_grid(q["Dense_0"]["kernel"], np.abs(w).max() / np.float32(127), 127)
     c = np.asarray(params["Conv_0"]["kernel"])
@@ -103,9 +104,9 @@ def test_4_bits_at_most_15_values_per_channel_and_idempotent():
     # A 100x10 kernel on a 4-bit per-channel grid has few distinct values and looks
     # weight-shared to constraints.codebook; it must still stay per channel.
     params = _random_params(seed=2, dense=(100, 10))
-    config = quant.QuantConfig(weight_bits=4)
-    modes = quant.weight_modes(params, config)
-    q = jax.jit(lambda p: quant.fake_quant_weights(p, modes, 4))(params)
+    config = quantize.QuantizeConfig(weight_bits=4)
+    modes = quantize.weight_modes(params, config)
+    q = jax.jit(lambda p: quantize.fake_quant_weights(p, modes, 4))(params)
     for layer in ("Dense_0", "Conv_0"):
         k = np.asarray(q[layer]["kernel"])
         per_channel = [np.unique(c).size for c in k.reshape(-1, k.shape[-1]).T]
@@ -113,8 +114,8 @@ def test_4_bits_at_most_15_values_per_channel_and_idempotent():
         w = np.asarray(params[layer]["kernel"])
         _assert_on_grid(k, np.abs(w).reshape(-1, w.shape[-1]).max(0) / np.float32(7), 7)
     assert constraints.codebook(q["Dense_0"]["kernel"]) is not None
-    assert not quant.dense_per_tensor(q, config)
-    jax.tree.map(np.testing.assert_array_equal, q, quant.quantize_weights(q, config))
+    assert not quantize.dense_per_tensor(q, config)
+    jax.tree.map(np.testing.assert_array_equal, q, quantize.quantize_weights(q, config))
 
 
 def test_clustered_conv_keeps_k_values_per_channel_dense_goes_per_tensor():
@@ -125,9 +126,9 @@ def test_clustered_conv_keeps_k_values_per_channel_dense_goes_per_tensor():
     params = {"Conv_0": {"kernel": jnp.asarray(conv)},
               "Dense_0": {"kernel": jnp.asarray(rng.normal(size=(64, 10)), jnp.float32)},
               "Dense_1": {"kernel": jnp.asarray(centroids[rng.integers(0, 4, (64, 10))])}}
-    config = quant.QuantConfig()
-    assert quant.dense_per_tensor(params, config)  # Dense_1 is weight-shared
-    q = quant.quantize_weights(params, config)
+    config = quantize.QuantizeConfig()
+    assert quantize.dense_per_tensor(params, config)  # Dense_1 is weight-shared
+    q = quantize.quantize_weights(params, config)
     for layer in ("Dense_0", "Dense_1"):
         w = np.asarray(params[layer]["kernel"])
         _assert_on_grid(q[layer]["kernel"], np.abs(w).max() / np.float32(127), 127)
@@ -158,40 +159,41 @@ def test_qat_keeps_clusters_zeros_and_lands_on_the_grid(lenet, mnist):
     params, apply_fn = lenet
     params = _cluster_and_prune(params)
     assert constraints.codebook(params["Dense_0"]["kernel"]).centroids.size == 8
-    config = quant.QuantConfig(train=SMALL_TRAIN)
-    q, report = quant.quantize(params, config, apply_fn=apply_fn, data=mnist, seed=0)
+    config = quantize.QuantizeConfig(train=SMALL_TRAIN)
+    q, report = quantize.quantize(params, config, apply_fn=apply_fn, data=mnist, seed=0)
     k0 = np.asarray(q["Dense_0"]["kernel"])
     assert np.unique(k0[k0 != 0]).size <= 8
-    assert report["quant/Dense_0/kernel/distinct"] <= 8
+    assert report["quantize/Dense_0/kernel/distinct"] <= 8
     for layer in ("Dense_0", "Dense_1"):
         assert np.all(np.asarray(q[layer]["kernel"])[np.asarray(params[layer]["kernel"]) == 0] == 0)
     # One clustered Dense kernel puts every Dense kernel on a per-tensor grid.
-    assert report["quant/dense_per_tensor"] == 1 and quant.dense_per_tensor(q, config)
+    assert report["quantize/dense_per_tensor"] == 1 and quantize.dense_per_tensor(q, config)
     for layer in ("Dense_0", "Dense_1", "Dense_2"):
         k = np.asarray(q[layer]["kernel"])
         _assert_on_grid(k, np.abs(k).max() / np.float32(127), 127)
-        assert report[f"quant/{layer}/kernel/per_channel"] == 0
+        assert report[f"quantize/{layer}/kernel/per_channel"] == 0
     # Training moved the weights (the stage is not a plain rounding).
     assert not np.array_equal(q["Dense_2"]["kernel"],
-                              quant.quantize_weights(params, config)["Dense_2"]["kernel"])
-    jax.tree.map(np.testing.assert_array_equal, q, quant.quantize_weights(q, config))
-    assert 0 < report["quant/scale_min"] <= report["quant/scale_max"]
-    for key in ("quant/val_accuracy", "quant/val_accuracy_float_activations"):
+                              quantize.quantize_weights(params, config)["Dense_2"]["kernel"])
+    jax.tree.map(np.testing.assert_array_equal, q, quantize.quantize_weights(q, config))
+    assert 0 < report["quantize/scale_min"] <= report["quantize/scale_max"]
+    for key in ("quantize/val_accuracy", "quantize/val_accuracy_float_activations"):
         assert 0.0 <= report[key] <= 1.0
-    assert {"quant/act/Dense_0/scale", "quant/act/logits/zero_point"} <= set(report)
+    assert {"quantize/act/Dense_0/scale", "quantize/act/logits/zero_point"} <= set(report)
     # After ReLU the range starts at 0: zero point at qmin.
-    assert report["quant/act/Dense_1/zero_point"] == -128
+    assert report["quantize/act/Dense_1/zero_point"] == -128
 
 
 def test_ranges_contain_zero_and_train_step_does_not_recompile(lenet, mnist):
     params, apply_fn = lenet
-    config = quant.QuantConfig(ema_decay=0.5)
+    config = quantize.QuantizeConfig(ema_decay=0.5)
     x, y = mnist.x_train[:64], mnist.y_train[:64]
-    ranges = quant.calibrate(apply_fn, params, x)
-    assert set(ranges) == {"Dense_0", "Dense_1", "Dense_2", quant.OUTPUT}
+    ranges = quantize.calibrate(apply_fn, params, x)
+    assert set(ranges) == {"Dense_0", "Dense_1", "Dense_2", quantize.OUTPUT}
     assert ranges["Dense_1"]["min"] == 0.0 and ranges["Dense_0"]["max"] > 0
-    modes = quant.weight_modes(params, config)
-    loss_fn = quant.qat_loss(apply_fn, modes, config)(lambda t: t)
+    modes = quantize.weight_modes(params, config)
+    bits = quantize.weight_bits(params, config)
+    loss_fn = quantize.qat_loss(apply_fn, modes, bits, config)(lambda t: t)
     optimizer = optax.adam(1e-3)
     step = train.make_train_step(loss_fn, optimizer)
     state = train.TrainState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, params), ranges,
@@ -205,11 +207,11 @@ def test_ranges_contain_zero_and_train_step_does_not_recompile(lenet, mnist):
     assert step._cache_size() == 1
     assert np.isfinite(float(metrics["loss"]))
     # The EMA moved the output range halfway towards the second batch's.
-    assert float(state.extra[quant.OUTPUT]["max"]) != float(ranges[quant.OUTPUT]["max"])
-    scale, zp = quant.activation_qparams(state.extra["Dense_0"]["min"],
+    assert float(state.extra[quantize.OUTPUT]["max"]) != float(ranges[quantize.OUTPUT]["max"])
+    scale, zp = quantize.activation_qparams(state.extra["Dense_0"]["min"],
                                          state.extra["Dense_0"]["max"], 8)
     assert float(zp) == round(float(zp)) and -128 <= float(zp) <= 127 and float(scale) > 0
-    assert float(quant.fake_quant_activation(jnp.zeros(()), 0.3, 2.0, 8)) == 0.0  # 0 in range
+    assert float(quantize.fake_quant_activation(jnp.zeros(()), 0.3, 2.0, 8)) == 0.0  # 0 in range
 
 
 @pytest.mark.parametrize("field, value", [
@@ -218,4 +220,4 @@ def test_ranges_contain_zero_and_train_step_does_not_recompile(lenet, mnist):
 ])
 def test_invalid_config_names_the_field(field, value):
     with pytest.raises(ConfigError, match=field):
-        quant.QuantConfig(**{field: value})
+        quantize.QuantizeConfig(**{field: value})

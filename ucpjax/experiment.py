@@ -1,0 +1,209 @@
+"""The run setup around a recipe: which model, which data, how the dense model is made.
+
+An experiment file defines ``get_config(smoke=False) -> Experiment`` (or, for
+``ucpjax study``, ``get_variants(smoke=False) -> {name: Experiment}``). The
+``Experiment`` names a model of ``ucpjax.models`` and a dataset of
+``ucpjax.data``, how the dense model is trained (or ``init_from`` a ``ucpjax
+train`` folder), and the ``Recipe`` that compresses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import pathlib
+import platform
+import sys
+import time
+
+import jax
+
+from ucpjax import data as data_lib
+from ucpjax import models as models_lib
+from ucpjax import pipeline
+from ucpjax import train as train_lib
+from ucpjax.config import ConfigError, check, override, to_dict
+from ucpjax.model import Model
+from ucpjax.recipe import Recipe
+from ucpjax.run_folder import RunFolder
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Experiment:
+    """A model and data to compress, and the recipe; ``ucpjax compress --help`` lists them."""
+
+    model: str = "lenet300"
+    data: str = "mnist"
+    val_size: int = 5000
+    # Smoke runs use this many training/test examples (0: all of them).
+    subset: int = 0
+    # A `ucpjax train` output folder to start from instead of training `dense`.
+    init_from: str = ""
+    dense: train_lib.TrainConfig = dataclasses.field(
+        default_factory=lambda: train_lib.TrainConfig(epochs=10))
+    recipe: Recipe = dataclasses.field(default_factory=Recipe)
+
+    def __post_init__(self):
+        check(self.val_size >= 0, "val_size", self.val_size, "must be >= 0")
+        check(self.subset >= 0, "subset", self.subset, "must be >= 0")
+        check(isinstance(self.recipe, Recipe), "recipe", type(self.recipe).__name__,
+              "must be a ucpjax.recipe.Recipe")
+
+    @property
+    def seed(self) -> int:
+        return self.recipe.seed
+
+
+def apply_overrides(experiment: Experiment, assignments) -> Experiment:
+    """``field=value`` overrides; recipe fields need no ``recipe.`` prefix."""
+    own = {f.name for f in dataclasses.fields(Experiment)}
+    routed = [a if a.partition(".")[0].partition("=")[0].strip() in own else f"recipe.{a}"
+              for a in assignments]
+    return override(experiment, routed)
+
+
+def load_module(path: str | os.PathLike):
+    """Imports an experiment file (it defines ``get_config`` or ``get_variants``)."""
+    path = pathlib.Path(path)
+    if not path.is_file() or path.suffix != ".py":
+        raise ConfigError(f"--config {path}: expected an experiment .py file, e.g. "
+                          "experiments/lenet300_mnist.py")
+    spec = importlib.util.spec_from_file_location(f"ucpjax_experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    # Experiments may import their siblings (e.g. a study built on the default).
+    sys.path.insert(0, str(path.resolve().parent))
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as err:
+        raise ConfigError(f"--config {path}: syntax error on line {err.lineno}: "
+                          f"{err.msg}") from None
+    finally:
+        sys.path.remove(str(path.resolve().parent))
+    if not hasattr(module, "get_config") and not hasattr(module, "get_variants"):
+        raise ConfigError(f"{path} defines neither get_config(smoke) nor get_variants(smoke)")
+    return module
+
+
+def load(path, smoke: bool = False) -> Experiment:
+    """The ``Experiment`` of a file defining ``get_config(smoke)``."""
+    module = load_module(path)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} is a study (get_variants): run `ucpjax study`")
+    return checked(module.get_config(smoke=smoke), f"{path}: get_config")
+
+
+def checked(experiment, where: str) -> Experiment:
+    if not isinstance(experiment, Experiment):
+        raise ConfigError(f"{where} returned {type(experiment).__name__}: it must return "
+                          "ucpjax.experiment.Experiment(...)")
+    return experiment
+
+
+def smoke(experiment: Experiment) -> Experiment:
+    """The same run shrunk to seconds: 1,000 examples, half an epoch per stage."""
+    tiny = train_lib.TrainConfig(epochs=0.5, batch_size=100, learning_rate=1e-3)
+    recipe = experiment.recipe
+    replace = dataclasses.replace
+    return replace(
+        experiment, subset=1000,
+        dense=replace(experiment.dense, epochs=2, batch_size=100),
+        recipe=replace(
+            recipe,
+            prune=replace(recipe.prune, frequency=1, train=tiny, fine_tune=tiny),
+            distill=replace(recipe.distill, train=tiny),
+            cluster=replace(recipe.cluster, iterations=5, fine_tune=tiny),
+            quantize=replace(recipe.quantize, train=tiny),
+            export=replace(recipe.export, representative_samples=50, latency_repeats=20)))
+
+
+def machine() -> str:
+    """The machine and versions, for reports."""
+    import flax
+
+    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, {len(jax.devices())} JAX "
+            f"device(s), Python {platform.python_version()}, jax {jax.__version__}, "
+            f"flax {flax.__version__}")
+
+
+def load_dataset(experiment: Experiment) -> data_lib.Dataset:
+    dataset = data_lib.load(experiment.data, val_size=experiment.val_size, seed=experiment.seed)
+    if experiment.subset:
+        dataset = dataset.take(experiment.subset, max(experiment.subset // 4, 100))
+    return dataset
+
+
+def initial_model(experiment: Experiment, dataset: data_lib.Dataset) -> Model:
+    module = models_lib.create(experiment.model, dataset.num_classes)
+    return Model(module, models_lib.init(module, dataset.input_shape, experiment.seed))
+
+
+def _setup(experiment: Experiment) -> dict:
+    return {k: v for k, v in to_dict(experiment).items() if k != "recipe"}
+
+
+def run(experiment: Experiment, out: pathlib.Path | None, *, resume: bool = False,
+        log=print) -> pipeline.Result:
+    """Loads the data and model an experiment names, and runs the pipeline on them."""
+    dataset = load_dataset(experiment)
+    return pipeline.run(initial_model(experiment, dataset), dataset, experiment.recipe, out,
+                        start=("dense", _start(experiment, dataset)),
+                        setup=_setup(experiment), resume=resume, log=log)
+
+
+def _start(experiment: Experiment, dataset: data_lib.Dataset):
+    """Stage 0 of an experiment: the dense model, trained or read from ``init_from``."""
+    def start(model: Model) -> tuple[Model, dict]:
+        if not experiment.init_from:
+            return train_dense(model, experiment.dense, dataset, experiment.seed)
+        checkpoint = pathlib.Path(experiment.init_from) / "checkpoint"
+        if not (checkpoint.parent / "metrics.json").exists():
+            raise ConfigError(f"init_from={experiment.init_from!r}: not a finished "
+                              "`ucpjax train` folder (no metrics.json)")
+        try:
+            variables = train_lib.restore_checkpoint(checkpoint, model.variables)
+        except Exception as err:  # orbax raises many types for a damaged or foreign file
+            raise ConfigError(f"init_from={experiment.init_from!r}: its checkpoint does not "
+                              f"load as a {experiment.model} model ({type(err).__name__}); "
+                              "retrain it with `ucpjax train`") from None
+        return Model(model.module, variables), {"dense/init_from": str(checkpoint)}
+    return start
+
+
+def train_dense(model: Model, config: train_lib.TrainConfig, dataset: data_lib.Dataset,
+                seed: int) -> tuple[Model, dict]:
+    """Trains the dense reference model (BatchNorm statistics updated as it goes)."""
+    steps = train_lib.total_steps(config, len(dataset.x_train))
+    state, history = train_lib.fit(
+        model.params, train_lib.classification_loss(model.module),
+        train_lib.make_optimizer(config, steps), dataset.x_train, dataset.y_train,
+        config=config, seed=seed, extra=model.extra, desc="dense")
+    trained = Model(model.module, {"params": state.params, **state.extra})
+    return trained, {"dense/train_loss": history[-1]["loss"]}
+
+
+def train_to_folder(experiment: Experiment, out: pathlib.Path) -> dict:
+    """Trains the experiment's dense model into ``out`` (``checkpoint/``, ``metrics.json``).
+
+    The folder is what ``init_from`` reads; ``ucpjax train`` writes the same.
+    """
+    dataset = load_dataset(experiment)
+    start = time.perf_counter()
+    model, _ = train_dense(initial_model(experiment, dataset), experiment.dense, dataset,
+                           experiment.seed)
+    seconds = time.perf_counter() - start
+    apply_fn = model.apply_fn()
+    metrics = {
+        "model": experiment.model, "data": experiment.data, "seed": experiment.seed,
+        "parameters": models_lib.param_count(model.params),
+        **to_dict(experiment.dense),
+        "val_accuracy": train_lib.accuracy(apply_fn, model.params, dataset.x_val,
+                                           dataset.y_val),
+        "test_accuracy": train_lib.accuracy(apply_fn, model.params, dataset.x_test,
+                                            dataset.y_test),
+        "wall_seconds": seconds, "machine": machine(),
+    }
+    folder = RunFolder(out)
+    train_lib.save_checkpoint(folder.root / "checkpoint", model.variables)
+    folder.write_json("metrics.json", metrics)  # written last: marks the folder complete
+    return metrics

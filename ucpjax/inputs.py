@@ -1,0 +1,161 @@
+"""Checks the arrays given to ``ucpjax.compress`` before any compute.
+
+``dataset_from_arrays`` turns ``train=(x, y)``, ``test=(x, y)`` and an optional
+``val=(x, y)`` into a ``ucpjax.data.Dataset`` of float32 NHWC images and int32
+labels, with ``num_classes`` = the largest training label + 1 and ``val``
+defaulting to ``test``. Every problem is refused in one line that names the
+argument (``train``, ``test``, ``val``), the array (``x`` or ``y``) and the fix:
+
+* not an ``(x, y)`` pair, ``x`` and ``y`` of different lengths, an empty set;
+* ``x`` not 4-D NHWC (flat or 3-D images), non-numeric ``x``, NaN/Inf pixels;
+* integer images (uint8 included): the model expects the preprocessing it was
+  trained with, so scaling or casting them here would give a silent wrong
+  result; the user scales them, e.g. ``x.astype(np.float32) / 255``;
+* ``y`` not 1-D (one-hot labels), non-numeric ``y``, float labels that are not
+  whole numbers, negative labels;
+* test/val labels outside the training classes, test/val images of another
+  shape than the training images.
+
+Float images of other widths are cast to float32 and whole-number float labels
+to int32: both casts keep every value.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ucpjax.config import ConfigError
+from ucpjax.data import Dataset
+
+# NaN/Inf are looked for in slices of this many images, so the check never
+# holds a boolean copy of a large training set in memory.
+_FINITE_CHUNK = 4096
+
+
+def dataset_from_arrays(train, test, val=None, *, name: str = "user") -> Dataset:
+    """Validates ``(x, y)`` pairs and builds the Dataset the pipeline trains on.
+
+    Args:
+      train: ``(x, y)``: float NHWC images and integer class ids 0..K-1.
+      test: ``(x, y)`` for reporting; same image shape, labels among train's.
+      val: optional ``(x, y)`` for the stages' validation accuracy (default: test).
+      name: the Dataset's name in reports.
+
+    Returns:
+      A ``Dataset`` with float32 images, int32 labels and ``num_classes`` = the
+      largest training label + 1.
+
+    Raises:
+      ConfigError: one line naming the argument and the fix (see the module docstring).
+    """
+    x_train, y_train = _checked_pair(train, "train")
+    num_classes = int(y_train.max()) + 1
+    x_test, y_test = _checked_pair(test, "test")
+    _check_like_train(x_test, y_test, "test", x_train.shape[1:], num_classes)
+    if val is None:
+        x_val, y_val = x_test, y_test
+    else:
+        x_val, y_val = _checked_pair(val, "val")
+        _check_like_train(x_val, y_val, "val", x_train.shape[1:], num_classes)
+    return Dataset(name=name, x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val,
+                   x_test=x_test, y_test=y_test, num_classes=num_classes)
+
+
+def check_batch_size(batch_size: int, num_examples: int, field: str) -> None:
+    """Refuses a batch larger than the training set (it would train zero steps).
+
+    Args:
+      batch_size: the configured batch size.
+      num_examples: training examples available.
+      field: the config path named in the error, e.g. ``prune.train.batch_size``.
+
+    Raises:
+      ConfigError: ``"<field>=<b>: larger than the <n> training examples; ..."``.
+    """
+    if batch_size > num_examples:
+        raise ConfigError(f"{field}={batch_size}: larger than the {num_examples} training "
+                          f"examples; use a batch size <= {num_examples}")
+
+
+def _checked_pair(pair, arg: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(x float32, y int32)`` of one argument, or a ConfigError naming it."""
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise ConfigError(f"{arg}: expected a pair (x, y) of arrays, got "
+                          f"{type(pair).__name__}; pass {arg}=(images, labels)")
+    x, y = (_as_array(a, f"{arg} {part}") for a, part in zip(pair, "xy"))
+    if len(x) != len(y):
+        raise ConfigError(f"{arg}: x has {len(x)} examples but y has {len(y)}; "
+                          "pass one label per image")
+    if len(x) == 0:
+        raise ConfigError(f"{arg}: no examples (x has shape {x.shape}); pass at least one")
+    return _checked_images(x, f"{arg} x"), _checked_labels(y, f"{arg} y")
+
+
+def _as_array(value, where: str) -> np.ndarray:
+    try:
+        array = np.asarray(value)
+    except ValueError as err:  # ragged nested lists
+        raise ConfigError(f"{where}: not an array ({str(err).splitlines()[0]}); "
+                          "pass a numpy array") from None
+    if array.ndim == 0:
+        raise ConfigError(f"{where}: a scalar ({type(value).__name__}), not an array; "
+                          "pass a numpy array with one entry per example")
+    return array
+
+
+def _checked_images(x: np.ndarray, where: str) -> np.ndarray:
+    if x.dtype.kind not in "iuf":
+        raise ConfigError(f"{where}: dtype {x.dtype} is not numeric; pass float32 images")
+    if x.dtype.kind in "iu":
+        raise ConfigError(f"{where}: {x.dtype} images: scale them as in training, "
+                          "e.g. x.astype(np.float32) / 255")
+    if x.ndim == 2:
+        raise ConfigError(f"{where}: flat images of shape {x.shape}; reshape to (N, H, W, C), "
+                          "e.g. x.reshape(-1, 28, 28, 1)")
+    if x.ndim == 3:
+        raise ConfigError(f"{where}: 3-D images of shape {x.shape}; reshape to (N, H, W, C), "
+                          "e.g. x[..., None] for one channel")
+    if x.ndim != 4 or 0 in x.shape[1:]:
+        raise ConfigError(f"{where}: shape {x.shape} is not NHWC images; "
+                          "reshape to (N, H, W, C)")
+    for start in range(0, len(x), _FINITE_CHUNK):
+        bad = ~np.isfinite(x[start:start + _FINITE_CHUNK]).reshape(-1, np.prod(x.shape[1:]))
+        if bad.any():
+            index = start + int(np.flatnonzero(bad.any(1))[0])
+            raise ConfigError(f"{where}: NaN or infinite pixels in image {index}; "
+                              "fix or drop those images")
+    return x.astype(np.float32, copy=False)
+
+
+def _checked_labels(y: np.ndarray, where: str) -> np.ndarray:
+    if y.dtype.kind not in "biuf":
+        raise ConfigError(f"{where}: dtype {y.dtype} is not numeric; pass integer class ids")
+    if y.ndim == 2 and y.shape[1] > 1:
+        raise ConfigError(f"{where}: labels of shape {y.shape} look one-hot; pass class ids, "
+                          "use y.argmax(-1)")
+    if y.ndim != 1:
+        raise ConfigError(f"{where}: labels of shape {y.shape} are not 1-D; pass class ids "
+                          "of shape (N,), e.g. y.reshape(-1)")
+    if y.dtype.kind == "f":
+        whole = np.isfinite(y) & (y == np.round(y))
+        if not whole.all():
+            index = int(np.flatnonzero(~whole)[0])
+            raise ConfigError(f"{where}: label {y[index]} at index {index} is not a whole "
+                              "number; pass integer class ids")
+    if y.min() < 0 or y.max() > np.iinfo(np.int32).max:
+        index = int(np.argmin(y) if y.min() < 0 else np.argmax(y))
+        raise ConfigError(f"{where}: label {y[index]} at index {index} is not a class id; "
+                          "pass labels 0..K-1 for K classes")
+    return y.astype(np.int32)
+
+
+def _check_like_train(x: np.ndarray, y: np.ndarray, arg: str, image_shape: tuple,
+                      num_classes: int) -> None:
+    if x.shape[1:] != image_shape:
+        raise ConfigError(f"{arg} x: images of shape {x.shape[1:]} but train images are "
+                          f"{image_shape}; preprocess {arg} exactly like train")
+    if y.max() >= num_classes:
+        index = int(np.argmax(y))
+        raise ConfigError(f"{arg} y: label {y[index]} at index {index} is not a training "
+                          f"class (train has labels 0..{num_classes - 1}); drop those "
+                          "examples or add the class to train")

@@ -1,0 +1,87 @@
+"""The recipe: which stages run, in which order, with which settings and per-layer rules.
+
+A recipe is everything ``ucpjax.compress`` needs besides the model and the data;
+how a dense model is trained and which data it sees is the run setup
+(``ucpjax.experiment``). ``STAGES`` is the stage table: name -> function, each
+called as ``stage(params, recipe, inputs) -> (params, report)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from ucpjax import cluster, distill, prune, quantize
+from ucpjax import data as data_lib
+from ucpjax import export as export_lib
+from ucpjax import rules as rules_lib
+from ucpjax import train as train_lib
+from ucpjax.config import check
+from ucpjax.model import Model
+
+
+@dataclasses.dataclass(frozen=True)
+class StageInputs:
+    """What every stage may use besides the params and its own config."""
+
+    apply_fn: train_lib.ApplyFn
+    data: data_lib.Dataset
+    seed: int
+    rules: rules_lib.Rules
+    teacher: Model
+
+
+def _prune(params, recipe, inputs: StageInputs):
+    return prune.prune(params, recipe.prune, apply_fn=inputs.apply_fn, data=inputs.data,
+                       seed=inputs.seed, rules=inputs.rules)
+
+
+def _distill(params, recipe, inputs: StageInputs):
+    return distill.distill(params, recipe.distill, apply_fn=inputs.apply_fn, data=inputs.data,
+                           seed=inputs.seed, rules=inputs.rules,
+                           teacher_apply_fn=inputs.teacher.apply_fn(),
+                           teacher_params=inputs.teacher.params)
+
+
+def _cluster(params, recipe, inputs: StageInputs):
+    return cluster.cluster(params, recipe.cluster, apply_fn=inputs.apply_fn, data=inputs.data,
+                           seed=inputs.seed, rules=inputs.rules)
+
+
+def _quantize(params, recipe, inputs: StageInputs):
+    return quantize.quantize(params, recipe.quantize, apply_fn=inputs.apply_fn,
+                             data=inputs.data, seed=inputs.seed, rules=inputs.rules)
+
+
+# name -> stage: ``stage(params, recipe, inputs) -> (params, report)``.
+STAGES: dict[str, Callable[..., tuple[Any, dict]]] = {
+    "prune": _prune, "distill": _distill, "cluster": _cluster, "quantize": _quantize}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """How to compress a model: the stages, their settings and the per-layer rules."""
+
+    seed: int = 0
+    stages: tuple[str, ...] = tuple(STAGES)
+    rules: tuple[rules_lib.LayerRule, ...] = rules_lib.DEFAULT_RULES
+    prune: prune.PruneConfig = dataclasses.field(default_factory=prune.PruneConfig)
+    distill: distill.DistillConfig = dataclasses.field(default_factory=distill.DistillConfig)
+    cluster: cluster.ClusterConfig = dataclasses.field(default_factory=cluster.ClusterConfig)
+    quantize: quantize.QuantizeConfig = dataclasses.field(
+        default_factory=quantize.QuantizeConfig)
+    export: export_lib.ExportConfig = dataclasses.field(default_factory=export_lib.ExportConfig)
+
+    def __post_init__(self):
+        for stage in self.stages:
+            check(stage in STAGES, "stages", self.stages, f"each stage must be one of "
+                  f"{tuple(STAGES)}")
+        for rule in self.rules:
+            check(isinstance(rule, rules_lib.LayerRule), "rules", rule,
+                  "each rule must be a ucpjax.rules.LayerRule")
+        bits = [self.quantize.weight_bits, *(r.bits for r in self.rules if r.bits)]
+        # The int8 .tflite cannot hold a coarser grid exactly: refuse, not export a lie.
+        check(not self.export.enabled or "quantize" not in self.stages or min(bits) == 8,
+              "quantize.weight_bits", min(bits), "the int8 .tflite holds 8-bit weights: use 8, "
+              "or set export.enabled=False to measure fewer bits in JAX and the packed file")
