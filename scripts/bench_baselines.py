@@ -14,8 +14,8 @@ Per model, four rows with the same sparsity, number of clusters, data (ucpjax.da
 
 Budget mapping (``plan``): dense epochs are equal; every row gets the same number of
 compression epochs. TensorFlow's prune phase gets our prune (train + fine-tune) and
-distill epochs, its cluster phase our cluster epochs, its QAT phase our quantize
-epochs. The shorter recipes spend the epochs of the stages they lack on fine-tuning
+distill epochs, its cluster phase our cluster (fine-tune) epochs, its QAT phase our
+quantize epochs. The shorter recipes spend the epochs of the stages they lack on fine-tuning
 the stage before. The three ucpjax rows start from one dense model (``ucpjax train``,
 timed apart); TensorFlow trains its own dense model for the same epochs.
 
@@ -25,7 +25,9 @@ Compression time is what each tool times for its compression phases (dense train
 evaluation and export excluded). Every .tflite is re-measured here with one code
 path: LiteRT accuracy on the full test set, size, zipped size, latency.
 
-Writes results/bench_baselines.{json,md} (smoke: results/bench_baselines_smoke.*).
+Writes results/bench_baselines.{json,md} (smoke: results/bench_baselines_smoke.*;
+--results-dir puts them elsewhere). Paths and commands recorded in them are relative to
+the repository root.
 """
 
 from __future__ import annotations
@@ -96,6 +98,22 @@ def _finish_row(row: dict, sidecar: dict | None) -> dict:
     return row
 
 
+def compress_epochs(recipe: dict) -> float:
+    """Training epochs of a recipe's stages: each stage's ``train`` and ``fine_tune`` budgets.
+
+    Args:
+      recipe: a recipe as a dict (``config.to_dict(Recipe)``, a report's ``"recipe"``);
+        a budget that is None (skipped) or not a TrainConfig (an old bool) counts 0.
+    """
+    total = 0.0
+    for stage in recipe["stages"]:
+        for budget in ("train", "fine_tune"):
+            section = recipe[stage].get(budget)
+            if isinstance(section, dict):
+                total += section["epochs"]
+    return total
+
+
 def row_from_run(run_dir, name: str | None = None) -> dict:
     """One table row from a ucpjax run folder (report.json, config.json, bench.json).
 
@@ -111,17 +129,13 @@ def row_from_run(run_dir, name: str | None = None) -> dict:
     report = _read(run_dir / "report.json")
     if report is None:
         raise FileNotFoundError(f"{run_dir} has no report.json (unfinished run?)")
-    final, config = report["final"], report["config"]
+    final = report["final"]
+    recipe = report.get("recipe") or report["config"]  # "config": a run of the old layout
     # Compression = the stages after the dense/given model (row 0), as the pipeline timed them.
     stage_rows = report["rows"][1:]
-    epochs = 0.0
-    for stage in config["stages"]:
-        section = config[stage]
-        extra = section.get("fine_tune")  # prune's fine-tune budget (a bool elsewhere)
-        epochs += section["train"]["epochs"] + (extra["epochs"] if isinstance(extra, dict) else 0)
     row = {key: None for key, _, _ in COLUMNS}
     row.update({
-        "name": name or run_dir.name, "tool": "ucpjax", "stages": list(config["stages"]),
+        "name": name or run_dir.name, "tool": "ucpjax", "stages": list(recipe["stages"]),
         "tflite_accuracy": final.get("tflite_accuracy"),
         "jax_accuracy": final.get("jax_accuracy"),
         "dense_accuracy": report["rows"][0]["accuracy"],
@@ -130,7 +144,7 @@ def row_from_run(run_dir, name: str | None = None) -> dict:
         "tflite_bytes": final.get("tflite_bytes"),
         "tflite_zip_bytes": final.get("tflite_zip_bytes"),
         "packed_bytes": final["packed_bytes"],
-        "compress_epochs": epochs,
+        "compress_epochs": compress_epochs(recipe),
         "compress_seconds": sum(r["seconds"] for r in stage_rows),
         "dense_seconds": report["rows"][0]["seconds"],
         "latency_us": final.get("latency_int8_us"),
@@ -223,7 +237,7 @@ class Plan:
 
 
 def _epochs(train_config) -> float:
-    return float(train_config.epochs)
+    return 0.0 if train_config is None else float(train_config.epochs)
 
 
 def _num(value: float):
@@ -243,35 +257,43 @@ def plan(model: str, smoke: bool = False, scale: float = 1.0,
 
     Args:
       model: a key of EXPERIMENTS.
-      smoke: tiny budgets (pipeline.smoke on our side, 1 epoch per phase on a data
+      smoke: tiny budgets (experiment.smoke on our side, 1 epoch per phase on a data
         slice for TensorFlow); only the plumbing is checked.
       scale: multiplies every compression stage's epochs (TensorFlow's phases must
         come out whole), for a shorter matched budget.
       dense_epochs: dense training epochs for both sides (default: the experiment's).
 
     Returns:
-      A Plan; ``rows`` maps each ucpjax row to its CLI overrides.
+      A Plan; ``rows`` maps each ucpjax row to its CLI overrides (``ucpjax compress``
+      routes recipe fields, e.g. ``prune.train.epochs``, without the ``recipe.`` prefix).
     """
-    from ucpjax import pipeline
-    from ucpjax.config import override
+    from ucpjax import experiment
+    from ucpjax.config import to_dict
+    from ucpjax.recipe import STAGES
 
-    config = pipeline.load_module(EXPERIMENTS[model]).get_config(smoke=False)
+    config = experiment.load(EXPERIMENTS[model], smoke=False)
+    recipe = config.recipe
+    if tuple(recipe.stages) != tuple(STAGES) or config.val_size != 5000:
+        raise ValueError(f"{model}: the benchmark expects all four stages and val_size=5000")
+    if recipe.prune.fine_tune is None or recipe.cluster.fine_tune is None:
+        raise ValueError(f"{model}: the benchmark moves epochs into prune.fine_tune and "
+                         "cluster.fine_tune: neither may be None")
     scaled = [] if scale == 1 else [
         f"{path}.epochs={_num(scale * _epochs(train))}" for path, train in (
-            ("prune.train", config.prune.train), ("prune.fine_tune", config.prune.fine_tune),
-            ("distill.train", config.distill.train), ("cluster.train", config.cluster.train),
-            ("quantize.train", config.quantize.train))]
+            ("prune.train", recipe.prune.train), ("prune.fine_tune", recipe.prune.fine_tune),
+            ("distill.train", recipe.distill.train),
+            ("cluster.fine_tune", recipe.cluster.fine_tune),
+            ("quantize.train", recipe.quantize.train))]
     if dense_epochs is not None:
         scaled.append(f"dense.epochs={_num(dense_epochs)}")
-    config = override(config, scaled)
-    if tuple(config.stages) != pipeline.STAGES or config.val_size != 5000:
-        raise ValueError(f"{model}: the benchmark expects all four stages and val_size=5000")
+    config = experiment.apply_overrides(config, scaled)
+    recipe = config.recipe
     dense = config.dense
     if dense.schedule != "cosine":
         raise ValueError("`ucpjax train` trains with the cosine schedule only")
-    e = {"prune": _epochs(config.prune.train), "fine_tune": _epochs(config.prune.fine_tune),
-         "distill": _epochs(config.distill.train), "cluster": _epochs(config.cluster.train),
-         "quantize": _epochs(config.quantize.train)}
+    e = {"prune": _epochs(recipe.prune.train), "fine_tune": _epochs(recipe.prune.fine_tune),
+         "distill": _epochs(recipe.distill.train), "cluster": _epochs(recipe.cluster.fine_tune),
+         "quantize": _epochs(recipe.quantize.train)}
     total = sum(e.values())
     budget_rows = {
         FULL: [*scaled],
@@ -279,38 +301,37 @@ def plan(model: str, smoke: bool = False, scale: float = 1.0,
                      f"prune.fine_tune.epochs={_num(total - e['prune'])}"],
         DEEP_COMPRESSION: [*scaled, "stages=('prune', 'cluster')",
                            f"prune.fine_tune.epochs={_num(e['fine_tune'] + e['distill'])}",
-                           f"cluster.train.epochs={_num(e['cluster'] + e['quantize'])}"],
+                           f"cluster.fine_tune.epochs={_num(e['cluster'] + e['quantize'])}"],
     }
     tf_epochs = {"train": _integral(_epochs(dense), "dense"),
                  "prune": _integral(e["prune"] + e["fine_tune"] + e["distill"], "TF prune"),
                  "cluster": _integral(e["cluster"], "TF cluster"),
                  "qat": _integral(e["quantize"], "TF QAT")}
     for overrides in budget_rows.values():  # every row: the same compression epochs
-        resolved = override(config, overrides)
-        spent = sum(_epochs(getattr(resolved, s).train) for s in resolved.stages)
-        spent += _epochs(resolved.prune.fine_tune)
+        resolved = experiment.apply_overrides(config, overrides)
+        spent = compress_epochs(to_dict(resolved.recipe))
         assert abs(spent - total) < 1e-9, (overrides, spent, total)
     assert sum(tf_epochs.values()) - tf_epochs["train"] == total
-    if smoke:  # pipeline.smoke's budgets; only the stage lists survive
+    if smoke:  # experiment.smoke's budgets; only the stage lists survive
         budget_rows = {name: [o for o in rows if o.startswith("stages=")]
                        for name, rows in budget_rows.items()}
         tf_epochs = dict.fromkeys(tf_epochs, 1)
     dense_epochs = 0.05 if smoke else dense.epochs
-    dense_args = ["--model", config.model, "--data", config.data, "--seed", str(config.seed),
+    dense_args = ["--model", config.model, "--data", config.data, "--seed", str(recipe.seed),
                   "--epochs", str(dense_epochs), "--batch-size", str(dense.batch_size),
                   "--learning-rate", str(dense.learning_rate), "--optimizer", dense.optimizer,
                   "--weight-decay", str(dense.weight_decay), "--augment", dense.augment]
-    tf_args = ["--model", config.model, "--sparsity", str(config.prune.target_sparsity),
-               "--clusters", str(config.cluster.num_clusters),
+    tf_args = ["--model", config.model, "--sparsity", str(recipe.prune.target_sparsity),
+               "--clusters", str(recipe.cluster.num_clusters),
                "--epochs-train", str(tf_epochs["train"]),
                "--epochs-prune", str(tf_epochs["prune"]),
                "--epochs-cluster", str(tf_epochs["cluster"]),
                "--epochs-qat", str(tf_epochs["qat"]),
-               "--batch-size", str(config.prune.train.batch_size), "--seed", str(config.seed)]
-    budget = (f"Sparsity {config.prune.target_sparsity}, {config.cluster.num_clusters} clusters, "
-              f"seed {config.seed}. Dense: {dense_epochs:g} epochs for both sides. "
-              + ("Smoke budgets (pipeline.smoke; TF 1 epoch per phase on the same 1,000-image "
-                 "slice)." if smoke else
+               "--batch-size", str(recipe.prune.train.batch_size), "--seed", str(recipe.seed)]
+    budget = (f"Sparsity {recipe.prune.target_sparsity}, {recipe.cluster.num_clusters} "
+              f"clusters, seed {recipe.seed}. Dense: {dense_epochs:g} epochs for both sides. "
+              + ("Smoke budgets (experiment.smoke; TF 1 epoch per phase on the same "
+                 "1,000-image slice)." if smoke else
                  (f"Shortened budget (--scale {scale:g}, dense {dense.epochs:g} epochs). "
                   if scaled else "")
                  + f"Compression: {total:g} epochs for every row ({EXPERIMENTS[model].name}: "
@@ -326,9 +347,23 @@ def plan(model: str, smoke: bool = False, scale: float = 1.0,
 
 
 def _write_atomic(path: pathlib.Path, payload: bytes) -> None:
-    from ucpjax.pipeline import RunFolder
+    from ucpjax.run_folder import RunFolder
 
     RunFolder(path.parent).write_bytes(path.name, payload)
+
+
+def relative(path) -> str:
+    """``path`` relative to the repository root, as results record it (never absolute)."""
+    return os.path.relpath(pathlib.Path(path).resolve(), ROOT)
+
+
+def _relative_args(argv: list[str]) -> list[str]:
+    """Command-line arguments with absolute paths (``/x`` or ``--opt=/x``) made relative."""
+    out = []
+    for arg in argv:
+        flag, eq, value = arg.rpartition("=") if arg.startswith("-") else ("", "", arg)
+        out.append(f"{flag}{eq}{relative(value)}" if os.path.isabs(value) else arg)
+    return out
 
 
 def run_child(command: list[str], log_path: pathlib.Path, env: dict | None = None) -> dict:
@@ -374,12 +409,16 @@ def remeasure(tflite_path: pathlib.Path, dataset) -> dict:
 
 def run_model(p: Plan, out: pathlib.Path, dataset, npz: pathlib.Path, *, smoke: bool,
               with_tf: bool) -> list[dict]:
-    """Runs (or reuses, when finished) every row of one model; returns the table rows."""
+    """Runs (or reuses, when finished) every row of one model; returns the table rows.
+
+    Children run in the repository root and get paths relative to it, so what they
+    record (``init_from``, tf_pcqat.json's ``args``) names no machine's folders.
+    """
     ucpjax = str(ROOT / ".venv" / "bin" / "ucpjax")
     base = out / p.model
     dense_dir = base / "dense"
     if _read(dense_dir / "metrics.json") is None:
-        measured = run_child([ucpjax, "train", *p.dense_args, "--out", str(dense_dir)],
+        measured = run_child([ucpjax, "train", *p.dense_args, "--out", relative(dense_dir)],
                              base / "logs" / "dense.log")
         _write_atomic(dense_dir / SIDECAR, json.dumps(measured).encode())
     metrics = _read(dense_dir / "metrics.json")
@@ -388,8 +427,9 @@ def run_model(p: Plan, out: pathlib.Path, dataset, npz: pathlib.Path, *, smoke: 
         run_dir = base / f"ucpjax_{index}"
         sidecar = _read(run_dir / SIDECAR)
         if sidecar is None or _read(run_dir / "report.json") is None:
-            command = [ucpjax, "compress", "--config", str(p.experiment), "--out", str(run_dir),
-                       *(["--smoke"] if smoke else []), f"init_from={dense_dir}", *overrides]
+            command = [ucpjax, "compress", "--config", relative(p.experiment),
+                       "--out", relative(run_dir), *(["--smoke"] if smoke else []),
+                       f"init_from={relative(dense_dir)}", *overrides]
             sidecar = run_child(command, base / "logs" / f"ucpjax_{index}.log")
             sidecar.update(dense_seconds=metrics["wall_seconds"],
                            dense_accuracy=metrics["test_accuracy"], overrides=overrides,
@@ -401,8 +441,8 @@ def run_model(p: Plan, out: pathlib.Path, dataset, npz: pathlib.Path, *, smoke: 
     if with_tf:
         tf_dir = base / "tf_pcqat"
         if _read(tf_dir / SIDECAR) is None or _read(tf_dir / "tf_pcqat.json") is None:
-            command = [str(ROOT / ".venv-tf" / "bin" / "python"), str(TF_DIR / "tf_pcqat.py"),
-                       "--data", str(npz), *p.tf_args, "--out", str(tf_dir)]
+            command = [str(ROOT / ".venv-tf" / "bin" / "python"), relative(TF_DIR / "tf_pcqat.py"),
+                       "--data", relative(npz), *p.tf_args, "--out", relative(tf_dir)]
             sidecar = run_child(command, base / "logs" / "tf_pcqat.log")
             sidecar["tflite"] = remeasure(tf_dir / "model.tflite", dataset)
             _write_atomic(tf_dir / SIDECAR, json.dumps(sidecar, indent=2).encode())
@@ -414,7 +454,7 @@ def run_model(p: Plan, out: pathlib.Path, dataset, npz: pathlib.Path, *, smoke: 
 
 def machine() -> str:
     """CPU model, cores, memory and the ucpjax side's versions."""
-    from ucpjax import pipeline
+    from ucpjax import experiment
 
     cpu = "unknown CPU"
     cpuinfo = pathlib.Path("/proc/cpuinfo")
@@ -422,7 +462,7 @@ def machine() -> str:
         names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
                  if line.startswith("model name")]
         cpu = names[0] if names else cpu
-    return f"{cpu}; {platform.platform()}; {pipeline.machine()}"
+    return f"{cpu}; {platform.platform()}; {experiment.machine()}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -435,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dense-epochs", type=float, default=None,
                         help="dense training epochs for both sides (default: the experiment's)")
     parser.add_argument("--no-tf", action="store_true", help="skip the TensorFlow rows")
+    parser.add_argument("--results-dir", default="results",
+                        help="folder for bench_baselines[_smoke].{json,md}")
     args = parser.parse_args(argv)
 
     from ucpjax import data as data_lib
@@ -445,25 +487,26 @@ def main(argv: list[str] | None = None) -> int:
              for m in models]  # fail on a bad mapping before running
     if not args.no_tf:
         subprocess.run(["bash", str(TF_DIR / "setup_tf_env.sh")], check=True, cwd=ROOT)
-    dataset = data_lib.load("mnist")  # pipeline's split: val_size=5000, seed 0
+    dataset = data_lib.load("mnist")  # experiment.load_dataset's split: val_size=5000, seed 0
     if args.smoke:
-        dataset = dataset.take(1000, 250)  # what pipeline.smoke's subset=1000 uses
+        dataset = dataset.take(1000, 250)  # what experiment.smoke's subset=1000 uses
     npz = out / ("mnist_smoke.npz" if args.smoke else "mnist.npz")
     out.mkdir(parents=True, exist_ok=True)
     write_npz(dataset, npz)
 
     name = "bench_baselines_smoke" if args.smoke else "bench_baselines"
-    json_path = ROOT / "results" / f"{name}.json"
+    json_path = (ROOT / args.results_dir).resolve() / f"{name}.json"
     results = _read(json_path) or {"models": {}}
     for p in plans:
         rows = run_model(p, out, dataset, npz, smoke=args.smoke, with_tf=not args.no_tf)
         results["models"][p.model] = {"budget": p.budget, "rows": rows,
-                                      "out": str(out / p.model)}
+                                      "out": relative(out / p.model)}
     tf_versions = next((r["versions"] for e in results["models"].values() for r in e["rows"]
                         if r.get("versions")), None)
     results.update(smoke=args.smoke, date=time.strftime("%Y-%m-%d %H:%M"), machine=machine(),
                    tf=json.dumps(tf_versions) if tf_versions else "not run",
-                   command=" ".join([pathlib.Path(sys.argv[0]).name, *(argv or sys.argv[1:])]))
+                   command=" ".join([".venv/bin/python", "scripts/bench_baselines.py",
+                                     *_relative_args(sys.argv[1:] if argv is None else argv)]))
     text = report_markdown(results)
     _write_atomic(json_path, json.dumps(results, indent=2).encode())
     _write_atomic(json_path.with_suffix(".md"), text.encode())

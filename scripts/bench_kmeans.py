@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ucpjax import cluster, constraints, data, models
+from ucpjax import cluster, data, models, rules
 from ucpjax import train as train_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -155,7 +155,7 @@ def main() -> None:
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "results")
     args = parser.parse_args()
     params, dense_acc, pruned_acc = trained_pruned_params(args.epochs, args.sparsity, seed=0)
-    names = jax.tree_util.tree_map_with_path(lambda p, _: constraints.path_name(p), params)
+    names = jax.tree_util.tree_map_with_path(lambda p, _: rules.path_name(p), params)
     results = {}
     for name, w in zip(jax.tree.leaves(names), jax.tree.leaves(params), strict=True):
         if name.endswith("kernel"):
@@ -165,7 +165,9 @@ def main() -> None:
     theirs = sum(r["sklearn"]["median_s"] for r in results.values())
     summary = {
         "command": ".venv/bin/python scripts/bench_kmeans.py",
-        "args": {k: str(v) for k, v in vars(args).items()},
+        # Repository-relative, as every results file records paths.
+        "args": {k: os.path.relpath(v.resolve(), ROOT) if isinstance(v, pathlib.Path)
+                 else str(v) for k, v in vars(args).items()},
         "test_accuracy_dense": dense_acc, "test_accuracy_pruned": pruned_acc,
         "total_median_s": {"ours": ours, "sklearn": theirs}, "total_speedup": theirs / ours,
         "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg(),

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ucpjax import models, pipeline
+from ucpjax import models
+from ucpjax.run_folder import RunFolder
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # (model, input shape of one image, batch size of its experiment)
@@ -96,7 +97,7 @@ def main() -> None:
     summary = {"command": ".venv/bin/python scripts/bench_train_step.py", "rows": rows,
                "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg(),
                            "python": platform.python_version(), "jax": jax.__version__}}
-    folder = pipeline.RunFolder(args.out)  # atomic writes
+    folder = RunFolder(args.out)  # atomic writes
     folder.write_json("bench_train_step.json", summary)
     folder.write_bytes("bench_train_step.md", md.encode())
     print(md)

@@ -9,7 +9,9 @@ same number of epochs (does distillation let pruning go further?); then
 clustering with 16 and 8 centroids per layer for each initialisation (Deep
 Compression's Fig. 2 comparison); then int8 QAT of the 16-centroid linear
 branch. Test error is the JAX model's. Settings are the default experiment's
-(experiments/lenet300_mnist.py). Writes results/stages_lenet300.{json,md}.
+(experiments/lenet300_mnist.py), its per-layer rules included. Writes
+results/stages_lenet300.{json,md} (--smoke: stages_lenet300_smoke.*; --results-dir
+puts them elsewhere).
 """
 
 from __future__ import annotations
@@ -22,16 +24,17 @@ import time
 import jax
 import numpy as np
 
-from ucpjax import cluster, constraints, distill, pipeline, prune, quant, train
+from ucpjax import cluster, constraints, distill, experiment, prune, quantize, train
+from ucpjax.run_folder import RunFolder
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def fine_tune(params, config: train.TrainConfig, apply_fn, data, seed: int):
+def fine_tune(params, config: train.TrainConfig, apply_fn, data, seed: int, rules):
     """Plain cross-entropy training that keeps the zeros: the no-distillation control."""
     params, _, _ = constraints.fit_preserving(
         params, constraints.cross_entropy(apply_fn), x=data.x_train, y=data.y_train,
-        config=config, seed=seed, desc="fine-tune")
+        config=config, seed=seed, rules=rules, desc="fine-tune")
     return params
 
 
@@ -51,57 +54,62 @@ def measure(name, params, apply_fn, data, started) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--results-dir", type=pathlib.Path, default=ROOT / "results",
+                        help="folder for the .json and .md")
     args = parser.parse_args()
-    config = pipeline.load_module(ROOT / "experiments" / "lenet300_mnist.py").get_config(
-        smoke=args.smoke)
-    data = pipeline.load_dataset(config)
-    model = pipeline.initial_model(config, data)
+    config = experiment.load(ROOT / "experiments" / "lenet300_mnist.py", smoke=args.smoke)
+    recipe = config.recipe
+    rules = recipe.rules
+    data = experiment.load_dataset(config)
+    model = experiment.initial_model(config, data)
     rows = []
 
     t = time.perf_counter()
-    model, _ = pipeline.train_dense(model, config.dense, data, config.seed)
+    model, _ = experiment.train_dense(model, config.dense, data, config.seed)
     apply_fn, dense = model.apply_fn(), model.params
     rows.append(measure("dense", dense, apply_fn, data, t))
 
     t = time.perf_counter()
-    pruned, _ = prune.prune(dense, config.prune, apply_fn=apply_fn, data=data, seed=1)
+    pruned, _ = prune.prune(dense, recipe.prune, apply_fn=apply_fn, data=data, seed=1,
+                            rules=rules)
     rows.append(measure("prune", pruned, apply_fn, data, t))
 
     t = time.perf_counter()
-    tuned = fine_tune(pruned, config.distill.train, apply_fn, data, seed=2)
+    tuned = fine_tune(pruned, recipe.distill.train, apply_fn, data, seed=2, rules=rules)
     rows.append(measure("prune + fine-tune (no distill)", tuned, apply_fn, data, t))
 
     t = time.perf_counter()
-    distilled, _ = distill.distill(pruned, config.distill, apply_fn=apply_fn, data=data, seed=2,
-                                   teacher_apply_fn=apply_fn, teacher_params=dense)
+    distilled, _ = distill.distill(pruned, recipe.distill, apply_fn=apply_fn, data=data, seed=2,
+                                   teacher_apply_fn=apply_fn, teacher_params=dense,
+                                   rules=rules)
     rows.append(measure("prune + distill", distilled, apply_fn, data, t))
 
     clustered = {}
     for k in (16, 8):
         for init in cluster.INITS:
             t = time.perf_counter()
-            cfg = dataclasses.replace(config.cluster, num_clusters=k, init=init)
+            cfg = dataclasses.replace(recipe.cluster, num_clusters=k, init=init)
             clustered[k, init], _ = cluster.cluster(distilled, cfg, apply_fn=apply_fn,
-                                                    data=data, seed=3)
+                                                    data=data, seed=3, rules=rules)
             rows.append(measure(f"+ cluster k={k} {init}", clustered[k, init], apply_fn, data, t))
 
     t = time.perf_counter()
-    quantized, _ = quant.quantize(clustered[16, "linear"], config.quantize, apply_fn=apply_fn,
-                                  data=data, seed=4)
+    quantized, _ = quantize.quantize(clustered[16, "linear"], recipe.quantize,
+                                     apply_fn=apply_fn, data=data, seed=4, rules=rules)
     rows.append(measure("+ cluster k=16 linear + int8 QAT", quantized, apply_fn, data, t))
 
-    write(rows, args.smoke)
+    write(rows, args.smoke, args.results_dir)
 
 
-def write(rows: list[dict], smoke: bool) -> None:
+def write(rows: list[dict], smoke: bool, folder: pathlib.Path) -> None:
     lines = ["| step | test error | sparsity | max distinct / layer | time (s) |",
              "|---|---|---|---|---|"]
     lines += [f"| {r['step']} | {100 * r['test_error']:.2f}% | {r['sparsity']:.3f} | "
               f"{r['max_distinct']:,} | {r['seconds']:.0f} |" for r in rows]
     table = "\n".join(lines) + "\n"
     name = "stages_lenet300" + ("_smoke" if smoke else "")
-    folder = pipeline.RunFolder(ROOT / "results")
-    folder.write_json(f"{name}.json", {"rows": rows, "machine": pipeline.machine(),
+    folder = RunFolder(folder)
+    folder.write_json(f"{name}.json", {"rows": rows, "machine": experiment.machine(),
                                        "date": time.strftime("%Y-%m-%d")})
     folder.write_bytes(f"{name}.md", table.encode())
     print("\n" + table)

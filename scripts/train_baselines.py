@@ -38,12 +38,12 @@ DEFAULT = ["lenet300", "lenet5", "pcqat_mnist"]
 
 def run(model: str) -> dict:
     data, flags = RECIPES[model]
-    out = ROOT / "runs" / "baselines" / model
+    out = pathlib.Path("runs") / "baselines" / model  # relative: the command is recorded
     cmd = [str(ROOT / ".venv" / "bin" / "ucpjax"), "train", "--model", model, "--data", data,
            "--out", str(out), *flags]
     start = time.perf_counter()
-    subprocess.run(cmd, check=True)
-    metrics = json.loads((out / "metrics.json").read_text())
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    metrics = json.loads((ROOT / out / "metrics.json").read_text())
     metrics["command"] = " ".join(["ucpjax", *cmd[1:]])
     metrics["process_seconds"] = time.perf_counter() - start
     return metrics

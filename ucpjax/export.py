@@ -264,12 +264,15 @@ def verify(apply_fn: Callable, params, dataset, *, config: ExportConfig,
     }, tflite
 
 
-def check(final: dict, config: ExportConfig) -> None:
+def check(final: dict, config: ExportConfig, *, qat: bool = True) -> None:
     """Raises ToleranceError, one line saying what missed, unless the .tflite passed.
 
     Args:
       final: measurements from ``verify`` (a report's ``"final"``).
       config: the ExportConfig they were checked against.
+      qat: whether quantization-aware training put the weights on their int8
+        grid; without it the export is post-training quantization, whose int8
+        weights cannot equal the float params, so only the accuracy counts.
     """
     problems = []
     if final["tflite_agreement"] < config.min_agreement:
@@ -280,7 +283,7 @@ def check(final: dict, config: ExportConfig) -> None:
         problems.append(f"accuracy {final['tflite_accuracy']:.4f} vs JAX int8 "
                         f"{final['jax_int8_accuracy']:.4f} differs by more than "
                         f"export.accuracy_tolerance={config.accuracy_tolerance}")
-    if not final["weights_faithful"]:
+    if qat and not final["weights_faithful"]:
         problems.append("its int8 weights differ from the params (weights_check)")
     if problems:
         raise ToleranceError("the .tflite is not faithful to the JAX model: "

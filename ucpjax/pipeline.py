@@ -86,7 +86,7 @@ def _run(model, dataset, recipe, folder, start, check_export, log) -> Result:
     if finished is not None and _final_files_present(folder, recipe):
         log("\n" + report_lib.markdown(finished))  # a finished run only prints its report
         if check_export and recipe.export.enabled:
-            export_lib.check(finished["final"], recipe.export)
+            export_lib.check(finished["final"], recipe.export, qat=_qat(recipe))
         return Result(model.variables, _read(folder.root / "model.tflite"), finished)
     rows, reports, teacher, before_cluster = [], {}, None, None
     for position, name in enumerate([start[0], *recipe.stages]):
@@ -102,7 +102,7 @@ def _run(model, dataset, recipe, folder, start, check_export, log) -> Result:
         _write_report(folder, report, before_cluster or model, recipe)
     log("\n" + report_lib.markdown(report))
     if check_export and recipe.export.enabled:
-        export_lib.check(final, recipe.export)
+        export_lib.check(final, recipe.export, qat=_qat(recipe))
     return Result(model.variables, tflite, report)
 
 
@@ -209,6 +209,10 @@ def _finished_report(folder: RunFolder, log) -> dict | None:
 def _final_files_present(folder: RunFolder, recipe: Recipe) -> bool:
     names = [*FINAL_FILES, *(("model.tflite",) if recipe.export.enabled else ())]
     return all((folder.root / name).exists() for name in names)
+
+
+def _qat(recipe: Recipe) -> bool:
+    return "quantize" in recipe.stages
 
 
 def _read(path: pathlib.Path) -> bytes | None:
