@@ -68,7 +68,7 @@ def run(model: Model, dataset: data_lib.Dataset, recipe: Recipe, out=None, *,
     Returns:
       A Result with the final variables, the .tflite bytes and the report.
     """
-    _check_budgets(recipe, len(dataset.x_train))
+    recipe.check_budgets(len(dataset.x_train))
     folder = None if out is None else RunFolder(out)
     if folder is None:
         return _run(model, dataset, recipe, None, start, check_export, log)
@@ -222,17 +222,6 @@ def _read(path: pathlib.Path) -> bytes | None:
 def _folded(model: Model, input_shape) -> Model:
     variables, frozen = fold.fold_batchnorm(model.module, model.variables, input_shape)
     return Model(model.module, variables, frozen)
-
-
-def _check_budgets(recipe: Recipe, num_examples: int) -> None:
-    """Every training budget of the recipe's stages against the training set size."""
-    for stage in recipe.stages:
-        config = getattr(recipe, stage)
-        for field in dataclasses.fields(config):
-            budget = getattr(config, field.name)
-            if isinstance(budget, train_lib.TrainConfig):
-                inputs.check_batch_size(budget.batch_size, num_examples,
-                                        f"{stage}.{field.name}.batch_size")
 
 
 def weights_plot(model: Model, recipe: Recipe, path: pathlib.Path) -> None:

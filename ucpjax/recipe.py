@@ -3,7 +3,7 @@
 A recipe is everything ``ucpjax.compress`` needs besides the model and the data;
 how a dense model is trained and which data it sees is the run setup
 (``ucpjax.experiment``). ``STAGES`` is the stage table: name -> function, each
-called as ``stage(params, recipe, inputs) -> (params, report)``.
+called as ``stage(params, recipe, shared) -> (params, report)``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from ucpjax import cluster, distill, prune, quantize
+from ucpjax import cluster, distill, inputs, prune, quantize
 from ucpjax import data as data_lib
 from ucpjax import export as export_lib
 from ucpjax import rules as rules_lib
@@ -32,29 +32,29 @@ class StageInputs:
     teacher: Model
 
 
-def _prune(params, recipe, inputs: StageInputs):
-    return prune.prune(params, recipe.prune, apply_fn=inputs.apply_fn, data=inputs.data,
-                       seed=inputs.seed, rules=inputs.rules)
+def _prune(params, recipe, shared: StageInputs):
+    return prune.prune(params, recipe.prune, apply_fn=shared.apply_fn, data=shared.data,
+                       seed=shared.seed, rules=shared.rules)
 
 
-def _distill(params, recipe, inputs: StageInputs):
-    return distill.distill(params, recipe.distill, apply_fn=inputs.apply_fn, data=inputs.data,
-                           seed=inputs.seed, rules=inputs.rules,
-                           teacher_apply_fn=inputs.teacher.apply_fn(),
-                           teacher_params=inputs.teacher.params)
+def _distill(params, recipe, shared: StageInputs):
+    return distill.distill(params, recipe.distill, apply_fn=shared.apply_fn, data=shared.data,
+                           seed=shared.seed, rules=shared.rules,
+                           teacher_apply_fn=shared.teacher.apply_fn(),
+                           teacher_params=shared.teacher.params)
 
 
-def _cluster(params, recipe, inputs: StageInputs):
-    return cluster.cluster(params, recipe.cluster, apply_fn=inputs.apply_fn, data=inputs.data,
-                           seed=inputs.seed, rules=inputs.rules)
+def _cluster(params, recipe, shared: StageInputs):
+    return cluster.cluster(params, recipe.cluster, apply_fn=shared.apply_fn, data=shared.data,
+                           seed=shared.seed, rules=shared.rules)
 
 
-def _quantize(params, recipe, inputs: StageInputs):
-    return quantize.quantize(params, recipe.quantize, apply_fn=inputs.apply_fn,
-                             data=inputs.data, seed=inputs.seed, rules=inputs.rules)
+def _quantize(params, recipe, shared: StageInputs):
+    return quantize.quantize(params, recipe.quantize, apply_fn=shared.apply_fn,
+                             data=shared.data, seed=shared.seed, rules=shared.rules)
 
 
-# name -> stage: ``stage(params, recipe, inputs) -> (params, report)``.
+# name -> stage: ``stage(params, recipe, shared) -> (params, report)``.
 STAGES: dict[str, Callable[..., tuple[Any, dict]]] = {
     "prune": _prune, "distill": _distill, "cluster": _cluster, "quantize": _quantize}
 
@@ -85,3 +85,13 @@ class Recipe:
         check(not self.export.enabled or "quantize" not in self.stages or min(bits) == 8,
               "quantize.weight_bits", min(bits), "the int8 .tflite holds 8-bit weights: use 8, "
               "or set export.enabled=False to measure fewer bits in JAX and the packed file")
+
+    def check_budgets(self, num_examples: int) -> None:
+        """Refuses a stage batch larger than the training set, naming its field."""
+        for stage in self.stages:
+            config = getattr(self, stage)
+            for field in dataclasses.fields(config):
+                budget = getattr(config, field.name)
+                if isinstance(budget, train_lib.TrainConfig):
+                    inputs.check_batch_size(budget.batch_size, num_examples,
+                                            f"{stage}.{field.name}.batch_size")
