@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -202,3 +203,30 @@ def test_study_shares_finished_stages_between_variants(tmp_path):
     shared = train.restore_checkpoint(tmp_path / "study" / "pq" / "stages" / "02_quantize")
     for a, b in zip(jax.tree.leaves(alone.variables), jax.tree.leaves(shared), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("body, message", [
+    ("import no_such_module\n", "importing it failed (ModuleNotFoundError"),
+    ("def get_config(smoke=False):\n    return {}\n", "returned dict"),
+    ("def get_config():\n    return None\n", "get_config(smoke=False) failed (TypeError"),
+    ("def get_config(smoke=False)\n", "syntax error on line 1"),
+    ("x = 1\n", "defines neither get_config"),
+])
+def test_a_broken_experiment_file_is_one_line_naming_it(tmp_path, body, message):
+    from ucpjax.config import ConfigError
+
+    path = tmp_path / "broken.py"
+    path.write_text(body)
+    with pytest.raises(ConfigError, match=re.escape(message)) as err:
+        experiment.load(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_dense_batch_larger_than_the_data_names_its_field(tmp_path):
+    from ucpjax.config import ConfigError
+
+    config = experiment.apply_overrides(experiment.load(DEFAULT, smoke=True),
+                                        ["dense.batch_size=5000"])
+    with pytest.raises(ConfigError, match=r"^dense\.batch_size=5000: larger than the 1000"):
+        experiment.run(config, tmp_path / "r", log=lambda _: None)
+    assert not (tmp_path / "r").exists()

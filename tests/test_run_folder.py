@@ -67,9 +67,9 @@ def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(tmp_path):
     folder = RunFolder(tmp_path / "run")
     with folder.lock():
         assert (folder.root / ".lock").read_text() == str(os.getpid())
-        with pytest.raises(ConfigError, match=f"in use by process {os.getpid()}"):
-            with RunFolder(tmp_path / "run").lock():
-                pass
+        with (pytest.raises(ConfigError, match=f"in use by process {os.getpid()}"),
+              RunFolder(tmp_path / "run").lock()):
+            pass
     assert not (folder.root / ".lock").exists()
     dead = subprocess.Popen(["true"])
     dead.wait()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import re
 import typing
 from collections.abc import Iterator, Sequence
 
@@ -23,15 +22,6 @@ def check(ok: bool, field: str, value, requirement: str) -> None:
     """Raises ConfigError ``"<field>=<value>: <requirement>"`` unless ``ok``."""
     if not ok:
         raise ConfigError(f"{field}={value!r}: {requirement}")
-
-
-def is_regex(pattern) -> bool:
-    """Whether ``pattern`` compiles as a regular expression (for leaf selectors)."""
-    try:
-        re.compile(pattern)
-    except (re.error, TypeError):
-        return False
-    return True
 
 
 def override(config, assignments: Sequence[str]):

@@ -25,12 +25,6 @@ import optax
 from ucpjax import train
 from ucpjax.rules import DEFAULT_RULES, MAX_CLUSTERS, Rules, selected
 
-# A leaf counts as weight-shared when its distinct non-zero values are at most
-# this many, and at most a quarter of its non-zero entries (so a small or
-# heavily pruned kernel, whose values are all distinct anyway, is not mistaken
-# for a shared one).
-MAX_SHARED_VALUES = MAX_CLUSTERS
-
 
 def zero_mask(params, rules: Rules = DEFAULT_RULES) -> Any:
     """Bool masks: ``w != 0`` on the leaves the rules select, all-True elsewhere."""
@@ -74,12 +68,18 @@ class Codebook(NamedTuple):
 
 
 def codebook(weights) -> Codebook | None:
-    """The codebook of ``weights`` if they are weight-shared, else None."""
+    """The codebook of ``weights`` if they are weight-shared, else None.
+
+    A leaf counts as weight-shared when its distinct non-zero values are at most
+    ``MAX_CLUSTERS`` and at most a quarter of its non-zero entries (so a small or
+    heavily pruned kernel, whose values are all distinct anyway, is not mistaken
+    for a shared one).
+    """
     w = np.asarray(weights)
     values, inverse = np.unique(w, return_inverse=True)
     nonzero = values != 0
     k = int(nonzero.sum())
-    if k == 0 or k > MAX_SHARED_VALUES or k > np.count_nonzero(w) // 4:
+    if k == 0 or k > MAX_CLUSTERS or k > np.count_nonzero(w) // 4:
         return None
     # Re-number so that non-zero values are 0..k-1 and zero is k.
     remap = np.where(nonzero, np.cumsum(nonzero) - 1, k).astype(np.int32)

@@ -20,8 +20,8 @@ import time
 import jax
 
 from ucpjax import data as data_lib
+from ucpjax import inputs, pipeline
 from ucpjax import models as models_lib
-from ucpjax import pipeline
 from ucpjax import train as train_lib
 from ucpjax.config import ConfigError, check, override, to_dict
 from ucpjax.model import Model
@@ -78,6 +78,9 @@ def load_module(path: str | os.PathLike):
     except SyntaxError as err:
         raise ConfigError(f"--config {path}: syntax error on line {err.lineno}: "
                           f"{err.msg}") from None
+    except Exception as err:  # whatever the user's file raises on import
+        raise ConfigError(f"--config {path}: importing it failed "
+                          f"({_first_line(err)})") from None
     finally:
         sys.path.remove(str(path.resolve().parent))
     if not hasattr(module, "get_config") and not hasattr(module, "get_variants"):
@@ -90,10 +93,26 @@ def load(path, smoke: bool = False) -> Experiment:
     module = load_module(path)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} is a study (get_variants): run `ucpjax study`")
-    return checked(module.get_config(smoke=smoke), f"{path}: get_config")
+    return checked(call(module.get_config, smoke, f"{path}: get_config"), f"{path}: get_config")
+
+
+def call(get, smoke: bool, where: str):
+    """``get(smoke=smoke)`` of an experiment file; its failure as one line naming the file."""
+    try:
+        return get(smoke=smoke)
+    except ConfigError:
+        raise  # a config value refused by its own check: already one line naming the field
+    except Exception as err:  # whatever the user's function raises
+        raise ConfigError(f"{where}(smoke={smoke}) failed ({_first_line(err)})") from None
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
 
 
 def checked(experiment, where: str) -> Experiment:
+    """``experiment`` if it is an Experiment, else a ConfigError naming ``where``."""
     if not isinstance(experiment, Experiment):
         raise ConfigError(f"{where} returned {type(experiment).__name__}: it must return "
                           "ucpjax.experiment.Experiment(...)")
@@ -138,7 +157,8 @@ def initial_model(experiment: Experiment, dataset: data_lib.Dataset) -> Model:
     return Model(module, models_lib.init(module, dataset.input_shape, experiment.seed))
 
 
-def _setup(experiment: Experiment) -> dict:
+def setup(experiment: Experiment) -> dict:
+    """The run-setup fields (all but the recipe), as recorded in a run's ``config.json``."""
     return {k: v for k, v in to_dict(experiment).items() if k != "recipe"}
 
 
@@ -146,9 +166,12 @@ def run(experiment: Experiment, out: pathlib.Path | None, *, resume: bool = Fals
         log=print) -> pipeline.Result:
     """Loads the data and model an experiment names, and runs the pipeline on them."""
     dataset = load_dataset(experiment)
+    if not experiment.init_from:
+        inputs.check_batch_size(experiment.dense.batch_size, len(dataset.x_train),
+                                "dense.batch_size")
     return pipeline.run(initial_model(experiment, dataset), dataset, experiment.recipe, out,
                         start=("dense", _start(experiment, dataset)),
-                        setup=_setup(experiment), resume=resume, log=log)
+                        setup=setup(experiment), resume=resume, log=log)
 
 
 def _start(experiment: Experiment, dataset: data_lib.Dataset):

@@ -83,8 +83,9 @@ class Recipe:
         bits = [self.quantize.weight_bits, *(r.bits for r in self.rules if r.bits)]
         # The int8 .tflite cannot hold a coarser grid exactly: refuse, not export a lie.
         check(not self.export.enabled or "quantize" not in self.stages or min(bits) == 8,
-              "quantize.weight_bits", min(bits), "the int8 .tflite holds 8-bit weights: use 8, "
-              "or set export.enabled=False to measure fewer bits in JAX and the packed file")
+              "quantize.weight_bits", min(bits), "the int8 .tflite holds 8-bit weights: use 8 "
+              "here and in every LayerRule.bits, or set export.enabled=False to measure "
+              "fewer bits in JAX and the packed file")
 
     def check_budgets(self, num_examples: int) -> None:
         """Refuses a stage batch larger than the training set, naming its field."""

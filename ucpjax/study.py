@@ -47,12 +47,13 @@ def load_variants(path, smoke: bool) -> tuple[dict, list[dict]]:
     """``({name: config}, published_rows)`` of an experiment file."""
     module = experiment_lib.load_module(path)
     if hasattr(module, "get_variants"):
-        variants = module.get_variants(smoke=smoke)
+        variants = experiment_lib.call(module.get_variants, smoke, f"{path}: get_variants")
         if not isinstance(variants, dict) or not variants:
             raise ConfigError(f"{path}: get_variants must return a non-empty "
                               "{name: Experiment} dict")
     else:
-        variants = {pathlib.Path(path).stem: module.get_config(smoke=smoke)}
+        variants = {pathlib.Path(path).stem: experiment_lib.call(
+            module.get_config, smoke, f"{path}: get_config")}
     for name, variant in variants.items():
         experiment_lib.checked(variant, f"{path}: variant {name!r}")
     return variants, list(getattr(module, "PUBLISHED", []))
@@ -95,8 +96,8 @@ def run(path, out: pathlib.Path, *, smoke: bool = False, only: list[str] | None 
 
 
 def _setup_keys(config: Experiment) -> dict:
-    """What determines the dense model: every run-setup field."""
-    return {k: v for k, v in to_dict(config).items() if k != "recipe"} | {"seed": config.seed}
+    """What determines the dense model: every run-setup field and the seed."""
+    return {**experiment_lib.setup(config), "seed": config.seed}
 
 
 def shared_dense(config: Experiment, out: pathlib.Path, log=print):
