@@ -229,3 +229,40 @@ def test_prune_stage_global_scope_hits_overall_target(mnist, lenet):
 def test_invalid_config_names_field(field, kwargs):
     with pytest.raises(ConfigError, match=rf"^{field}="):
         prune.PruneConfig(**kwargs)
+
+
+def test_every_output_channel_keeps_its_floor():
+    # A depthwise 3x3 kernel: 9 weights per channel; 90% would leave most channels none.
+    w = jax.random.normal(jax.random.key(3), (3, 3, 1, 16))
+    w = w * jnp.linspace(0.01, 1.0, 16)  # channels of very different magnitudes
+    plain = np.asarray(prune.prune_once(w, 0.9))
+    floored = np.asarray(prune.prune_once(w, 0.9, min_per_channel=3))
+    per_channel = lambda a: (a != 0).reshape(-1, a.shape[-1]).sum(0)  # noqa: E731
+    assert per_channel(plain).min() == 0
+    assert per_channel(floored).min() == 3
+    # The floor wins over the target; the rest is still pruned by magnitude.
+    assert _zeros(floored) == w.size - max(round(0.1 * w.size), 3 * 16)
+    kept = floored != 0
+    assert np.array_equal(floored[kept], np.asarray(w)[kept])
+    # A floor that does not bind changes nothing.
+    unscaled = jax.random.normal(jax.random.key(3), (3, 3, 1, 16))
+    plain = np.asarray(prune.prune_once(unscaled, 0.5))
+    assert per_channel(plain).min() >= 2
+    np.testing.assert_array_equal(
+        np.asarray(prune.prune_once(unscaled, 0.5, min_per_channel=2)), plain)
+
+
+def test_the_pruning_transform_keeps_the_floor_in_both_scopes():
+    params = {"dw": {"kernel": jax.random.normal(jax.random.key(4), (3, 3, 1, 8))
+                     * jnp.linspace(0.01, 1.0, 8)},
+              "fc": {"kernel": jax.random.normal(jax.random.key(5), (72, 10))}}
+    targets = _targets(params, 0.95)
+    for group in (None, jax.tree.map(lambda _: True, params)):
+        tx = prune.magnitude_pruning(targets, begin_step=0, end_step=0, global_leaves=group,
+                                     min_per_channel=2)
+        state = tx.init(params)
+        updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+        pruned = optax.apply_updates(params, updates)
+        for layer in pruned.values():
+            w = np.asarray(layer["kernel"])
+            assert (w != 0).reshape(-1, w.shape[-1]).sum(0).min() >= 2

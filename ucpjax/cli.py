@@ -1,4 +1,5 @@
-"""Command line: ``ucpjax train`` (a dense model), ``compress`` (the pipeline), ``study``.
+"""Command line: ``ucpjax train`` (a dense model), ``compress`` (the pipeline),
+``sensitivity`` (per-layer costs), ``study`` (variants side by side).
 
 Exit status: 0 done; 2 a bad input (one line naming it); 3 the ``.tflite``
 failed its faithfulness check (the run folder keeps everything for a look);
@@ -44,6 +45,31 @@ def _compress_command(args) -> int:
         print("\n".join(describe(config)))
         return 0
     experiment.run(config, pathlib.Path(args.out), resume=args.resume)
+    return 0
+
+
+def _sensitivity_command(args) -> int:
+    from ucpjax import experiment, plots, sensitivity
+    from ucpjax.run_folder import RunFolder
+
+    config = experiment.apply_overrides(experiment.load(args.config, smoke=args.smoke),
+                                        args.overrides)
+    folder = RunFolder(args.out)
+    folder.claim({"sensitivity": {"config": args.config, "smoke": args.smoke,
+                                  "overrides": args.overrides}})
+    model, dataset = experiment.dense_model(config)
+    table = sensitivity.measure(
+        model.params, apply_fn=model.apply_fn(), data=dataset, rules=config.recipe.rules,
+        min_per_channel=config.recipe.prune.min_per_channel, seed=config.seed,
+        progress=lambda name: print(f"measuring {name} ...", flush=True))
+    folder.write_json("sensitivity.json", table)
+    folder.write_bytes("sensitivity.md", sensitivity.markdown(table).encode())
+    plots.sensitivity(table, folder.root / "sensitivity.png")
+    print("\n" + sensitivity.markdown(table))
+    print(f"rules within {args.max_drop} points (sensitivity.load_rules"
+          f"({str(folder.root / 'sensitivity.json')!r}, max_drop={args.max_drop})):")
+    for rule in sensitivity.allocate(table, max_drop=args.max_drop):
+        print(f"  {rule}")
     return 0
 
 
@@ -93,6 +119,15 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
     c.add_argument("overrides", nargs="*", help="e.g. prune.target_sparsity=0.95")
     c.set_defaults(run=_compress_command)
+
+    v = sub.add_parser("sensitivity", help="accuracy drop of each layer pruned or clustered alone")
+    v.add_argument("--config", required=True, help="experiment file, e.g. experiments/cifar10.py")
+    v.add_argument("--out", required=True, help="folder for sensitivity.json, .md and .png")
+    v.add_argument("--smoke", action="store_true", help="seconds-long run on a data slice")
+    v.add_argument("--max-drop", type=float, default=1.0,
+                   help="accuracy points the allocated rules may lose (default 1.0)")
+    v.add_argument("overrides", nargs="*", help="e.g. init_from=runs/baselines/cifar_cnn")
+    v.set_defaults(run=_sensitivity_command)
 
     s = sub.add_parser("study", help="run an experiment's variants side by side")
     s.add_argument("--config", required=True, help="experiment file with get_variants(smoke)")

@@ -366,8 +366,8 @@ def compact_nonzero(values: np.ndarray) -> tuple[jax.Array, jax.Array]:
     return jnp.asarray(padded), jnp.asarray(np.arange(size) < len(nonzero))
 
 
-def _share_leaf(w: np.ndarray, requested: int, config: ClusterConfig,
-                key) -> tuple[np.ndarray, dict]:
+def share_leaf(w: np.ndarray, requested: int, config: ClusterConfig,
+               key) -> tuple[np.ndarray, dict]:
     """Clusters one leaf to ``requested`` values; returns the shared weights and its report."""
     values = w.reshape(-1).astype(np.float32)
     mask = values != 0
@@ -415,7 +415,7 @@ def cluster(params, config: ClusterConfig, *, apply_fn, data, seed: int,
         if not k:
             out.append(w)
             continue
-        shared, info = _share_leaf(np.asarray(w), k, config, jax.random.fold_in(root, i))
+        shared, info = share_leaf(np.asarray(w), k, config, jax.random.fold_in(root, i))
         out.append(jnp.asarray(shared))
         ks[name] = info["k"]
         report.update({f"cluster/{name}/{key}": value for key, value in info.items()})

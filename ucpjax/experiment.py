@@ -193,6 +193,14 @@ def _start(experiment: Experiment, dataset: data_lib.Dataset):
     return start
 
 
+def dense_model(experiment: Experiment) -> tuple[Model, data_lib.Dataset]:
+    """The experiment's starting model, trained or read from ``init_from``, BatchNorm
+    folded (what the stages see), and its data."""
+    dataset = load_dataset(experiment)
+    model, _ = _start(experiment, dataset)(initial_model(experiment, dataset))
+    return model.folded(dataset.input_shape), dataset
+
+
 def train_dense(model: Model, config: train_lib.TrainConfig, dataset: data_lib.Dataset,
                 seed: int) -> tuple[Model, dict]:
     """Trains the dense reference model (BatchNorm statistics updated as it goes)."""

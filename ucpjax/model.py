@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ucpjax import train
+from ucpjax import fold, train
 from ucpjax.config import ConfigError
 
 
@@ -39,6 +39,11 @@ class Model:
             return apply
         fixed = _split(self.variables["params"], self.frozen)[1]
         return lambda params, x: apply(_merge(params, fixed), x)
+
+    def folded(self, input_shape: tuple[int, ...]) -> Model:
+        """BatchNorm folded into the layer before it (idempotent; recovers ``frozen``)."""
+        variables, frozen = fold.fold_batchnorm(self.module, self.variables, input_shape)
+        return Model(self.module, variables, frozen)
 
     def with_params(self, params) -> Model:
         fixed = _split(self.variables["params"], self.frozen)[1]

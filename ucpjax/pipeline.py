@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from ucpjax import cluster, fold, inputs, measure, packing
+from ucpjax import cluster, inputs, measure, packing
 from ucpjax import data as data_lib
 from ucpjax import export as export_lib
 from ucpjax import report as report_lib
@@ -113,12 +113,12 @@ def _stage(position, name, model, dataset, recipe, folder, start, teacher, log):
         log(f"[{position}] {name}: finished earlier, restored")
         model = Model(model.module, loaded[0], model.frozen)
         # Folding is idempotent: it recovers which params are frozen.
-        return (_folded(model, dataset.input_shape) if position == 0 else model), loaded[1]
+        return (model.folded(dataset.input_shape) if position == 0 else model), loaded[1]
     begin = time.perf_counter()
     if position == 0:
         model, report = start[1](model)
         # Fold BatchNorm before any stage, so what they constrain is what ships.
-        model = _folded(model, dataset.input_shape)
+        model = model.folded(dataset.input_shape)
         report["fold/batchnorm_layers"] = len(model.frozen)
     else:
         shared = StageInputs(model.apply_fn(), dataset, seed=recipe.seed * 1000 + position,
@@ -217,11 +217,6 @@ def _qat(recipe: Recipe) -> bool:
 
 def _read(path: pathlib.Path) -> bytes | None:
     return path.read_bytes() if path.exists() else None
-
-
-def _folded(model: Model, input_shape) -> Model:
-    variables, frozen = fold.fold_batchnorm(model.module, model.variables, input_shape)
-    return Model(model.module, variables, frozen)
 
 
 def weights_plot(model: Model, recipe: Recipe, path: pathlib.Path) -> None:

@@ -129,3 +129,33 @@ def accuracy_vs_size(rows: list[dict], path, *, size_key: str = "bytes") -> path
         return _save(fig, path)
     finally:
         plt.close(fig)
+
+
+def sensitivity(table: dict, path) -> pathlib.Path:
+    """Accuracy drop of each layer pruned alone (left) and clustered alone (right).
+
+    Args:
+      table: ``ucpjax.sensitivity.measure``'s output.
+      path: PNG file to write.
+
+    Returns:
+      The path written.
+    """
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, entry in table["layers"].items():
+        for ax, key in ((left, "prune"), (right, "cluster")):
+            grid = [float(g) for g in entry[key]]
+            ax.plot(grid, list(entry[key].values()), "-o", markersize=3, label=name)
+    left.set_xlabel("sparsity of the layer alone")
+    right.set_xlabel("clusters k of the layer alone")
+    right.set_xscale("log", base=2)
+    for ax in (left, right):
+        ax.set_ylabel("validation accuracy drop (points)")
+        ax.grid(True, alpha=0.3)
+    right.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)

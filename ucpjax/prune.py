@@ -51,6 +51,10 @@ class PruneConfig:
       begin, end: the ramp's first and last step, as fractions of the pruning
         phase (``train``); the steps after ``end`` train with the final masks.
       power: exponent of the ramp (3 in the paper).
+      min_per_channel: non-zeros every output channel keeps (capped at its fan-in),
+        however high the target: a depthwise 3x3 channel has only 9 weights, and
+        uniform 75% sparsity leaves it about 2. The floor wins over the target,
+        so the reported sparsity can fall short of it. 0: no floor.
       train: budget of the pruning phase.
       fine_tune: budget of the fine-tuning phase, or None to skip it.
     """
@@ -62,6 +66,7 @@ class PruneConfig:
     begin: float = 0.0
     end: float = 0.7
     power: float = 3.0
+    min_per_channel: int = 0
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(epochs=10))
     fine_tune: TrainConfig | None = dataclasses.field(
         default_factory=lambda: TrainConfig(epochs=2, learning_rate=1e-4))
@@ -78,6 +83,8 @@ class PruneConfig:
         check(0 <= self.end <= 1 and self.begin < self.end, "end", self.end,
               "must be in [0, 1] and > begin")
         check(self.power > 0, "power", self.power, "must be > 0")
+        check(isinstance(self.min_per_channel, int) and self.min_per_channel >= 0,
+              "min_per_channel", self.min_per_channel, "must be an integer >= 0")
 
 
 def _is_none(x) -> bool:
@@ -121,9 +128,34 @@ def _count(sparsity: jax.Array, size: int) -> jax.Array:
     return jnp.round(sparsity * size).astype(jnp.int32)
 
 
+def _protected(scores: jax.Array, min_per_channel: int) -> jax.Array:
+    """True for the ``min_per_channel`` highest live scores of each output channel.
+
+    The output channel is the last axis (Dense ``(in, out)``, Conv ``(h, w, in,
+    out)``, depthwise ``(h, w, 1, channels)``); live scores are >= 0.
+    """
+    if not min_per_channel or scores.ndim < 2:
+        return jnp.zeros(scores.shape, bool)
+    columns = scores.reshape(-1, scores.shape[-1])
+    order = jnp.argsort(-columns, axis=0, stable=True)
+    ranks = jnp.argsort(order, axis=0)  # each entry's rank within its channel
+    keep = (ranks < min(min_per_channel, columns.shape[0])) & (columns >= 0)
+    return keep.reshape(scores.shape)
+
+
+def _keep_with_floor(scores: jax.Array, num_pruned, protected: jax.Array) -> jax.Array:
+    """``_keep_largest`` that never prunes a protected entry (it prunes fewer instead).
+
+    When no protected entry is among the ``num_pruned`` lowest, the result is
+    exactly ``_keep_largest(scores, num_pruned)``.
+    """
+    num_pruned = jnp.minimum(num_pruned, scores.size - jnp.sum(protected, dtype=jnp.int32))
+    return _keep_largest(jnp.where(protected, jnp.inf, scores), num_pruned)
+
+
 def magnitude_pruning(
     targets, *, initial_sparsity: float = 0.0, begin_step: int, end_step: int,
-    frequency: int = 1, power: float = 3.0, global_leaves=None,
+    frequency: int = 1, power: float = 3.0, global_leaves=None, min_per_channel: int = 0,
 ) -> optax.GradientTransformation:
     """Elementwise magnitude masks in the optimizer state; put it last in the chain.
 
@@ -145,6 +177,7 @@ def magnitude_pruning(
       power: exponent of the ramp.
       global_leaves: optional pytree of bools like params: these leaves are
         ranked together by one threshold; they must share one target.
+      min_per_channel: non-zeros each output channel keeps (see ``PruneConfig``).
 
     Returns:
       An ``optax.GradientTransformation`` whose update needs ``params``.
@@ -177,15 +210,17 @@ def magnitude_pruning(
         # Already-masked entries score -1, below every magnitude, so they stay masked.
         scores = [None if t is None else jnp.where(m, jnp.abs(c), -1.0)
                   for m, c, t in zip(masks, candidates, target_list)]
+        floor = [None if s is None else _protected(s, min_per_channel) for s in scores]
         for i, target in enumerate(target_list):
             if target is not None and not group[i]:
                 k = _count(sparsity(target, step), scores[i].size)
-                new[i] = masks[i] & _keep_largest(scores[i], k)
+                new[i] = masks[i] & _keep_with_floor(scores[i], k, floor[i])
         members = [i for i, g in enumerate(group) if g]
         if members:
             flat = jnp.concatenate([scores[i].ravel() for i in members])
+            protected = jnp.concatenate([floor[i].ravel() for i in members])
             k = _count(sparsity(target_list[members[0]], step), flat.size)
-            keep, start = _keep_largest(flat, k), 0
+            keep, start = _keep_with_floor(flat, k, protected), 0
             for i in members:
                 size = scores[i].size
                 new[i] = masks[i] & keep[start:start + size].reshape(scores[i].shape)
@@ -222,15 +257,19 @@ def _own_target(params, rules: Rules) -> Any:
     return jax.tree.map(lambda t: t is not None, own, is_leaf=_is_none)
 
 
-def prune_shared_once(weights, sparsity: float) -> jax.Array:
+def prune_once(weights, sparsity: float, min_per_channel: int = 0) -> jax.Array:
     """Zeros the smallest-magnitude weights so that ``round(sparsity * size)`` are zero.
 
-    Existing zeros count as pruned. Only zeros are added, so a weight-shared
-    tensor keeps at most its distinct non-zero values.
+    Existing zeros count as pruned; each output channel keeps ``min_per_channel``
+    non-zeros. Only zeros are added, so a weight-shared tensor keeps at most its
+    distinct non-zero values (weight-shared leaves are pruned this way, and
+    ``ucpjax.sensitivity`` prunes one layer alone this way).
     """
     w = jnp.asarray(weights)
     scores = jnp.where(w != 0, jnp.abs(w), -1.0)
-    return jnp.where(_keep_largest(scores, _count(jnp.float32(sparsity), w.size)), w, 0.0)
+    keep = _keep_with_floor(scores, _count(jnp.float32(sparsity), w.size),
+                            _protected(scores, min_per_channel))
+    return jnp.where(keep, w, 0.0)
 
 
 
@@ -273,8 +312,9 @@ def prune(params, config: PruneConfig, *, apply_fn, data, seed: int,
     shared = jax.tree.map(lambda b: b is not None, books,
                           is_leaf=lambda b: b is None or isinstance(b, constraints.Codebook))
     # Weight-shared leaves cannot be masked weight by weight: pruned once, up front.
-    params = jax.tree.map(lambda w, t, s: prune_shared_once(w, t) if s and t else w,
-                          params, targets, shared, is_leaf=_is_none)
+    params = jax.tree.map(
+        lambda w, t, s: prune_once(w, t, config.min_per_channel) if s and t else w,
+        params, targets, shared, is_leaf=_is_none)
     mask_targets = jax.tree.map(lambda t, s: None if s else t, targets, shared, is_leaf=_is_none)
     global_leaves = None
     if config.scope == "global":
@@ -286,7 +326,8 @@ def prune(params, config: PruneConfig, *, apply_fn, data, seed: int,
     pruning = magnitude_pruning(
         mask_targets, initial_sparsity=config.initial_sparsity,
         begin_step=round(config.begin * last), end_step=round(config.end * last),
-        frequency=config.frequency, power=config.power, global_leaves=global_leaves)
+        frequency=config.frequency, power=config.power, global_leaves=global_leaves,
+        min_per_channel=config.min_per_channel)
     make_loss = constraints.cross_entropy(apply_fn)
     params, _, history = constraints.fit_preserving(
         params, make_loss, x=data.x_train, y=data.y_train, config=config.train, seed=seed,
