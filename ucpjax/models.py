@@ -133,3 +133,64 @@ class CifarCnn(nn.Module):
                 x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
         x = GlobalAveragePool()(x)
         return nn.Dense(self.num_classes)(x)
+
+
+def _conv_bn(x, features: int, kernel: int, strides: int, train: bool, *, groups: int = 1):
+    """Conv (no bias: BatchNorm's offset replaces it) and the BatchNorm right after it."""
+    x = nn.Conv(features, (kernel, kernel), strides=strides, padding="SAME", use_bias=False,
+                feature_group_count=groups)(x)
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+
+
+@register("resnet8")
+class ResNet8(nn.Module):
+    """ResNet-8 of MLPerf Tiny's image classification benchmark (CIFAR-10, ~78K parameters).
+
+    As in mlcommons/tiny ``benchmark/training/image_classification/keras_model.py``
+    (``resnet_v1_eembc`` with 16 filters): a 3x3 conv with 16 filters, then three
+    residual stages of 16, 32 and 64 filters (strides 1, 2, 2), each two 3x3
+    convs on the residual path and, where the shape changes, a strided 1x1 conv
+    on the shortcut; global average pooling and a dense layer. Two differences,
+    both to keep every conv foldable: the convs carry no bias (the BatchNorm
+    after each has an offset), and the 1x1 shortcut convs get a BatchNorm too
+    (the reference has none there).
+    """
+
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(_conv_bn(x, 16, 3, 1, train))
+        for width, stride in ((16, 1), (32, 2), (64, 2)):
+            y = nn.relu(_conv_bn(x, width, 3, stride, train))
+            y = _conv_bn(y, width, 3, 1, train)
+            if stride != 1 or x.shape[-1] != width:
+                x = _conv_bn(x, width, 1, stride, train)
+            x = nn.relu(x + y)
+        x = GlobalAveragePool()(x)
+        return nn.Dense(self.num_classes)(x)
+
+
+@register("mobilenet_cifar")
+class MobileNetCifar(nn.Module):
+    """A MobileNet-v1-style depthwise-separable net for CIFAR-10 (0.14M parameters).
+
+    A 3x3 conv stem (32 filters) at 32x32, then six blocks of depthwise 3x3
+    conv + BatchNorm + ReLU and pointwise 1x1 conv + BatchNorm + ReLU, with
+    (stride, filters) below: 6M multiply-adds per image, a quarter of
+    ``cifar_cnn``. Every BatchNorm follows its conv (foldable); the depthwise
+    convs map to TFLite's DEPTHWISE_CONV_2D.
+    """
+
+    num_classes: int = 10
+    blocks: tuple[tuple[int, int], ...] = ((2, 64), (1, 64), (2, 128), (1, 128), (2, 256),
+                                           (1, 256))
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(_conv_bn(x, 32, 3, 1, train))
+        for stride, width in self.blocks:
+            x = nn.relu(_conv_bn(x, x.shape[-1], 3, stride, train, groups=x.shape[-1]))
+            x = nn.relu(_conv_bn(x, width, 1, 1, train))
+        x = GlobalAveragePool()(x)
+        return nn.Dense(self.num_classes)(x)

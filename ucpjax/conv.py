@@ -1,0 +1,220 @@
+"""2-D convolution whose gradients are fast on XLA's CPU backend.
+
+XLA on CPU computes a conv's weight gradient as a second convolution whose
+"kernel" is the whole output gradient (32x32 for a CIFAR image), a shape its
+Eigen kernels handle badly: for a 32-channel 3x3 conv at 32x32, batch 128, the
+forward pass takes ~50 ms and the weight gradient ~970 ms. The same gradient is
+one matrix product, ``patches^T @ dy``, over the K*K shifted views of the
+padded input (im2col): ~220 ms, most of it the product itself. Grouped convs
+are worse still: a depthwise 3x3 conv (96 channels, 16x16) takes 220 ms
+forward and 940 ms for its weight gradient in XLA, against 14 ms and 160 ms as
+nine shifted multiply-adds. ``results/profile_train_step.md`` has the numbers.
+
+``conv_general_dilated`` is a drop-in for ``lax.conv_general_dilated`` with a
+``jax.custom_vjp``: regular convs keep XLA's forward pass and input gradient
+(both fast) and take the im2col weight gradient; depthwise convs are computed
+entirely from shifted views. Anything else (dilation, other groupings, other
+layouts) falls through to lax unchanged.
+
+``fast_convs()`` makes every ``flax.linen.Conv`` use it, in any user's module:
+``train.make_train_step`` enters it inside the traced step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Pads = tuple[tuple[int, int], tuple[int, int]]
+
+# What flax.linen.Conv passes for NHWC inputs and HWIO kernels.
+_NHWC = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         batch_group_count=1, precision=None, preferred_element_type=None):
+    """``lax.conv_general_dilated`` with fast gradients for NHWC/HWIO 2-D convs.
+
+    Takes the fast path for 4-D NHWC inputs, HWIO kernels, no dilation, and
+    ``feature_group_count`` 1 or equal to the channels with one output per
+    channel (depthwise); everything else goes to lax as given.
+
+    Args:
+      lhs: NHWC input.
+      rhs: HWIO kernel (``(kh, kw, 1, C)`` for depthwise).
+      window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+      feature_group_count, batch_group_count, precision, preferred_element_type:
+        as in ``lax.conv_general_dilated``.
+
+    Returns:
+      The convolution, NHWC.
+    """
+    lax_conv = functools.partial(
+        lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+        precision=precision, preferred_element_type=preferred_element_type)
+    if not _supported(lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dimension_numbers,
+                      feature_group_count, batch_group_count, preferred_element_type):
+        return lax_conv()
+    strides = tuple(int(s) for s in window_strides)
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    depthwise = feature_group_count != 1
+    return _conv(lhs, rhs, strides, pads, depthwise, precision)
+
+
+def _supported(lhs, rhs, strides, lhs_dilation, rhs_dilation, dimension_numbers,
+               feature_group_count, batch_group_count, preferred_element_type) -> bool:
+    """Whether ``_conv`` computes this call exactly as lax would."""
+    if lhs.ndim != 4 or rhs.ndim != 4 or len(strides) != 2 or batch_group_count != 1:
+        return False
+    if preferred_element_type is not None or lhs.dtype != rhs.dtype:
+        return False
+    for dilation in (lhs_dilation, rhs_dilation):
+        if dilation is not None and any(d != 1 for d in dilation):
+            return False
+    if dimension_numbers is None or lax.conv_dimension_numbers(
+            lhs.shape, rhs.shape, dimension_numbers) != _NHWC:
+        return False
+    channels = lhs.shape[3]
+    if feature_group_count == 1:
+        return rhs.shape[2] == channels
+    return feature_group_count == channels and rhs.shape[2:] == (1, channels)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv(x, kernel, strides: tuple[int, int], pads: Pads, depthwise: bool, precision):
+    if depthwise:
+        return _depthwise(x, kernel[:, :, 0], strides, pads)
+    return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_NHWC,
+                                    precision=precision)
+
+
+def _conv_forward(x, kernel, strides, pads, depthwise, precision):
+    return _conv(x, kernel, strides, pads, depthwise, precision), (x, kernel)
+
+
+def _conv_backward(strides, pads, depthwise, precision, residuals, dy):
+    x, kernel = residuals
+    if depthwise:
+        dx = _depthwise_input_grad(dy, kernel[:, :, 0], x.shape, strides, pads)
+        dk = _depthwise_kernel_grad(x, dy, kernel.shape[:2], strides, pads)[:, :, None]
+        return dx, dk
+    # XLA's input gradient is as fast as its forward pass: keep it.
+    _, input_vjp = jax.vjp(lambda x: lax.conv_general_dilated(
+        x, kernel, strides, pads, dimension_numbers=_NHWC, precision=precision), x)
+    (dx,) = input_vjp(dy)
+    return dx, _kernel_grad(x, dy, kernel.shape, strides, pads, precision)
+
+
+_conv.defvjp(_conv_forward, _conv_backward)
+
+
+def _shifted_views(x, window: tuple[int, int], strides, pads, out_hw) -> list[jax.Array]:
+    """The ``kh * kw`` strided views of padded ``x`` that meet each kernel tap, row-major."""
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    (sh, sw), (ho, wo) = strides, out_hw
+    return [lax.slice(xp, (0, i, j, 0), (x.shape[0], i + sh * (ho - 1) + 1,
+                                         j + sw * (wo - 1) + 1, x.shape[3]), (1, sh, sw, 1))
+            for i in range(window[0]) for j in range(window[1])]
+
+
+def _kernel_grad(x, dy, kernel_shape, strides, pads, precision):
+    """``dL/dkernel`` as one matrix product ``patches^T @ dy`` (im2col).
+
+    One product over all taps beat nine per-tap products (a 32x32 output each)
+    and the 3-wide row variant in our measurements: a wide output keeps both
+    cores busy.
+    """
+    kh, kw, cin, cout = kernel_shape
+    n, ho, wo, _ = dy.shape
+    patches = jnp.concatenate(_shifted_views(x, (kh, kw), strides, pads, (ho, wo)), axis=-1)
+    dk = lax.dot_general(patches.reshape(n * ho * wo, kh * kw * cin), dy.reshape(-1, cout),
+                         (((0,), (0,)), ((), ())), precision=precision)
+    return dk.reshape(kernel_shape).astype(x.dtype)
+
+
+def _depthwise(x, taps, strides, pads):
+    """Depthwise conv as a sum of shifted views times per-channel taps ``(kh, kw, C)``."""
+    ho, wo = _output_hw(x.shape, taps.shape[:2], strides, pads)
+    views = _shifted_views(x, taps.shape[:2], strides, pads, (ho, wo))
+    return functools.reduce(jnp.add, (v * t for v, t in zip(views, taps.reshape(-1, x.shape[3]))))
+
+
+def _depthwise_kernel_grad(x, dy, window, strides, pads):
+    views = _shifted_views(x, window, strides, pads, dy.shape[1:3])
+    return jnp.stack([jnp.sum(v * dy, axis=(0, 1, 2)) for v in views]).reshape(
+        *window, x.shape[3])
+
+
+def _depthwise_input_grad(dy, taps, x_shape, strides, pads):
+    """The transposed depthwise conv: dilate ``dy`` by the stride, correlate with flipped taps.
+
+    ``dxp[q] = sum_i dyd[q - i] taps[i]`` over the padded input ``xp``, where
+    ``dyd`` is ``dy`` with ``stride - 1`` zeros between its rows/columns; one
+    ``lax.pad`` (interior for the dilation, edges for the window and the part
+    of ``xp`` that no window reached) builds it, and the crop drops ``xp``'s padding.
+    """
+    kh, kw = taps.shape[:2]
+    hp, wp = (x_shape[1] + sum(pads[0]), x_shape[2] + sum(pads[1]))
+    config = [(0, 0, 0), (0, 0, 0), (0, 0, 0), (0, 0, 0)]
+    for axis, (k, size, s) in enumerate(zip((kh, kw), (hp, wp), strides), start=1):
+        dilated = s * (dy.shape[axis] - 1) + 1
+        config[axis] = (k - 1, size - dilated, s - 1)
+    dyd = lax.pad(dy, jnp.zeros((), dy.dtype), config)
+    dxp = _depthwise(dyd, taps[::-1, ::-1], (1, 1), ((0, 0), (0, 0)))
+    (top, _), (left, _) = pads
+    return dxp[:, top:top + x_shape[1], left:left + x_shape[2]]
+
+
+def _output_hw(x_shape, window, strides, pads) -> tuple[int, int]:
+    return tuple((size + lo + hi - k) // s + 1
+                 for size, k, s, (lo, hi) in zip(x_shape[1:3], window, strides, pads))
+
+
+def _can_redirect(module: nn.Module) -> bool:
+    """An exact ``nn.Conv`` that has not chosen its own conv function."""
+    return (type(module) is nn.Conv and _REDIRECTABLE
+            and module.conv_general_dilated is None and module.conv_general_dilated_cls is None)
+
+
+# flax.linen.Conv calls ``self.conv_general_dilated`` when it is set (a field
+# flax marks deprecated); without that field ``fast_convs`` leaves convs alone.
+_REDIRECTABLE = "conv_general_dilated" in {f.name for f in dataclasses.fields(nn.Conv)}
+
+
+def _interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != "__call__" or not _can_redirect(module):
+        return next_fun(*args, **kwargs)
+    # Swap the conv function for this call only, then run the rest of the chain
+    # (interceptors entered later, e.g. quantization's input rewrite, run
+    # inside this one) and flax's own Conv.__call__, which honours every
+    # attribute (padding modes, masks, dtypes, extra batch axes) and reads the
+    # module's variables as usual.
+    object.__setattr__(module, "conv_general_dilated", conv_general_dilated)
+    try:
+        return next_fun(*args, **kwargs)
+    finally:
+        object.__setattr__(module, "conv_general_dilated", None)
+
+
+@contextlib.contextmanager
+def fast_convs():
+    """Within this context every ``flax.linen.Conv`` call uses ``conv_general_dilated``.
+
+    Enter it where the model is traced (inside a jitted function); values and
+    gradients equal lax's to float rounding.
+    """
+    with nn.intercept_methods(_interceptor):
+        yield
+
