@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ucpjax import data as data_lib
 from ucpjax.config import check
+from ucpjax.conv import fast_convs
 
 LossFn = Callable[..., tuple[jax.Array, tuple[Any, dict]]]
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
@@ -156,7 +157,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
             key, k_aug = jax.random.split(key)
             x = _augment(x, k_aug, augment)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (_, (extra, metrics)), grads = grad_fn(state.params, state.extra, x, y, key)
+        with fast_convs():  # XLA's CPU conv gradients are slow; see ucpjax.conv
+            (_, (extra, metrics)), grads = grad_fn(state.params, state.extra, x, y, key)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(state.step + 1, params, extra, opt_state), metrics
