@@ -1,10 +1,12 @@
 """Command line: ``ucpjax train`` (a dense model), ``compress`` (the pipeline),
-``sensitivity`` (per-layer costs), ``study`` (variants side by side).
+``sensitivity`` (per-layer costs), ``study`` (variants side by side),
+``search`` (per-layer rules within an accuracy budget).
 
 Exit status: 0 done; 2 a bad input (one line naming it); 3 the ``.tflite``
 failed its faithfulness check (the run folder keeps everything for a look);
-130 interrupted (``--resume`` continues). ``--debug`` or ``UCPJAX_DEBUG=1``
-shows the traceback.
+4 ``search`` found no candidate within its budget (it names the closest);
+130 interrupted (``--resume`` continues; ``search`` continues when rerun).
+``--debug`` or ``UCPJAX_DEBUG=1`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 
 from ucpjax.config import ConfigError, describe
 
-EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_INTERRUPTED = 2, 3, 130
+EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_BUDGET_NOT_MET, EXIT_INTERRUPTED = 2, 3, 4, 130
 
 
 def _train_command(args) -> int:
@@ -81,6 +83,24 @@ def _study_command(args) -> int:
     return 0
 
 
+def _search_command(args) -> int:
+    from ucpjax import search
+
+    summary = search.search(
+        args.config, pathlib.Path(args.out), objective=args.objective, smoke=args.smoke,
+        max_drop=_number(args.max_drop, "--max-drop", float),
+        refinements=_number(args.refinements, "--refinements", int), overrides=args.overrides)
+    return EXIT_BUDGET_NOT_MET if summary["chosen"] is None else 0
+
+
+def _number(text: str, flag: str, kind):
+    """``kind(text)``; a ConfigError naming ``flag`` (argparse would print two lines)."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: not a number") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     from ucpjax import models
     from ucpjax.experiment import Experiment
@@ -135,6 +155,21 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--smoke", action="store_true", help="seconds-long runs on a data slice")
     s.add_argument("--only", default="", help="comma-separated variant names")
     s.set_defaults(run=_study_command)
+
+    q = sub.add_parser("search", help="per-layer sparsity and k within an accuracy budget")
+    q.add_argument("--config", required=True, help="experiment file, e.g. "
+                   "experiments/table2_pcqat.py")
+    q.add_argument("--out", required=True, help="folder; each candidate runs in <out>/<name>, "
+                   "rerunning continues")
+    q.add_argument("--max-drop", required=True,
+                   help="validation accuracy points the result may lose (> 0)")
+    q.add_argument("--objective", default="zip",
+                   help="zip (the zipped int8 .tflite, default) or packed")
+    q.add_argument("--refinements", default="4", help="candidates after the first, at most "
+                   "(default 4)")
+    q.add_argument("--smoke", action="store_true", help="seconds-long runs on a data slice")
+    q.add_argument("overrides", nargs="*", help="e.g. val_size=10000")
+    q.set_defaults(run=_search_command)
     return parser
 
 
