@@ -1,13 +1,19 @@
-"""Training-step speed with flax's max pooling against ucpjax.pooling.max_pool.
+"""Training-step speed: plain flax/lax ops against ucpjax's pooling and convolutions.
 
-For each pooled model of the registry: the jitted loss-and-gradient of one
-batch (cross-entropy, train mode), once with every ``max_pool`` of the model
-as ucpjax ships it and once with flax's ``nn.max_pool`` swapped in. Times are
-the median of repeated calls after one untimed compile call, each ended with
-``jax.block_until_ready``; speed-up = flax median / ours median.
+For each model: the jitted loss-and-gradient of one batch (cross-entropy,
+train mode) three ways, measured in one run:
+
+* plain: flax's ``nn.max_pool`` and XLA's own conv gradients;
+* pool: ``ucpjax.pooling.max_pool`` (scatter-free gradient), XLA's convs;
+* ours: ``ucpjax.pooling.max_pool`` and ``ucpjax.conv.fast_convs()``, what
+  ``ucpjax.train`` runs.
+
+Times are the median of repeated calls after one untimed compile call, each
+ended with ``jax.block_until_ready``; speed-up = plain median / ours median.
+The machine is shared, so the load average is written next to the numbers.
 
 Command:
-    .venv/bin/python scripts/bench_train_step.py            # --repeats 20
+    nice -n 10 .venv/bin/python scripts/bench_train_step.py        # --repeats 10
 Writes results/bench_train_step.json and results/bench_train_step.md.
 """
 
@@ -27,12 +33,16 @@ import jax.numpy as jnp
 import optax
 
 from ucpjax import models
+from ucpjax.conv import fast_convs
 from ucpjax.run_folder import RunFolder
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+COMMAND = "nice -n 10 .venv/bin/python scripts/bench_train_step.py"
 # (model, input shape of one image, batch size of its experiment)
 CASES = [("pcqat_mnist", (28, 28, 1), 128), ("lenet5", (28, 28, 1), 128),
-         ("fashion_cnn", (28, 28, 1), 128), ("cifar_cnn", (32, 32, 3), 64)]
+         ("fashion_cnn", (28, 28, 1), 128), ("cifar_cnn", (32, 32, 3), 48),
+         ("resnet8", (32, 32, 3), 64), ("mobilenet_cifar", (32, 32, 3), 64)]
+VARIANTS = ("plain", "pool", "ours")
 
 
 @contextlib.contextmanager
@@ -46,7 +56,8 @@ def flax_pooling():
         models.max_pool = ours
 
 
-def step_seconds(name: str, shape: tuple, batch: int, repeats: int) -> list[float]:
+def loss_and_grad(name: str, shape: tuple, batch: int, convs):
+    """``(jitted value_and_grad, params)`` of one batch; ``convs()`` wraps the trace."""
     model = models.create(name)
     variables = models.init(model, shape)
     params = variables.pop("params")
@@ -54,48 +65,77 @@ def step_seconds(name: str, shape: tuple, batch: int, repeats: int) -> list[floa
     y = jnp.arange(batch) % 10
 
     def loss(params):
-        logits, _ = model.apply({"params": params, **variables}, x, train=True,
-                                mutable=list(variables))
+        with convs():
+            logits, _ = model.apply({"params": params, **variables}, x, train=True,
+                                    mutable=list(variables))
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    grad = jax.jit(jax.value_and_grad(loss))
-    jax.block_until_ready(grad(params))
+    return jax.jit(jax.value_and_grad(loss)), params
+
+
+def seconds(fn, *args, repeats: int) -> list[float]:
+    """Wall time of ``repeats`` calls of ``fn(*args)`` after one untimed (compiling) call."""
+    jax.block_until_ready(fn(*args))
     runs = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(grad(params))
+        jax.block_until_ready(fn(*args))
         runs.append(time.perf_counter() - start)
     return runs
 
 
+def measure(name: str, shape: tuple, batch: int, repeats: int) -> dict:
+    settings = {"plain": (flax_pooling, contextlib.nullcontext),
+                "pool": (contextlib.nullcontext, contextlib.nullcontext),
+                "ours": (contextlib.nullcontext, fast_convs)}
+    row = {"batch": batch}
+    for variant in VARIANTS:
+        pooling, convs = settings[variant]
+        with pooling():
+            fn, params = loss_and_grad(name, shape, batch, convs)
+            row[f"{variant}_s"] = seconds(fn, params, repeats=repeats)
+    row["speedup"] = statistics.median(row["plain_s"]) / statistics.median(row["ours_s"])
+    return row
+
+
+def markdown(rows: dict, repeats: int, load_before, load_after) -> str:
+    ms = lambda runs: f"{statistics.median(runs) * 1e3:.1f}"
+    lines = ["| model | batch | plain ms | + ucpjax max_pool ms | + ucpjax conv (ours) ms "
+             "| ours images/s | speed-up |", "|---|---|---|---|---|---|---|"]
+    for name, row in rows.items():
+        rate = row["batch"] / statistics.median(row["ours_s"])
+        lines.append(f"| {name} | {row['batch']} | {ms(row['plain_s'])} | {ms(row['pool_s'])} "
+                     f"| {ms(row['ours_s'])} | {rate:.0f} | {row['speedup']:.2f}x |")
+    fmt = lambda load: ", ".join(f"{v:.1f}" for v in load)
+    return "\n\n".join([
+        "# Training step: plain flax/XLA ops vs ucpjax's max_pool and convolutions",
+        (f"Jitted loss and gradient of one batch (train mode), median of {repeats} calls "
+         "after the compile call. plain: `nn.max_pool`, XLA's conv gradients; "
+         "+ ucpjax max_pool: `ucpjax.pooling.max_pool`; + ucpjax conv: also "
+         "`ucpjax.conv.fast_convs()`, as `ucpjax.train` runs every step. "
+         f"Load average (1, 5, 15 min) before: {fmt(load_before)}, after: {fmt(load_after)} "
+         f"on {os.cpu_count()} CPUs shared with other jobs; jax {jax.__version__}, "
+         f"{jax.default_backend()}."),
+        "\n".join(lines),
+        f"Command: `{COMMAND}`",
+    ]) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--only", default="", help="comma-separated models (default: all)")
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "results")
     args = parser.parse_args()
-    rows = {}
-    for name, shape, batch in CASES:
-        ours = step_seconds(name, shape, batch, args.repeats)
-        with flax_pooling():
-            theirs = step_seconds(name, shape, batch, args.repeats)
-        rows[name] = {"batch": batch, "ours_s": ours, "flax_s": theirs,
-                      "speedup": statistics.median(theirs) / statistics.median(ours)}
-    lines = ["| model | batch | nn.max_pool ms | ucpjax max_pool ms | speed-up |",
-             "|---|---|---|---|---|"]
-    for name, row in rows.items():
-        lines.append(f"| {name} | {row['batch']} | {statistics.median(row['flax_s']) * 1e3:.1f} "
-                     f"| {statistics.median(row['ours_s']) * 1e3:.1f} | {row['speedup']:.2f}x |")
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    md = "\n\n".join([
-        "# Training step: flax max pooling vs ucpjax.pooling.max_pool",
-        (f"Jitted loss and gradient of one batch, median of {args.repeats} calls after the "
-         f"compile call. Load average at the end: {load} on {os.cpu_count()} CPUs; "
-         f"jax {jax.__version__}, {jax.default_backend()}."),
-        "\n".join(lines),
-        "Command: `.venv/bin/python scripts/bench_train_step.py`",
-    ]) + "\n"
-    summary = {"command": ".venv/bin/python scripts/bench_train_step.py", "rows": rows,
-               "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg(),
+    only = set(filter(None, args.only.split(",")))
+    load_before = os.getloadavg()
+    rows = {name: measure(name, shape, batch, args.repeats)
+            for name, shape, batch in CASES if not only or name in only}
+    load_after = os.getloadavg()
+    md = markdown(rows, args.repeats, load_before, load_after)
+    summary = {"command": COMMAND, "repeats": args.repeats, "rows": rows,
+               "machine": {"cpus": os.cpu_count(), "load_average_before": load_before,
+                           "load_average_after": load_after,
                            "python": platform.python_version(), "jax": jax.__version__}}
     folder = RunFolder(args.out)  # atomic writes
     folder.write_json("bench_train_step.json", summary)

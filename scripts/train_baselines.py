@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/train_baselines.py                     # MNIST models
     .venv/bin/python scripts/train_baselines.py --only cifar_cnn    # about an hour
+    .venv/bin/python scripts/train_baselines.py --only resnet8,mobilenet_cifar
 
 Writes results/baselines/<model>.json, then results/baselines.md from all of
 them (test error, epochs, wall time on this machine); checkpoints go to
@@ -32,6 +33,13 @@ RECIPES = {
     "cifar_cnn": ("cifar10", ["--epochs", "24", "--batch-size", "48", "--optimizer", "sgd",
                               "--learning-rate", "0.05", "--weight-decay", "5e-4",
                               "--augment", "crop_flip"]),
+    # Same as experiments/resnet8_cifar10.py and mobilenet_cifar10.py (keep in sync).
+    "resnet8": ("cifar10", ["--epochs", "20", "--batch-size", "64", "--optimizer", "sgd",
+                            "--learning-rate", "0.05", "--weight-decay", "5e-4",
+                            "--augment", "crop_flip"]),
+    "mobilenet_cifar": ("cifar10", ["--epochs", "20", "--batch-size", "64", "--optimizer",
+                                    "sgd", "--learning-rate", "0.05", "--weight-decay",
+                                    "5e-4", "--augment", "crop_flip"]),
 }
 DEFAULT = ["lenet300", "lenet5", "pcqat_mnist"]
 

@@ -1,0 +1,46 @@
+"""CIFAR-10 with a depthwise-separable net (``mobilenet_cifar``, 0.14M parameters).
+
+    .venv/bin/ucpjax compress --config experiments/mobilenet_cifar10.py --out runs/mobilenet
+    .venv/bin/ucpjax compress --config experiments/mobilenet_cifar10.py --out runs/m --smoke
+
+Dense training: SGD + Nesterov, cosine decay, weight decay and random
+crops/flips, 20 epochs of 64 images (an estimate of under an hour on 2 CPU
+cores, from the step time in results/bench_train_step.md; not yet run). XLA's
+own depthwise conv is ~15x slower than ``ucpjax.conv``'s on CPU, so this model
+is only practical to train with ``ucpjax.train``. The compression recipe
+mirrors experiments/cifar10.py (9 epochs in all).
+"""
+
+from ucpjax import experiment
+from ucpjax.cluster import ClusterConfig
+from ucpjax.distill import DistillConfig
+from ucpjax.experiment import Experiment
+from ucpjax.prune import PruneConfig
+from ucpjax.quantize import QuantizeConfig
+from ucpjax.recipe import Recipe
+from ucpjax.train import TrainConfig
+
+_SGD = {"optimizer": "sgd", "weight_decay": 5e-4, "augment": "crop_flip"}
+
+
+def _fine_tune(epochs: float, learning_rate: float) -> TrainConfig:
+    return TrainConfig(epochs=epochs, learning_rate=learning_rate, augment="crop_flip")
+
+
+def get_config(smoke: bool = False) -> Experiment:
+    config = Experiment(
+        model="mobilenet_cifar",
+        data="cifar10",
+        # Same as mobilenet_cifar in scripts/train_baselines.py (keep in sync).
+        dense=TrainConfig(epochs=20, batch_size=64, learning_rate=0.05, **_SGD),
+        # Depthwise kernels hold 9 weights per channel: pruning them hurts most, so
+        # the global magnitude threshold (set mostly by the 1x1 convs) targets 60%.
+        recipe=Recipe(
+            prune=PruneConfig(target_sparsity=0.6, scope="global", frequency=100,
+                              train=_fine_tune(4, 1e-4), fine_tune=_fine_tune(2, 5e-5)),
+            distill=DistillConfig(train=_fine_tune(1, 5e-5)),
+            cluster=ClusterConfig(num_clusters=32, init="linear", fine_tune=_fine_tune(1, 2e-5)),
+            quantize=QuantizeConfig(train=_fine_tune(1, 1e-5)),
+        ),
+    )
+    return experiment.smoke(config) if smoke else config
