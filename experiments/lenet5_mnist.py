@@ -30,6 +30,7 @@ def get_config(smoke: bool = False) -> Experiment:
         dense=_budget(15, 1e-3),
         recipe=Recipe(
             prune=PruneConfig(target_sparsity=0.93, scope="global", frequency=100,
+                              min_per_channel=0,  # as published: before the floor
                               train=_budget(8, 1e-3), fine_tune=_budget(2, 1e-4)),
             distill=DistillConfig(train=_budget(5, 1e-3)),
             cluster=ClusterConfig(num_clusters=16, init="linear", fine_tune=_budget(2, 1e-4)),

@@ -24,6 +24,7 @@ def get_config(smoke: bool = False) -> Experiment:
         dense=TrainConfig(epochs=10, learning_rate=2e-3),
         recipe=Recipe(
             prune=PruneConfig(target_sparsity=0.9, scope="global", frequency=100,
+                              min_per_channel=0,  # as published: before the floor
                               train=TrainConfig(epochs=6, learning_rate=1e-3),
                               fine_tune=TrainConfig(epochs=2, learning_rate=2e-4)),
             distill=DistillConfig(train=TrainConfig(epochs=4, learning_rate=5e-4)),

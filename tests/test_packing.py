@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ucpjax import measure, models, packing
+from ucpjax import huffman, measure, models, packing
 from ucpjax.rules import LayerRule
 
 
@@ -91,9 +91,9 @@ def test_long_gaps_use_filler_entries(bits):
 def test_huffman_round_trip_and_never_worse_than_fixed_width(symbols, skew):
     symbols = np.asarray(symbols, np.int64) >> skew  # shifts make some symbols frequent
     freqs = np.bincount(symbols, minlength=61)
-    lengths = packing.huffman_code_lengths(freqs)
-    data = packing.huffman_encode(symbols, lengths)
-    np.testing.assert_array_equal(packing.huffman_decode(data, lengths, len(symbols)), symbols)
+    lengths = huffman.huffman_code_lengths(freqs)
+    data = huffman.huffman_encode(symbols, lengths)
+    np.testing.assert_array_equal(huffman.huffman_decode(data, lengths, len(symbols)), symbols)
     used = np.count_nonzero(freqs)
     if used > 1:
         assert sum(2.0 ** -lengths[lengths > 0]) == 1.0  # Kraft: a complete prefix code

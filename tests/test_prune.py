@@ -164,8 +164,8 @@ def test_prune_stage_exact_sparsity_keeps_clusters_and_survives_training(mnist, 
                                     "kernel": _cluster_like(params["Dense_1"]["kernel"], k)}}
     assert constraints.codebook(params["Dense_1"]["kernel"]) is not None
     config = prune.PruneConfig(
-        target_sparsity=0.8, frequency=3, end=0.6, train=TINY,
-        fine_tune=dataclasses.replace(TINY, epochs=0.5))
+        target_sparsity=0.8, scope="layer", min_per_channel=0, frequency=3, end=0.6,
+        train=TINY, fine_tune=dataclasses.replace(TINY, epochs=0.5))
     per_layer = (rules.LayerRule(pattern=r"Dense_2/kernel", sparsity=0.5),
                  *rules.DEFAULT_RULES)
     pruned, report = prune.prune(params, config, apply_fn=apply_fn, data=mnist, seed=0,
@@ -266,3 +266,29 @@ def test_the_pruning_transform_keeps_the_floor_in_both_scopes():
         for layer in pruned.values():
             w = np.asarray(layer["kernel"])
             assert (w != 0).reshape(-1, w.shape[-1]).sum(0).min() >= 2
+
+
+def test_erk_keeps_small_layers_denser_and_meets_the_overall_target():
+    # The depthwise net of the conv-nets issue: first conv, depthwise, 1x1, dense, last dense.
+    shapes = [(3, 3, 1, 32), (3, 3, 1, 32), (1, 1, 32, 64), (64, 64), (64, 10)]
+    sparsities = prune.erk_sparsities(shapes, 0.75)
+    sizes = np.array([np.prod(s) for s in shapes])
+    assert np.dot(1 - np.array(sparsities), sizes) == pytest.approx(0.25 * sizes.sum())
+    first, depthwise, pointwise, dense, last = sparsities
+    assert first == depthwise < last < pointwise < dense
+    assert depthwise < 0.4  # of 9 weights per channel, more than 5 stay
+    # A layer whose share would pass density 1 stays dense; the rest share the budget.
+    tiny_and_big = prune.erk_sparsities([(2, 2), (1000, 1000)], 0.5)
+    assert tiny_and_big[0] == 0.0
+    assert tiny_and_big[1] == pytest.approx(1 - (0.5 * 1_000_004 - 4) / 1_000_000)
+
+
+def test_erk_scope_gives_leaf_targets_and_keeps_own_rules(lenet):
+    params, _ = lenet
+    own = (rules.LayerRule(pattern=r"Dense_2/kernel", sparsity=0.3), *rules.DEFAULT_RULES)
+    targets = prune.leaf_targets(params, prune.PruneConfig(target_sparsity=0.9), own)
+    assert targets["Dense_2"]["kernel"] == 0.3 and targets["Dense_0"]["bias"] is None
+    sizes = {name: params[name]["kernel"].size for name in ("Dense_0", "Dense_1")}
+    kept = sum((1 - targets[name]["kernel"]) * n for name, n in sizes.items())
+    assert kept == pytest.approx(0.1 * sum(sizes.values()))
+    assert targets["Dense_1"]["kernel"] < targets["Dense_0"]["kernel"]

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ucpjax import constraints
+from ucpjax import batchnorm, constraints
 from ucpjax import rules as rules_lib
 from ucpjax import train as train_lib
 from ucpjax.config import check
@@ -421,7 +421,7 @@ def cluster(params, config: ClusterConfig, *, apply_fn, data, seed: int,
         report.update({f"cluster/{name}/{key}": value for key, value in info.items()})
     params = jax.tree.unflatten(treedef, out)
     report["cluster/val_accuracy_before_fine_tune"] = train_lib.accuracy(
-        apply_fn, params, data.x_val, data.y_val)
+        batchnorm.settled(apply_fn, params, data.x_train), params, data.x_val, data.y_val)
     if config.fine_tune is not None:
         params, _, history = constraints.fit_preserving(
             params, constraints.cross_entropy(apply_fn), x=data.x_train, y=data.y_train,
@@ -433,5 +433,6 @@ def cluster(params, config: ClusterConfig, *, apply_fn, data, seed: int,
             distinct = len(np.unique(values[values != 0]))
             report[f"cluster/{name}/distinct"] = distinct
             report[f"cluster/{name}/bits_per_index"] = bits_per_index(ks[name])
-    report["cluster/val_accuracy"] = train_lib.accuracy(apply_fn, params, data.x_val, data.y_val)
+    report["cluster/val_accuracy"] = train_lib.accuracy(
+        batchnorm.settled(apply_fn, params, data.x_train), params, data.x_val, data.y_val)
     return params, report

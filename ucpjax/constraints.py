@@ -9,7 +9,9 @@ lets stages run in any order.
   transform, last in a chain, that keeps masked weights exactly zero.
 * ``factor``: splits weight-shared leaves into trainable centroids and fixed
   indices, so training moves each centroid by the sum of its members'
-  gradients (Deep Compression) and zeros stay zero.
+  gradients (Deep Compression) and zeros stay zero. Once BatchNorm is folded
+  into a weight-shared layer, its k values differ per output channel; QAT then
+  keeps at most k per channel (``ChannelCodebook``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ucpjax import train
+from ucpjax import batchnorm, train
 from ucpjax.rules import DEFAULT_RULES, MAX_CLUSTERS, Rules, selected
 
 
@@ -67,6 +69,23 @@ class Codebook(NamedTuple):
         return table[self.index]
 
 
+class ChannelCodebook(NamedTuple):
+    """A tensor with few values per output channel (last axis), each channel its own book.
+
+    What a weight-shared layer becomes once BatchNorm is folded into it: each
+    output channel's k shared values scaled by that channel's factor.
+    """
+
+    centroids: jax.Array  # (k, channels): column c holds channel c's values, zero-padded
+    index: jax.Array  # int32, shape of the weights; k stands for an exact zero
+
+    def decode(self) -> jax.Array:
+        channels = self.centroids.shape[1]
+        table = jnp.concatenate([self.centroids, jnp.zeros((1, channels), self.centroids.dtype)])
+        rows = self.index.reshape(-1, channels)
+        return jnp.take_along_axis(table, rows, axis=0).reshape(self.index.shape)
+
+
 def codebook(weights) -> Codebook | None:
     """The codebook of ``weights`` if they are weight-shared, else None.
 
@@ -86,43 +105,83 @@ def codebook(weights) -> Codebook | None:
     return Codebook(jnp.asarray(values[nonzero]), jnp.asarray(remap[inverse].reshape(w.shape)))
 
 
-def codebooks(params, rules: Rules = DEFAULT_RULES) -> Any:
-    """Per leaf: its Codebook when selected and weight-shared, else None."""
-    return jax.tree.map(lambda w, sel: codebook(w) if sel else None,
-                        params, selected(params, rules))
+def channel_codebook(weights) -> ChannelCodebook | None:
+    """Per-channel codebooks of ``weights`` if every output channel has at most
+    ``MAX_CLUSTERS`` distinct non-zero values, else None.
+
+    No minimum share is asked, unlike ``codebook``: a channel whose values are
+    all distinct becomes one centroid per weight, which trains exactly as the
+    weights themselves would, so mistaking it for a shared one costs nothing.
+    """
+    w = np.asarray(weights)
+    if w.ndim < 2 or not np.any(w):
+        return None
+    columns = w.reshape(-1, w.shape[-1]).T
+    books = [np.unique(c[c != 0]) for c in columns]
+    k = max(len(b) for b in books)
+    if k > MAX_CLUSTERS:
+        return None
+    centroids = np.zeros((k, len(books)), w.dtype)
+    index = np.full(columns.shape, k, np.int32)
+    for c, (column, book) in enumerate(zip(columns, books, strict=True)):
+        centroids[:len(book), c] = book
+        nonzero = column != 0
+        index[c, nonzero] = np.searchsorted(book, column[nonzero])
+    return ChannelCodebook(jnp.asarray(centroids), jnp.asarray(index.T.reshape(w.shape)))
+
+
+def codebooks(params, rules: Rules = DEFAULT_RULES, per_channel: bool = False) -> Any:
+    """Per leaf: its Codebook when selected and weight-shared, else None.
+
+    With ``per_channel``, a selected leaf that is not weight-shared as a whole
+    gets its ``channel_codebook`` (None if a channel has too many values).
+    """
+    def book(w, sel):
+        if not sel:
+            return None
+        whole = codebook(w)
+        return channel_codebook(w) if whole is None and per_channel else whole
+
+    return jax.tree.map(book, params, selected(params, rules))
 
 
 def _is_book(x) -> bool:
-    return isinstance(x, Codebook) or x is None
+    return isinstance(x, (Codebook, ChannelCodebook)) or x is None
 
 
-def factor(params, rules: Rules = DEFAULT_RULES) -> tuple[Any, Callable[[Any], Any]]:
+def factor(params, rules: Rules = DEFAULT_RULES,
+           per_channel: bool = False) -> tuple[Any, Callable[[Any], Any]]:
     """Splits params into trainable leaves and a function that rebuilds all weights.
 
     Weight-shared leaves become their centroids (indices fixed, closed over);
-    other leaves stay as they are.
+    other leaves stay as they are. ``per_channel``: see ``codebooks``.
 
     Returns:
       ``(trainable, materialize)`` with ``materialize(trainable)`` equal to params.
     """
-    books = codebooks(params, rules)
+    books = codebooks(params, rules, per_channel)
     trainable = jax.tree.map(lambda b, w: w if b is None else b.centroids,
                              books, params, is_leaf=_is_book)
 
     def materialize(tree):
         return jax.tree.map(
-            lambda b, t: t if b is None else Codebook(t, b.index).decode(),
+            lambda b, t: t if b is None else b._replace(centroids=t).decode(),
             books, tree, is_leaf=_is_book)
 
     return trainable, materialize
 
 
 def cross_entropy(apply_fn) -> Callable[[Callable[[Any], Any]], Any]:
-    """The ``make_loss`` of plain classification fine-tuning, for ``fit_preserving``."""
+    """The ``make_loss`` of plain classification fine-tuning, for ``fit_preserving``.
+
+    A live BatchNorm model trains in training mode (``batchnorm.training``).
+    """
+    forward = batchnorm.training(apply_fn)
+
     def make_loss(materialize):
         def loss_fn(trainable, extra, x, y, key):
             del key
-            logits = apply_fn(materialize(trainable), x)
+            logits = forward(materialize(trainable), x)
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
             return loss, (extra, {"loss": loss, "accuracy": jnp.mean(logits.argmax(-1) == y)})
         return loss_fn
@@ -133,7 +192,7 @@ def fit_preserving(
     params, make_loss: Callable[[Callable[[Any], Any]], Any], *, x, y, config, seed: int,
     rules: Rules = DEFAULT_RULES, extra=None,
     last_transform: optax.GradientTransformation | None = None,
-    desc: str = "fine-tune",
+    per_channel: bool = False, desc: str = "fine-tune",
 ):
     """Trains params while keeping every zero and every weight-sharing constraint.
 
@@ -147,13 +206,15 @@ def fit_preserving(
       rules: which leaves are constrained (``ucpjax.rules``).
       extra: initial non-trained state for the loss.
       last_transform: replaces ``keep_zeros`` as the last transform (pruning).
+      per_channel: also keep per-channel value sharing (``codebooks``), as QAT
+        must after BatchNorm is folded into weight-shared layers.
       desc: progress-bar label.
 
     Returns:
       ``(params, state, history)``: the trained full params, the final TrainState
       (over the trainable tree) and the per-epoch metrics.
     """
-    trainable, materialize = factor(params, rules)
+    trainable, materialize = factor(params, rules, per_channel)
     last = last_transform or keep_zeros(zero_mask(trainable, rules))
     steps = train.total_steps(config, len(x))
     optimizer = optax.chain(train.make_optimizer(config, steps), last)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ucpjax import constraints, train
+from ucpjax import batchnorm, constraints, train
 from ucpjax.config import check
 from ucpjax.rules import DEFAULT_RULES, Rules
 from ucpjax.train import ApplyFn, TrainConfig
@@ -72,11 +72,13 @@ def make_distill_loss(apply_fn: ApplyFn, teacher_apply_fn: ApplyFn, *, temperatu
     The loss reads the teacher's params from ``extra["teacher"]`` and returns
     ``extra`` unchanged.
     """
+    forward = batchnorm.training(apply_fn)  # a live BatchNorm student trains in training mode
+
     def make_loss(materialize):
         def loss_fn(trainable, extra, x, y, key):
             del key
             teacher_logits = jax.lax.stop_gradient(teacher_apply_fn(extra["teacher"], x))
-            logits = apply_fn(materialize(trainable), x)
+            logits = forward(materialize(trainable), x)
             loss = distillation_loss(logits, teacher_logits, y, temperature=temperature,
                                      alpha=alpha)
             metrics = {"loss": loss, "accuracy": jnp.mean(logits.argmax(-1) == y),
@@ -112,7 +114,9 @@ def distill(params, config: DistillConfig, *, apply_fn: ApplyFn, data, seed: int
         params, make_loss, x=data.x_train, y=data.y_train, config=config.train,
         seed=seed, rules=rules, extra={"teacher": teacher_params}, desc="distill")
     return student, {
-        "distill/val_accuracy": train.accuracy(apply_fn, student, data.x_val, data.y_val),
+        "distill/val_accuracy": train.accuracy(
+            batchnorm.settled(apply_fn, student, data.x_train), student,
+            data.x_val, data.y_val),
         "distill/teacher_val_accuracy": train.accuracy(
             teacher_apply_fn, teacher_params, data.x_val, data.y_val),
         "distill/loss": history[-1]["loss"],

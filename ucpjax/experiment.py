@@ -194,23 +194,24 @@ def _start(experiment: Experiment, dataset: data_lib.Dataset):
 
 
 def dense_model(experiment: Experiment) -> tuple[Model, data_lib.Dataset]:
-    """The experiment's starting model, trained or read from ``init_from``, BatchNorm
-    folded (what the stages see), and its data."""
+    """The experiment's starting model, trained or read from ``init_from`` (BatchNorm
+    live, as prune, distill and cluster see it), and its data."""
     dataset = load_dataset(experiment)
     model, _ = _start(experiment, dataset)(initial_model(experiment, dataset))
-    return model.folded(dataset.input_shape), dataset
+    return model, dataset
 
 
 def train_dense(model: Model, config: train_lib.TrainConfig, dataset: data_lib.Dataset,
                 seed: int) -> tuple[Model, dict]:
-    """Trains the dense reference model (BatchNorm statistics updated as it goes)."""
+    """Trains the dense reference model; BatchNorm statistics are then re-estimated
+    for the final weights (``Model.settled``), free of the moving average's lag."""
     steps = train_lib.total_steps(config, len(dataset.x_train))
     state, history = train_lib.fit(
         model.params, train_lib.classification_loss(model.module),
         train_lib.make_optimizer(config, steps), dataset.x_train, dataset.y_train,
         config=config, seed=seed, extra=model.extra, desc="dense")
     trained = Model(model.module, {"params": state.params, **state.extra})
-    return trained, {"dense/train_loss": history[-1]["loss"]}
+    return trained.settled(dataset.x_train), {"dense/train_loss": history[-1]["loss"]}
 
 
 def train_to_folder(experiment: Experiment, out: pathlib.Path) -> dict:

@@ -257,8 +257,10 @@ def verify(apply_fn: Callable, params, dataset, *, config: ExportConfig,
         "latency_int8_us": latency_us(tflite, repeats=config.latency_repeats,
                                       use_xnnpack=not config.sparse),
         "latency_float_us": latency_us(float_tflite, repeats=config.latency_repeats),
-        "weights_faithful": bool(weights_check(tflite, params, rules=rules)["faithful"]),
     }
+    weights = weights_check(tflite, params, rules=rules)
+    measured["weights_faithful"] = bool(weights["faithful"])
+    measured["tflite_codes_per_channel"] = weights["codes_per_channel"]
     measured["tflite_within_tolerance"] = not _tolerance_misses(measured, config)
     return measured, tflite
 
@@ -347,6 +349,15 @@ def _dequantize(q: np.ndarray, quant: dict) -> tuple[np.ndarray, np.ndarray]:
     return values, np.broadcast_to(scales, q.shape)
 
 
+def _codes_per_channel(q: np.ndarray, quant: dict) -> int:
+    """The most distinct non-zero stored values in one quantized channel (or the tensor)."""
+    rows = q.reshape(1, -1)
+    if np.size(quant["scales"]) > 1:
+        axis = quant["quantized_dimension"]
+        rows = np.moveaxis(q, axis, 0).reshape(q.shape[axis], -1)
+    return max((np.unique(r[r != 0]).size for r in rows), default=0)
+
+
 def _folded_factor(values: np.ndarray, params: np.ndarray) -> float:
     """The one constant ``c`` with ``values ~= c * params`` (1.0 when they already match).
 
@@ -398,7 +409,9 @@ def weights_check(model_bytes: bytes, params, *, rules: Rules = DEFAULT_RULES,
       ``max_abs_error``, and per leaf ``<path>/folded_factor`` (1.0 unless the
       converter folded a constant in), ``<path>/max_abs_error``,
       ``<path>/max_error_steps``, ``<path>/zeros_equal``, ``<path>/distinct``
-      (distinct non-zero dequantized values), ``<path>/distinct_params``.
+      (distinct non-zero dequantized values), ``<path>/distinct_params``, and
+      ``<path>/codes_per_channel`` (the most distinct non-zero stored codes in
+      one output channel; ``codes_per_channel`` is the largest over leaves).
     """
     interp = interpreter(model_bytes, use_xnnpack=False)
     details = {d["index"]: d for d in interp.get_tensor_details()}
@@ -417,6 +430,7 @@ def weights_check(model_bytes: bytes, params, *, rules: Rules = DEFAULT_RULES,
         except ValueError:
             continue  # sparse-format tensors cannot be read back
         d = details[index]
+        codes = _codes_per_channel(q, d["quantization_parameters"])
         if d["dtype"] == np.int8:
             values, scales = _dequantize(q, d["quantization_parameters"])
         else:
@@ -442,6 +456,7 @@ def weights_check(model_bytes: bytes, params, *, rules: Rules = DEFAULT_RULES,
             "zeros_equal": bool(np.array_equal(values == 0, layout == 0)),
             "distinct": int(np.unique(values[values != 0]).size),
             "distinct_params": int(np.unique(layout[layout != 0]).size),
+            "codes_per_channel": codes,
         }
     ok = len(matched) == len(kernels)
     for name, entry in matched.items():
@@ -449,5 +464,7 @@ def weights_check(model_bytes: bytes, params, *, rules: Rules = DEFAULT_RULES,
         report.update({f"{name}/{key}": value for key, value in entry.items()})
     report["unmatched"] = len(kernels) - len(matched)
     report["max_abs_error"] = max((e["max_abs_error"] for e in matched.values()), default=0.0)
+    report["codes_per_channel"] = max((e["codes_per_channel"] for e in matched.values()),
+                                      default=0)
     report["faithful"] = bool(ok)
     return report

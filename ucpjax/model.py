@@ -8,21 +8,26 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ucpjax import fold, train
+from ucpjax import batchnorm, fold, train
 from ucpjax.config import ConfigError
+from ucpjax.pooling import GlobalAveragePool
 
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-    """A module, its variables, and which params are held fixed.
+    """A module, its variables, and whether its BatchNorm is folded yet.
 
-    ``frozen`` names params held fixed (folded BatchNorm scales): stages see
-    ``params`` without them, and ``apply_fn`` puts them back.
+    Until ``folded``, a model with ``batch_stats`` keeps its BatchNorm live:
+    ``apply_fn`` is a ``batchnorm.LiveBatchNorm``, which stages train in
+    training mode. Once folded, ``frozen`` names the params held fixed (folded
+    BatchNorm scales): stages see ``params`` without them, and ``apply_fn``
+    puts them back.
     """
 
     module: nn.Module
     variables: dict
     frozen: tuple[tuple[str, ...], ...] = ()
+    folded_bn: bool = False
 
     @property
     def params(self):
@@ -32,8 +37,14 @@ class Model:
     def extra(self) -> dict:
         return {k: v for k, v in self.variables.items() if k != "params"}
 
+    @property
+    def live_bn(self) -> bool:
+        return "batch_stats" in self.variables and not self.folded_bn
+
     def apply_fn(self) -> train.ApplyFn:
         """``apply_fn(params, x) -> logits`` in inference mode (``train.inference_fn``)."""
+        if self.live_bn:
+            return batchnorm.LiveBatchNorm(self.module, self.extra)
         apply = train.inference_fn(self.module, self.extra)
         if not self.frozen:
             return apply
@@ -43,12 +54,20 @@ class Model:
     def folded(self, input_shape: tuple[int, ...]) -> Model:
         """BatchNorm folded into the layer before it (idempotent; recovers ``frozen``)."""
         variables, frozen = fold.fold_batchnorm(self.module, self.variables, input_shape)
-        return Model(self.module, variables, frozen)
+        return Model(self.module, variables, frozen, folded_bn=True)
 
     def with_params(self, params) -> Model:
         fixed = _split(self.variables["params"], self.frozen)[1]
-        return Model(self.module, {**self.variables, "params": _merge(params, fixed)},
-                     self.frozen)
+        return dataclasses.replace(
+            self, variables={**self.variables, "params": _merge(params, fixed)})
+
+    def settled(self, x) -> Model:
+        """Running BatchNorm statistics re-estimated on ``x`` for the current params
+        (``batchnorm.population_statistics``); a model without live BatchNorm as is."""
+        if not self.live_bn:
+            return self
+        stats = batchnorm.population_statistics(self.module, self.variables, x)
+        return dataclasses.replace(self, variables={**self.variables, "batch_stats": stats})
 
 
 def _split(params: dict, paths) -> tuple[dict, dict]:
@@ -101,3 +120,40 @@ def check_model(model: Model, input_shape: tuple[int, ...], num_classes: int) ->
         raise ConfigError(f"module output has shape {getattr(out, 'shape', type(out))}: "
                           f"expected logits (batch, classes) with at least {num_classes} "
                           "classes")
+
+
+def check_pooling(model: Model, input_shape: tuple[int, ...]) -> None:
+    """Refuses, in one line, a model that averages over its spatial axes with a bare mean.
+
+    The int8 .tflite holds the input of such a mean (a conv's output) in int8,
+    but QAT only fake-quantizes the inputs of the modules it knows, so the
+    exported model would compute what no QAT step trained. Traced without
+    compute; ``ucpjax.pooling.GlobalAveragePool`` calls are exempt.
+    """
+    def exempt(next_fun, args, kwargs, context):
+        if isinstance(context.module, GlobalAveragePool) and context.method_name == "__call__":
+            return args[0][:, 0, 0, :]  # same shape, no reduction to find
+        return next_fun(*args, **kwargs)
+
+    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    with nn.intercept_methods(exempt):
+        jaxpr = jax.make_jaxpr(model.apply_fn())(model.params, x)
+    if _spatial_sums(jaxpr.jaxpr):
+        raise ConfigError("the model averages over its spatial axes with a bare mean (e.g. "
+                          "jnp.mean(x, axis=(1, 2))), whose int8 input QAT cannot see: use "
+                          "ucpjax.pooling.GlobalAveragePool() instead")
+
+
+def _spatial_sums(jaxpr) -> int:
+    """Sums over axis 1 or 2 of a 4-D (NHWC) tensor in ``jaxpr`` and its sub-jaxprs."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "reduce_sum":
+            operand = eqn.invars[0].aval
+            count += operand.ndim == 4 and bool({1, 2} & set(eqn.params["axes"]))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr holds a Jaxpr
+                if hasattr(inner, "eqns"):
+                    count += _spatial_sums(inner)
+    return count

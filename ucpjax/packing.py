@@ -14,6 +14,12 @@ tensor (Han et al., 2016, section 4):
 * the gap stream and the index stream each Huffman-coded (canonical code; the
   code lengths are stored in the header).
 
+A leaf on TFLite's per-output-channel int8 grid (after QAT) can instead store
+one scale per channel and a book of int8 codes per channel: once BatchNorm is
+folded into a weight-shared conv, its k shared values differ per channel, and
+per-channel books keep every index within k symbols. Whichever is smallest is
+written.
+
 "Zero" and "distinct" compare bit patterns, so ``-0.0`` and NaNs round-trip
 exactly. A leaf that is not weight-shared still works: its codebook holds all
 its distinct values. Whichever of that and the raw little-endian bytes is
@@ -25,12 +31,17 @@ the same dtypes and shapes.
 File layout (integers are LEB128 varints unless said otherwise)::
 
     b"UCPK" | u8 version | varint number of leaves | leaf records
-    leaf record: name | dtype name | ndim, dims | u8 kind (0 raw, 1 coded)
+    leaf record: name | dtype name | ndim, dims | u8 kind (0 raw, 1 coded, 2 channel)
       raw:   size * itemsize bytes
       coded: u8 b | k | number of entries | gap code lengths (count, u8 each)
              | index code lengths (count, u8 each) | gap stream byte count
              | index stream byte count | codebook (k * itemsize bytes, little-endian)
              | gap stream | index stream
+      channel: as coded, but the codebook is u8 bits | one float32 scale per
+             output channel | one u8 book size per channel | the books' int8
+             codes, channel after channel; k is the largest book, an index
+             points into its entry's channel's book and the value is
+             code * scale.
     strings are a varint byte count followed by UTF-8.
 
 Only nested dicts (Flax params) are supported; keys must not contain "/".
@@ -38,140 +49,18 @@ Only nested dicts (Flax params) are supported; keys must not contain "/".
 
 from __future__ import annotations
 
-import heapq
 import io
 from collections.abc import Mapping
 
 import numpy as np
 
+from ucpjax.huffman import huffman_code_lengths, huffman_decode, huffman_encode
 from ucpjax.rules import DEFAULT_RULES, Rules, rule_for
 
 MAGIC = b"UCPK"
 VERSION = 1
-RAW, CODED = 0, 1
+RAW, CODED, CHANNEL = 0, 1, 2
 MAX_GAP_BITS = 8
-MAX_CODE_LENGTH = 24
-_TABLE_BITS = 16  # codes up to this long decode with one table look-up
-
-
-# ---------------------------------------------------------------- canonical Huffman
-
-def huffman_code_lengths(freqs: np.ndarray, max_length: int = MAX_CODE_LENGTH) -> np.ndarray:
-    """Optimal prefix-code lengths for symbol frequencies (0 where a symbol is unused).
-
-    A lone used symbol gets length 1 in the table but costs no bits in a stream
-    (see ``huffman_encode``). Lengths are capped at ``max_length`` by flattening
-    the frequencies, which only matters for extremely skewed inputs.
-    """
-    freqs = np.asarray(freqs, np.int64)
-    lengths = np.zeros(len(freqs), np.int64)
-    used = np.flatnonzero(freqs)
-    if len(used) == 1:
-        lengths[used] = 1
-    if len(used) <= 1:
-        return lengths
-    weights = freqs[used]
-    while True:
-        depth = _tree_depths(weights)
-        if depth.max() <= max_length:
-            lengths[used] = depth
-            return lengths
-        weights = (weights + 1) // 2  # flatten and retry
-
-
-def _tree_depths(weights: np.ndarray) -> np.ndarray:
-    """Leaf depths of the Huffman tree of ``weights`` (at least two of them)."""
-    n = len(weights)
-    parent = np.zeros(2 * n - 1, np.int64)
-    heap = [(int(w), i) for i, w in enumerate(weights)]
-    heapq.heapify(heap)
-    node = n
-    while len(heap) > 1:
-        (w1, a), (w2, b) = heapq.heappop(heap), heapq.heappop(heap)
-        parent[a] = parent[b] = node
-        heapq.heappush(heap, (w1 + w2, node))
-        node += 1
-    depth = [0] * (2 * n - 1)  # nodes are created after their children: walk back from the root
-    parent = parent.tolist()
-    for i in range(2 * n - 3, -1, -1):
-        depth[i] = depth[parent[i]] + 1
-    return np.asarray(depth[:n], np.int64)
-
-
-def _canonical_codes(lengths: np.ndarray) -> np.ndarray:
-    """Canonical codes (as integers) for code lengths, ordered by (length, symbol)."""
-    codes = np.zeros(len(lengths), np.int64)
-    code, previous = 0, 0
-    for symbol in sorted(np.flatnonzero(lengths), key=lambda s: (lengths[s], s)):
-        code <<= int(lengths[symbol]) - previous
-        codes[symbol] = code
-        previous = int(lengths[symbol])
-        code += 1
-    return codes
-
-
-def huffman_encode(symbols: np.ndarray, lengths: np.ndarray) -> bytes:
-    """Packs ``symbols`` with the canonical code of ``lengths``, MSB first, zero-padded."""
-    symbols = np.asarray(symbols, np.int64)
-    if len(symbols) == 0 or np.count_nonzero(lengths) <= 1:
-        return b""  # a lone symbol is implied by the table
-    codes, lens = _canonical_codes(lengths)[symbols], np.asarray(lengths)[symbols]
-    ends = np.cumsum(lens)
-    owner = np.repeat(np.arange(len(symbols)), lens)
-    bit = np.arange(ends[-1]) - (ends - lens)[owner]  # position of each bit in its code
-    bits = (codes[owner] >> (lens[owner] - 1 - bit)) & 1
-    return np.packbits(bits.astype(np.uint8)).tobytes()
-
-
-def huffman_decode(data: bytes, lengths: np.ndarray, count: int) -> np.ndarray:
-    """Reads ``count`` symbols coded by ``huffman_encode`` with the same ``lengths``."""
-    lengths = np.asarray(lengths, np.int64)
-    used = np.flatnonzero(lengths)
-    if count == 0:
-        return np.zeros(0, np.int64)
-    if len(used) == 0:
-        raise ValueError("corrupt file: symbols without a code")
-    if len(used) == 1:
-        return np.full(count, used[0], np.int64)
-    codes = _canonical_codes(lengths)
-    width = min(int(lengths.max()), _TABLE_BITS)
-    # table[w] for a `width`-bit window w: (symbol, length), or (-1, 0) for longer codes.
-    table_sym = np.full(1 << width, -1, np.int64)
-    table_len = np.zeros(1 << width, np.int64)
-    long_codes = {}
-    for s in used:
-        n, c = int(lengths[s]), int(codes[s])
-        if n <= width:
-            lo = c << (width - n)
-            table_sym[lo:lo + (1 << (width - n))] = s
-            table_len[lo:lo + (1 << (width - n))] = n
-        else:
-            long_codes[(n, c)] = int(s)
-    bits = np.unpackbits(np.frombuffer(data, np.uint8)).astype(np.int64)
-    bits = np.concatenate([bits, np.zeros(width, np.int64)])
-    # window[p]: the `width` bits starting at bit p, as an integer.
-    window = np.zeros(len(bits) - width + 1, np.int64)
-    for j in range(width):
-        window = (window << 1) | bits[j:len(bits) - width + 1 + j]
-    window, table_sym, table_len = window.tolist(), table_sym.tolist(), table_len.tolist()
-    bit_list = bits.tolist()
-    out, pos = [0] * count, 0
-    for i in range(count):
-        w = window[pos]
-        s = table_sym[w]
-        if s >= 0:
-            out[i], pos = s, pos + table_len[w]
-            continue
-        code, n = w, width
-        pos += width
-        while (n, code) not in long_codes:
-            if n >= MAX_CODE_LENGTH:
-                raise ValueError("corrupt Huffman stream")
-            code, n, pos = (code << 1) | bit_list[pos], n + 1, pos + 1
-        out[i] = long_codes[(n, code)]
-    if pos > len(bits) - width:
-        raise ValueError("truncated Huffman stream")
-    return np.asarray(out, np.int64)
 
 
 # ---------------------------------------------------------------- sparse entries
@@ -282,45 +171,112 @@ def _stream_bytes(freqs: np.ndarray, lengths: np.ndarray) -> int:
     return 0 if np.count_nonzero(lengths) <= 1 else -(-int(freqs @ lengths) // 8)
 
 
-def _coded_header(bits: int, k: int, entries: int, gap_lengths, index_lengths,
+class _Book:
+    """What a coded record stores besides its streams: the non-zeros' positions, their
+    index into the book (``k`` stands for a filler zero), and the book's bytes."""
+
+    def __init__(self, kind: int, positions, index, k: int, payload: bytes):
+        self.kind, self.positions, self.index, self.k = kind, positions, index, k
+        self.payload = payload
+
+
+def _value_book(bit_patterns: np.ndarray) -> _Book:
+    """The leaf's distinct non-zero values, stored in its dtype (kind CODED)."""
+    positions, index, codebook = _nonzeros(bit_patterns)
+    payload = codebook.astype(codebook.dtype.newbyteorder("<")).tobytes()
+    return _Book(CODED, positions, index, len(codebook), payload)
+
+
+def channel_grid(array: np.ndarray) -> tuple[int, np.ndarray, np.ndarray] | None:
+    """``(bits, scales, codes)`` if float32 ``array`` is exactly ``codes * scales`` with
+    TFLite's per-output-channel symmetric grid (``scale = max|w| / (2^(b-1) - 1)``,
+    as ``ucpjax.quantize`` puts it), else None. ``codes`` is int8, shaped (-1, channels).
+    """
+    if (array.dtype != np.float32 or array.ndim < 2 or not array.size
+            or not np.all(np.isfinite(array))):
+        return None
+    w = array.reshape(-1, array.shape[-1])
+    peak = np.abs(w).max(axis=0)
+    for bits in range(8, 1, -1):
+        qmax = np.float32(2 ** (bits - 1) - 1)
+        scales = np.where(peak > 0, peak / qmax, np.float32(1)).astype(np.float32)
+        codes = np.round(w / scales)
+        if np.array_equal(_as_bits(codes.astype(np.float32) * scales), _as_bits(w)):
+            return bits, scales, codes.astype(np.int8)
+    return None
+
+
+def _channel_book(array: np.ndarray) -> _Book | None:
+    """Per-channel books of int8 codes and one scale per channel (kind CHANNEL).
+
+    After BatchNorm is folded into a weight-shared layer and QAT puts it on the
+    per-channel int8 grid, each output channel holds at most k codes, but the
+    layer as a whole up to k per channel: one book per channel keeps each
+    index within k symbols.
+    """
+    grid = channel_grid(array)
+    if grid is None:
+        return None
+    bits, scales, codes = grid
+    flat = codes.reshape(-1)
+    positions = np.flatnonzero(flat)
+    channel = positions % codes.shape[1]
+    books = [np.unique(column[column != 0]) for column in codes.T]
+    starts = np.cumsum([0, *(len(b) for b in books)])
+    table = np.concatenate(books)
+    # An entry's index is its rank in its channel's sorted book: search the keys
+    # (channel, code) of the whole table, which sort channel by channel.
+    keys = np.repeat(np.arange(len(books)), np.diff(starts)) * 256 + table.astype(np.int64)
+    index = np.searchsorted(keys, channel * 256 + flat[positions]) - starts[channel]
+    payload = (bytes([bits]) + scales.astype("<f4").tobytes()
+               + np.asarray([len(b) for b in books], np.uint8).tobytes() + table.tobytes())
+    return _Book(CHANNEL, positions, index, max((len(b) for b in books), default=0), payload)
+
+
+def _coded_header(book: _Book, bits: int, entries: int, gap_lengths, index_lengths,
                   gap_bytes: int, index_bytes: int) -> bytes:
-    return (bytes([CODED, bits]) + _varint(k) + _varint(entries)
+    return (bytes([book.kind, bits]) + _varint(book.k) + _varint(entries)
             + _table(gap_lengths) + _table(index_lengths)
             + _varint(gap_bytes) + _varint(index_bytes))
 
 
-def _coded_size(nonzeros, bits: int, cache: dict) -> int:
+def _coded_size(book: _Book, bits: int, cache: dict) -> int:
     """Exact byte count of the coded record body with gap width ``bits`` (no encoding)."""
-    positions, index, codebook = nonzeros
-    gaps, index = _entries(positions, index, len(codebook), bits)
+    gaps, index = _entries(book.positions, book.index, book.k, bits)
     gap_freqs = np.bincount(gaps, minlength=1 << bits)
     gap_lengths = huffman_code_lengths(gap_freqs)
-    index_freqs = np.bincount(index, minlength=len(codebook) + 1)
+    index_freqs = np.bincount(index, minlength=book.k + 1)
     fillers = int(index_freqs[-1])  # the index code depends on b only through this count
     if fillers not in cache:
         cache[fillers] = huffman_code_lengths(index_freqs)
     index_lengths = cache[fillers]
     gap_bytes = _stream_bytes(gap_freqs, gap_lengths)
     index_bytes = _stream_bytes(index_freqs, index_lengths)
-    header = _coded_header(bits, len(codebook), len(gaps), gap_lengths, index_lengths,
+    header = _coded_header(book, bits, len(gaps), gap_lengths, index_lengths,
                            gap_bytes, index_bytes)
-    return len(header) + codebook.nbytes + gap_bytes + index_bytes
+    return len(header) + len(book.payload) + gap_bytes + index_bytes
 
 
-def _coded_parts(nonzeros, bits: int):
-    """The coded record body of a flat leaf with gap width ``bits``, split by part."""
-    positions, index, codebook = nonzeros
-    gaps, index = _entries(positions, index, len(codebook), bits)
+def _coded_parts(book: _Book, bits: int):
+    """The coded record body of a leaf with gap width ``bits``, split by part."""
+    gaps, index = _entries(book.positions, book.index, book.k, bits)
     gap_lengths = huffman_code_lengths(np.bincount(gaps, minlength=1 << bits))
-    index_lengths = huffman_code_lengths(np.bincount(index, minlength=len(codebook) + 1))
+    index_lengths = huffman_code_lengths(np.bincount(index, minlength=book.k + 1))
     gap_stream = huffman_encode(gaps, gap_lengths)
     index_stream = huffman_encode(index, index_lengths)
-    header = _coded_header(bits, len(codebook), len(gaps), gap_lengths, index_lengths,
+    header = _coded_header(book, bits, len(gaps), gap_lengths, index_lengths,
                            len(gap_stream), len(index_stream))
-    codebook_bytes = codebook.astype(codebook.dtype.newbyteorder("<")).tobytes()
-    parts = {"header": header, "codebook": codebook_bytes, "gaps": gap_stream,
+    parts = {"header": header, "codebook": book.payload, "gaps": gap_stream,
              "indices": index_stream}
     return parts, {"gap_bits": bits, "entries": len(gaps)}
+
+
+def _best_coding(book: _Book) -> tuple[int, int]:
+    """``(size, gap width)`` of the smallest coded record of ``book``."""
+    cache = {}
+    sizes = {bits: _coded_size(book, bits, cache) for bits in range(1, MAX_GAP_BITS + 1)}
+    best = min(sizes, key=sizes.get)  # the smallest total; ties go to the narrowest field
+    return sizes[best], best
 
 
 def _leaf_parts(name: str, array: np.ndarray, code: bool | None):
@@ -337,17 +293,18 @@ def _leaf_parts(name: str, array: np.ndarray, code: bool | None):
     if code is False:
         return raw, {}
     raw_size = len(raw["raw"]) + 1
-    nonzeros = _nonzeros(bit_patterns)
+    books = [book for book in (_value_book(bit_patterns), _channel_book(array)) if book]
     # Each distinct value costs its codebook entry plus a code-length byte: when
     # that alone reaches the raw size (unshared weights), coding cannot win.
-    if code is None and len(nonzeros[2]) * (array.dtype.itemsize + 1) >= raw_size:
+    if code is None:
+        books = [b for b in books if b.k * (array.dtype.itemsize + 1) < raw_size
+                 or b.kind == CHANNEL]
+    if not books:
         return raw, {}
-    cache = {}
-    sizes = {bits: _coded_size(nonzeros, bits, cache) for bits in range(1, MAX_GAP_BITS + 1)}
-    best = min(sizes, key=sizes.get)  # the smallest total; ties go to the narrowest field
-    if code is None and raw_size <= sizes[best]:
+    (size, bits), book = min(((_best_coding(b), b) for b in books), key=lambda c: c[0][0])
+    if code is None and raw_size <= size:
         return raw, {}
-    parts, info = _coded_parts(nonzeros, best)
+    parts, info = _coded_parts(book, bits)
     return {"header": head + parts.pop("header"), **parts}, info
 
 
@@ -430,19 +387,48 @@ def _read_leaf(reader: _Reader, dtype: np.dtype, shape: tuple[int, ...]) -> np.n
     if kind == RAW:
         flat = np.frombuffer(reader.take(size * dtype.itemsize), patterns)
         return flat.astype(patterns.newbyteorder("=")).view(dtype).reshape(shape)
-    if kind != CODED:
+    if kind not in (CODED, CHANNEL):
         raise ValueError(f"unknown leaf kind {kind}")
     reader.take(1)  # the gap width b: implied by the gap code, kept for readers
     k, count = reader.varint(), reader.varint()
     gap_lengths, index_lengths = reader.table(), reader.table()
     gap_bytes, index_bytes = reader.varint(), reader.varint()
-    codebook = np.frombuffer(reader.take(k * dtype.itemsize), patterns)
-    codebook = codebook.astype(patterns.newbyteorder("="))
+    if kind == CHANNEL:
+        book = _read_channel_book(reader, shape[-1])
+    else:
+        book = np.frombuffer(reader.take(k * dtype.itemsize), patterns)
+        book = book.astype(patterns.newbyteorder("="))
     gaps = huffman_decode(reader.take(gap_bytes), gap_lengths, count)
     index = huffman_decode(reader.take(index_bytes), index_lengths, count)
     if count and index.max() > k:
         raise ValueError("corrupt file: cluster index out of range")
-    return _scatter(gaps, index, codebook, size, dtype).reshape(shape)
+    if kind == CHANNEL:
+        return _scatter_channels(gaps, index, k, *book, size).reshape(shape)
+    return _scatter(gaps, index, book, size, dtype).reshape(shape)
+
+
+def _read_channel_book(reader: _Reader, channels: int):
+    """``(scales, counts, codes)`` of a CHANNEL record (its bits byte is implied)."""
+    reader.take(1)
+    scales = np.frombuffer(reader.take(4 * channels), "<f4").astype(np.float32)
+    counts = np.frombuffer(reader.take(channels), np.uint8).astype(np.int64)
+    codes = np.frombuffer(reader.take(int(counts.sum())), np.int8)
+    return scales, counts, codes
+
+
+def _scatter_channels(gaps, index, k: int, scales, counts, codes, size: int) -> np.ndarray:
+    positions = np.cumsum(gaps + 1) - 1
+    if len(positions) and positions[-1] >= size:
+        raise ValueError("corrupt file: relative indices run past the tensor")
+    real = index < k
+    positions, index = positions[real], index[real]
+    channel = positions % len(scales)
+    if np.any(index >= counts[channel]):
+        raise ValueError("corrupt file: code index past its channel's book")
+    starts = np.cumsum(counts) - counts
+    flat = np.zeros(size, np.float32)
+    flat[positions] = codes[starts[channel] + index].astype(np.float32) * scales[channel]
+    return flat
 
 
 def size_breakdown(params, *, rules: Rules = DEFAULT_RULES,

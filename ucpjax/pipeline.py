@@ -28,7 +28,7 @@ from ucpjax import report as report_lib
 from ucpjax import rules as rules_lib
 from ucpjax import train as train_lib
 from ucpjax.config import ConfigError, to_dict
-from ucpjax.model import Model, check_model
+from ucpjax.model import Model, check_model, check_pooling
 from ucpjax.recipe import STAGES, Recipe, StageInputs
 from ucpjax.run_folder import RunFolder
 
@@ -69,6 +69,8 @@ def run(model: Model, dataset: data_lib.Dataset, recipe: Recipe, out=None, *,
       A Result with the final variables, the .tflite bytes and the report.
     """
     recipe.check_budgets(len(dataset.x_train))
+    if _qat(recipe) and recipe.export.enabled:
+        check_pooling(model, dataset.input_shape)
     folder = None if out is None else RunFolder(out)
     if folder is None:
         return _run(model, dataset, recipe, None, start, check_export, log)
@@ -96,6 +98,7 @@ def _run(model, dataset, recipe, folder, start, check_export, log) -> Result:
         teacher = teacher or model
         rows.append(done["row"])
         reports.update(done["report"])
+    model = model.folded(dataset.input_shape)  # what ships (a no-op after QAT, which folds)
     final, tflite = _finish(model, dataset, recipe, rows[-1], folder, log)
     report = {"rows": rows, "stages": reports, "final": final, "recipe": to_dict(recipe)}
     if folder:
@@ -108,25 +111,27 @@ def _run(model, dataset, recipe, folder, start, check_export, log) -> Result:
 
 def _stage(position, name, model, dataset, recipe, folder, start, teacher, log):
     """Restores stage ``position`` from ``folder`` or runs it; returns ``(model, done)``."""
+    fold_report = {}
+    if name == "quantize" and model.live_bn:
+        # Folding with frozen statistics (Jacob et al. 2018): QAT trains the folded
+        # kernels on TFLite's int8 grid, so what it constrains is what ships.
+        model = model.folded(dataset.input_shape)
+        fold_report["fold/batchnorm_layers"] = len(model.frozen)
     loaded = folder.load_stage(position, name, model.variables, log) if folder else None
     if loaded is not None:
         log(f"[{position}] {name}: finished earlier, restored")
-        model = Model(model.module, loaded[0], model.frozen)
-        # Folding is idempotent: it recovers which params are frozen.
-        return (model.folded(dataset.input_shape) if position == 0 else model), loaded[1]
+        return dataclasses.replace(model, variables=loaded[0]), loaded[1]
     begin = time.perf_counter()
     if position == 0:
         model, report = start[1](model)
-        # Fold BatchNorm before any stage, so what they constrain is what ships.
-        model = model.folded(dataset.input_shape)
-        report["fold/batchnorm_layers"] = len(model.frozen)
     else:
         shared = StageInputs(model.apply_fn(), dataset, seed=recipe.seed * 1000 + position,
                              rules=recipe.rules, teacher=teacher)
         params, report = STAGES[name](model.params, recipe, shared)
-        model = model.with_params(params)
+        # Live BatchNorm: running statistics re-estimated for the new weights.
+        model = model.with_params(params).settled(dataset.x_train)
     row = stage_row(name, model, dataset, recipe.rules, time.perf_counter() - begin)
-    done = {"row": row, "report": report}
+    done = {"row": row, "report": {**report, **fold_report}}
     if folder:
         folder.save_stage(position, name, model.variables, done)
     log(f"[{position}] {name}: test accuracy {row['accuracy']:.4f}, "

@@ -23,13 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ucpjax import constraints, train
+from ucpjax import batchnorm, constraints, train
 from ucpjax import rules as rules_lib
 from ucpjax.config import check
 from ucpjax.rules import DEFAULT_RULES, Rules
 from ucpjax.train import TrainConfig
 
-SCOPES = ("layer", "global")
+SCOPES = ("erk", "layer", "global")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -41,32 +41,36 @@ class PruneConfig:
 
     Attributes:
       target_sparsity: final fraction of zeros in each pruned leaf (``layer``)
-        or over all pruned leaves together (``global``).
+        or over all pruned leaves together (``erk``, ``global``).
       initial_sparsity: sparsity at the start of the ramp.
-      scope: ``layer`` prunes each leaf to its target; ``global`` ranks all
-        leaves whose rule sets no sparsity of its own by one magnitude
-        threshold (weight-shared leaves are pruned one-shot to their target
-        each in both scopes).
+      scope: how the target is shared among the leaves whose rule sets no
+        sparsity of its own. ``erk`` (the default) gives each its own target
+        by the Erdos-Renyi-Kernel rule (``erk_sparsities``): small layers, such
+        as a first conv, a depthwise conv or a last dense, stay denser;
+        ``layer`` prunes each to ``target_sparsity``; ``global`` ranks them all
+        by one magnitude threshold (weight-shared leaves are pruned one-shot
+        to their own target in every scope).
       frequency: steps between mask updates during the ramp.
       begin, end: the ramp's first and last step, as fractions of the pruning
         phase (``train``); the steps after ``end`` train with the final masks.
       power: exponent of the ramp (3 in the paper).
       min_per_channel: non-zeros every output channel keeps (capped at its fan-in),
-        however high the target: a depthwise 3x3 channel has only 9 weights, and
-        uniform 75% sparsity leaves it about 2. The floor wins over the target,
-        so the reported sparsity can fall short of it. 0: no floor.
+        however high the target, so that no channel is cut off: a depthwise 3x3
+        channel has only 9 weights, and uniform 75% sparsity leaves it about 2.
+        The floor wins over the target, so the reported sparsity can fall
+        short of it. 0: no floor.
       train: budget of the pruning phase.
       fine_tune: budget of the fine-tuning phase, or None to skip it.
     """
 
     target_sparsity: float = 0.9
     initial_sparsity: float = 0.0
-    scope: str = "layer"
+    scope: str = "erk"
     frequency: int = 50
     begin: float = 0.0
     end: float = 0.7
     power: float = 3.0
-    min_per_channel: int = 0
+    min_per_channel: int = 2
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(epochs=10))
     fine_tune: TrainConfig | None = dataclasses.field(
         default_factory=lambda: TrainConfig(epochs=2, learning_rate=1e-4))
@@ -246,9 +250,44 @@ def magnitude_pruning(
 
 
 def leaf_targets(params, config: PruneConfig, rules: Rules = DEFAULT_RULES) -> Any:
-    """Per leaf: its final sparsity (its rule's, else ``target_sparsity``), None if not pruned."""
+    """Per leaf: its final sparsity, None if not pruned.
+
+    A leaf's rule's sparsity if it sets one; else ``target_sparsity``, or in
+    ``erk`` scope its share of it (``erk_sparsities``).
+    """
     targets = rules_lib.setting(params, rules, "sparsity", config.target_sparsity)
-    return jax.tree.map(lambda t: float(t) if t else None, targets, is_leaf=_is_none)
+    targets = jax.tree.map(lambda t: float(t) if t else None, targets, is_leaf=_is_none)
+    if config.scope != "erk":
+        return targets
+    flat, treedef = jax.tree.flatten(targets, is_leaf=_is_none)
+    own = jax.tree.leaves(_own_target(params, rules))
+    shapes = [np.shape(w) for w in jax.tree.leaves(params)]
+    shared = [i for i, (t, o) in enumerate(zip(flat, own, strict=True)) if t is not None and not o]
+    for i, sparsity in zip(shared, erk_sparsities([shapes[i] for i in shared],
+                                                   config.target_sparsity), strict=True):
+        flat[i] = sparsity
+    return jax.tree.unflatten(treedef, flat)
+
+
+def erk_sparsities(shapes: list[tuple[int, ...]], target: float) -> list[float]:
+    """Per-layer sparsities by the Erdos-Renyi-Kernel rule (Evci et al. 2020, "RigL").
+
+    A layer's density is proportional to ``sum(shape) / prod(shape)``, scaled so
+    that the layers together keep ``(1 - target)`` of their weights: a 3x3
+    depthwise kernel (3, 3, 1, 32) gets ~4x the density of a 1x1 conv
+    (1, 1, 32, 64). A layer whose density would pass 1 stays dense and the
+    others share the rest.
+    """
+    sizes = np.array([np.prod(s) for s in shapes], np.float64)
+    ratio = np.array([sum(s) / np.prod(s) for s in shapes], np.float64)
+    dense = np.zeros(len(shapes), bool)
+    while True:
+        budget = (1 - target) * sizes.sum() - sizes[dense].sum()
+        scale = budget / max((ratio * sizes)[~dense].sum(), 1e-30)
+        density = np.where(dense, 1.0, scale * ratio)
+        if not np.any(density[~dense] > 1):
+            return [float(1 - d) for d in np.clip(density, 0, 1)]
+        dense |= density > 1
 
 
 def _own_target(params, rules: Rules) -> Any:
@@ -297,7 +336,8 @@ def prune(params, config: PruneConfig, *, apply_fn, data, seed: int,
     Args:
       params: Flax params; zeros already present count as pruned and stay zero.
       config: a ``PruneConfig``.
-      apply_fn: ``apply_fn(params, x) -> logits`` in inference mode.
+      apply_fn: ``apply_fn(params, x) -> logits`` in inference mode (a
+        ``batchnorm.LiveBatchNorm`` trains its BatchNorm too).
       data: a ``ucpjax.data.Dataset``.
       seed: training seed.
       rules: which leaves are pruned, and per-leaf targets.
@@ -337,6 +377,7 @@ def prune(params, config: PruneConfig, *, apply_fn, data, seed: int,
             params, make_loss, x=data.x_train, y=data.y_train, config=config.fine_tune,
             seed=seed + 1, rules=rules, desc="prune fine-tune")
     report = sparsity_report(params, rules)
-    report["prune/val_accuracy"] = train.accuracy(apply_fn, params, data.x_val, data.y_val)
+    report["prune/val_accuracy"] = train.accuracy(
+        batchnorm.settled(apply_fn, params, data.x_train), params, data.x_val, data.y_val)
     report["prune/loss"] = history[-1]["loss"]
     return params, report

@@ -40,10 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ucpjax import constraints
+from ucpjax import batchnorm, constraints
 from ucpjax import rules as rules_lib
 from ucpjax import train as train_lib
-from ucpjax.config import check
+from ucpjax.config import ConfigError, check
 from ucpjax.pooling import GlobalAveragePool
 from ucpjax.rules import DEFAULT_RULES, Rules
 from ucpjax.train import TrainConfig
@@ -383,7 +383,9 @@ def quantize(params, config: QuantizeConfig, *, apply_fn, data, seed: int,
              rules: Rules = DEFAULT_RULES):
     """Quantization-aware fine-tuning, then the weights put on their int grid.
 
-    Zeros and weight sharing of earlier stages are kept (``constraints.fit_preserving``).
+    Zeros and weight sharing of earlier stages are kept (``constraints.fit_preserving``),
+    per output channel where BatchNorm was folded into a shared layer, so each
+    channel keeps at most k int8 codes.
 
     Args:
       params: params pytree.
@@ -397,13 +399,16 @@ def quantize(params, config: QuantizeConfig, *, apply_fn, data, seed: int,
       ``(params, report)``: params equal to ``quantize_weights(trained, config,
       rules)`` and a flat report (``quantize/...``).
     """
+    if isinstance(apply_fn, batchnorm.LiveBatchNorm):
+        raise ConfigError("quantize: the model's BatchNorm is not folded; the int8 model holds "
+                          "folded kernels, so fold first (ucpjax.model.Model.folded)")
     modes, bits = weight_modes(params, config, rules), weight_bits(params, config, rules)
     ranges = calibrate(apply_fn, fake_quant_weights(params, modes, bits),
                        data.x_train[:CALIBRATION_SIZE])
     trained, state, history = constraints.fit_preserving(
         params, qat_loss(apply_fn, modes, bits, config),
         x=data.x_train, y=data.y_train, config=config.train, seed=seed, rules=rules,
-        extra=ranges, desc="quantize")
+        extra=ranges, per_channel=True, desc="quantize")
     ranges = jax.device_get(state.extra)
     quantized = fake_quant_weights(trained, modes, bits)
     report = _report(quantized, modes, bits, config, ranges)

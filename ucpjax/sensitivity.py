@@ -20,7 +20,7 @@ import re
 import jax
 import numpy as np
 
-from ucpjax import cluster, prune, train
+from ucpjax import batchnorm, cluster, prune, train
 from ucpjax import rules as rules_lib
 from ucpjax.rules import DEFAULT_RULES, LayerRule, Rules
 
@@ -34,8 +34,9 @@ def measure(params, *, apply_fn, data, rules: Rules = DEFAULT_RULES,
     """The accuracy drop of each compressible leaf pruned or clustered alone.
 
     Args:
-      params: trained params (BatchNorm folded, as the stages see them).
-      apply_fn: ``apply_fn(params, x) -> logits`` in inference mode.
+      params: trained params, as the stages see them.
+      apply_fn: ``apply_fn(params, x) -> logits`` in inference mode (a live
+        ``batchnorm.LiveBatchNorm`` has its statistics re-estimated per trial).
       data: a ``ucpjax.data.Dataset``; its validation split is the measure.
       rules: which leaves are measured (those some rule matches).
       sparsities: the pruning grid (fractions of zeros).
@@ -60,7 +61,10 @@ def measure(params, *, apply_fn, data, rules: Rules = DEFAULT_RULES,
 
         def drop(changed, i=i):
             trial = jax.tree.unflatten(treedef, [*leaves[:i], changed, *leaves[i + 1:]])
-            return 100.0 * (base - train.accuracy(apply_fn, trial, data.x_val, data.y_val))
+            # A live BatchNorm model gets its running statistics re-estimated, as the
+            # stages do after training, so the drop is the weights' and not stale BN's.
+            trial_fn = batchnorm.settled(apply_fn, trial, data.x_train)
+            return 100.0 * (base - train.accuracy(trial_fn, trial, data.x_val, data.y_val))
 
         w = np.asarray(w)
         config = cluster.ClusterConfig(num_clusters=max(clusters), fine_tune=None)
