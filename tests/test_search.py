@@ -12,7 +12,7 @@ from ucpjax.config import ConfigError
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PCQAT = ROOT / "experiments" / "table2_pcqat.py"
 # Seconds per candidate: one short pruning stage, no export (its TF start is slow).
-TINY = ['stages=("prune",)', "export.enabled=False", "prune.fine_tune=None"]
+TINY = ['stages=("prune",)', "export.enabled=False", "prune.fine_tune=None", "subset=400"]
 
 TABLE = {"val_accuracy": 0.9, "layers": {
     "big/kernel": {"size": 1000, "prune": {"0.5": 0.1, "0.9": 1.0},

@@ -61,7 +61,8 @@ from ucpjax.run_folder import RunFolder
 
 # The grids the search chooses from: finer than ``ucpjax sensitivity``'s near the top,
 # where the final models live.
-SPARSITIES = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99)
+SPARSITIES = (0.5, 0.6, 0.7, 0.8, 0.85, 0.86, 0.88, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98,
+              0.99)
 CLUSTERS = (2, 4, 8, 16, 32)
 # objective -> the report's measured bytes it minimises.
 OBJECTIVES = {"zip": "tflite_zip_bytes", "packed": "packed_bytes"}
@@ -304,16 +305,23 @@ def search(config_path, out, *, max_drop: float, objective: str = "zip",
     folder = RunFolder(out)
     folder.claim({"search": {"config": str(config_path), "smoke": smoke,
                              "overrides": list(overrides)}})
-    with folder.lock():
-        rows = _candidates(config, out, max_drop, refinements, log)
+    def write(rows: list[dict]) -> dict:
         return _write_outputs(rows, config_path, config, out, max_drop=max_drop,
-                              objective=objective, smoke=smoke, overrides=list(overrides),
-                              log=log)
+                              objective=objective, smoke=smoke, overrides=list(overrides))
+
+    with folder.lock():
+        summary = write(_candidates(config, out, max_drop, refinements, write, log))
+    log("\n" + markdown(summary))  # ends with the summary line
+    return summary
 
 
 def _candidates(config: Experiment, out: pathlib.Path, max_drop: float, refinements: int,
-                log) -> list[dict]:
-    """Runs the first candidate and up to ``refinements`` more; their rows in order."""
+                write, log) -> list[dict]:
+    """Runs the first candidate and up to ``refinements`` more; their rows in order.
+
+    ``write(rows)`` is called after each candidate, so an interrupted search leaves
+    its table so far.
+    """
     from tqdm.auto import tqdm
 
     config = study.shared_dense(config, out, log)
@@ -330,6 +338,7 @@ def _candidates(config: Experiment, out: pathlib.Path, max_drop: float, refineme
         row = {"candidate": len(rows), "index": index,
                **run_candidate(config, out, path[index], context, log)}
         rows.append(row)
+        write(rows)
         bar.update()
         bar.set_postfix(val_drop=f"{row['val_drop']:.2f}")
         index = next_index(path, rows, max_drop)
@@ -341,7 +350,7 @@ def _sensitivity(out: pathlib.Path, config: Experiment, dense, dataset, log) -> 
     """The per-leaf sensitivity table on the search grids, measured once per folder."""
     folder = RunFolder(out)
     table = folder.read_json("sensitivity.json")
-    if table is None:
+    if table is None or _grid(table) != (SPARSITIES, CLUSTERS):
         table = sensitivity.measure(
             dense.params, apply_fn=dense.apply_fn(), data=dataset, rules=config.recipe.rules,
             sparsities=SPARSITIES, clusters=CLUSTERS,
@@ -349,6 +358,12 @@ def _sensitivity(out: pathlib.Path, config: Experiment, dense, dataset, log) -> 
             progress=lambda name: log(f"measuring the sensitivity of {name} ..."))
         folder.write_json("sensitivity.json", table)
     return table
+
+
+def _grid(table: dict) -> tuple[tuple, tuple]:
+    """The sparsity and k grids a sensitivity table was measured on."""
+    entry = next(iter(table["layers"].values()), {"prune": {}, "cluster": {}})
+    return (tuple(float(s) for s in entry["prune"]), tuple(int(k) for k in entry["cluster"]))
 
 
 # ---------------------------------------------------------------- outputs
@@ -365,7 +380,7 @@ def choose(rows: list[dict], max_drop: float, objective: str) -> tuple[dict | No
 
 
 def _write_outputs(rows, config_path, config, out: pathlib.Path, *, max_drop, objective,
-                   smoke, overrides, log) -> dict:
+                   smoke, overrides) -> dict:
     from ucpjax import plots
 
     chosen, closest = choose(rows, max_drop, objective)
@@ -389,7 +404,6 @@ def _write_outputs(rows, config_path, config, out: pathlib.Path, *, max_drop, ob
         [{"stage": f"c{r['candidate']}" + (" (chosen)" if r is chosen else ""),
           "accuracy": r["test_accuracy"], "bytes": r[key]}
          for r in sorted(rows, key=lambda r: r[key])], out / "accuracy_vs_size.png")
-    log("\n" + markdown(summary))  # ends with the summary line
     return summary
 
 
