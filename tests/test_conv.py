@@ -42,17 +42,22 @@ def test_random_convs_match_lax(case):
         return lambda x, w: impl(x, w, strides, padding, dimension_numbers=_DN,
                                  feature_group_count=groups)
 
-    got, got_grads = _both(call(conv_general_dilated), x, kernel)
     want, want_grads = _both(call(lax.conv_general_dilated), x, kernel)
-    assert got.shape == want.shape
-    np.testing.assert_allclose(got, want, **_TOL)
-    for g, w in zip(got_grads, want_grads):
-        np.testing.assert_allclose(g, w, **_TOL)
+    pads = lax.padtype_to_pads(x.shape[1:3], (k, k), strides, padding) if isinstance(
+        padding, str) else padding
+    # The custom rule itself (the public function leaves some convs to lax).
+    forced = lambda x, w: conv._conv(x, w, strides, tuple(map(tuple, pads)), depthwise, None)
+    for impl in (call(conv_general_dilated), forced):
+        got, got_grads = _both(impl, x, kernel)
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, **_TOL)
+        for g, w in zip(got_grads, want_grads):
+            np.testing.assert_allclose(g, w, **_TOL)
 
 
 def test_grad_is_not_laxs_own():
     # The test above could pass by falling back to lax: check the custom rule runs.
-    x, kernel = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 4))
+    x, kernel = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 4))  # 2 channels: ours
     jaxpr = jax.make_jaxpr(lambda x, k: conv_general_dilated(
         x, k, (1, 1), "SAME", dimension_numbers=_DN))(x, kernel)
     assert "custom_vjp_call" in str(jaxpr)
@@ -66,6 +71,11 @@ def test_unsupported_calls_fall_back_to_lax():
     dilated = lambda x, k: conv_general_dilated(x, k[:, :, :4], (1, 1), "SAME",
                                                 rhs_dilation=(2, 2), dimension_numbers=_DN)
     assert "custom_vjp_call" not in str(jax.make_jaxpr(dilated)(x, jnp.ones((3, 3, 4, 4))))
+    cropped = lambda x, k: conv_general_dilated(x, k, (2, 2), ((-1, 0), (0, 0)),
+                                                dimension_numbers=_DN)
+    got = jax.jit(cropped)(x, jnp.ones((3, 3, 4, 4)))
+    assert "custom_vjp_call" not in str(jax.make_jaxpr(cropped)(x, jnp.ones((3, 3, 4, 4))))
+    assert got.shape == (1, 3, 3, 4)
 
 
 class _Net(nn.Module):

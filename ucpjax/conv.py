@@ -4,15 +4,15 @@ XLA on CPU computes a conv's weight gradient as a second convolution whose
 "kernel" is the whole output gradient (32x32 for a CIFAR image), a shape its
 Eigen kernels handle badly: for a 32-channel 3x3 conv at 32x32, batch 128, the
 forward pass takes ~50 ms and the weight gradient ~970 ms. The same gradient is
-one matrix product, ``patches^T @ dy``, over the K*K shifted views of the
-padded input (im2col): ~220 ms, most of it the product itself. Grouped convs
+a sum of K*K matrix products, ``view^T @ dy``, over shifted views of the
+padded input: ~450 ms there (an im2col matrix, one product, ~640 ms). Grouped convs
 are worse still: a depthwise 3x3 conv (96 channels, 16x16) takes 220 ms
 forward and 940 ms for its weight gradient in XLA, against 14 ms and 160 ms as
 nine shifted multiply-adds. ``results/profile_train_step.md`` has the numbers.
 
 ``conv_general_dilated`` is a drop-in for ``lax.conv_general_dilated`` with a
 ``jax.custom_vjp``: regular convs keep XLA's forward pass and input gradient
-(both fast) and take the im2col weight gradient; depthwise convs are computed
+(both fast) and take the per-tap weight gradient; depthwise convs are computed
 entirely from shifted views. Anything else (dilation, other groupings, other
 layouts) falls through to lax unchanged.
 
@@ -68,8 +68,26 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    if any(p < 0 for pair in pads for p in pair):  # lax crops there; we only pad
+        return lax_conv()
     depthwise = feature_group_count != 1
+    if not depthwise and not _faster_weight_grad(lhs.shape, rhs.shape, strides):
+        return lax_conv()
     return _conv(lhs, rhs, strides, pads, depthwise, precision)
+
+
+def _faster_weight_grad(x_shape, kernel_shape, strides) -> bool:
+    """Whether the per-tap weight gradient beat XLA's for such a conv on this CPU.
+
+    Measured (results/profile_train_step.md, milliseconds, XLA vs ours): strided
+    convs (3x3 s2 at 32x32: 29 vs 12; 1x1 s2: 20 vs 2), convs on a few input
+    channels (3x3 on RGB at 32x32: 42 vs 18) and stride-1 convs at 32x32
+    (32 channels, batch 128: 1293 vs 451) win; stride-1 convs at 16x16 and below
+    with 32 channels or more lose (16x16x48: 51 vs 97), so XLA keeps those.
+    """
+    del kernel_shape
+    _, height, width, channels = x_shape
+    return strides != (1, 1) or channels <= 4 or height * width >= 32 * 32
 
 
 def _supported(lhs, rhs, strides, lhs_dilation, rhs_dilation, dimension_numbers,
@@ -129,18 +147,39 @@ def _shifted_views(x, window: tuple[int, int], strides, pads, out_hw) -> list[ja
 
 
 def _kernel_grad(x, dy, kernel_shape, strides, pads, precision):
-    """``dL/dkernel`` as one matrix product ``patches^T @ dy`` (im2col).
+    """``dL/dkernel``: one ``view^T @ dy`` product per kernel tap.
 
-    One product over all taps beat nine per-tap products (a 32x32 output each)
-    and the 3-wide row variant in our measurements: a wide output keeps both
-    cores busy.
+    Measured on this CPU (results/profile_train_step.md): building the im2col
+    matrix (a concatenation along the channel axis) cost more than the products
+    themselves, and per-tap products over contiguous views beat it.
     """
     kh, kw, cin, cout = kernel_shape
-    n, ho, wo, _ = dy.shape
-    patches = jnp.concatenate(_shifted_views(x, (kh, kw), strides, pads, (ho, wo)), axis=-1)
-    dk = lax.dot_general(patches.reshape(n * ho * wo, kh * kw * cin), dy.reshape(-1, cout),
-                         (((0,), (0,)), ((), ())), precision=precision)
-    return dk.reshape(kernel_shape).astype(x.dtype)
+    views, dy = _tap_views(x, dy, (kh, kw), strides, pads)
+    dk = [lax.dot_general(v, dy, (((0,), (0,)), ((), ())), precision=precision) for v in views]
+    return jnp.stack(dk).reshape(kernel_shape).astype(x.dtype)
+
+
+def _tap_views(x, dy, window, strides, pads) -> tuple[list[jax.Array], jax.Array]:
+    """``(views, dy)`` as ``(rows, channels)`` matrices; row r of each view meets row r of dy.
+
+    For stride 1 the padded image is flattened per example, so each tap's view is a
+    contiguous slice (a cheap copy; XLA's CPU loops for strided slices are slow):
+    the output grid is taken as wide as the padded input, and the extra
+    ``kw - 1`` columns of each row, which wrap into the next row, meet zeros in dy.
+    """
+    n, ho, wo, cout = dy.shape
+    if strides != (1, 1):
+        views = _shifted_views(x, window, strides, pads, (ho, wo))
+        return [v.reshape(-1, x.shape[3]) for v in views], dy.reshape(-1, cout)
+    (top, bottom), (left, right) = pads
+    wp = x.shape[2] + left + right
+    extra = 1 if window[1] > 1 else 0  # room for the last row's wrap-around
+    flat = jnp.pad(x, ((0, 0), (top, bottom + extra), (left, right), (0, 0)))
+    flat = flat.reshape(n, -1, x.shape[3])
+    views = [lax.slice_in_dim(flat, i * wp + j, i * wp + j + ho * wp, axis=1).reshape(
+        -1, x.shape[3]) for i in range(window[0]) for j in range(window[1])]
+    dy = jnp.pad(dy, ((0, 0), (0, 0), (0, wp - wo), (0, 0))).reshape(-1, cout)
+    return views, dy
 
 
 def _depthwise(x, taps, strides, pads):
