@@ -240,12 +240,15 @@ def candidate_name(rules) -> str:
 
 
 def validation_accuracy(run: pathlib.Path, config: Experiment, dense, dataset) -> float:
-    """The JAX validation accuracy of a finished run's last stage."""
+    """The JAX validation accuracy of a finished run's last stage, BatchNorm folded as
+    it ships."""
     names = ["dense", *config.recipe.stages]
-    loaded = RunFolder(run).load_stage(len(names) - 1, names[-1], dense.variables)
+    # Quantization-aware training folds BatchNorm first, so its checkpoint is folded.
+    like = dense.folded(dataset.input_shape) if names[-1] == "quantize" else dense
+    loaded = RunFolder(run).load_stage(len(names) - 1, names[-1], like.variables)
     if loaded is None:
         raise ConfigError(f"{run}: its last stage does not load; delete the folder and rerun")
-    final = dataclasses.replace(dense, variables=loaded[0])
+    final = dataclasses.replace(like, variables=loaded[0]).folded(dataset.input_shape)
     return train.accuracy(final.apply_fn(), final.params, dataset.x_val, dataset.y_val)
 
 
