@@ -25,6 +25,7 @@ import os
 import pathlib
 import platform
 import statistics
+import sys
 import time
 
 import flax.linen as nn
@@ -37,7 +38,9 @@ from ucpjax.conv import fast_convs
 from ucpjax.run_folder import RunFolder
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-COMMAND = "nice -n 10 .venv/bin/python scripts/bench_train_step.py"
+# The command as run (relative script path, flags), for the written results.
+COMMAND = " ".join(["nice -n 10 .venv/bin/python", *sys.argv])
+
 # (model, input shape of one image, batch size of its experiment)
 CASES = [("pcqat_mnist", (28, 28, 1), 128), ("lenet5", (28, 28, 1), 128),
          ("fashion_cnn", (28, 28, 1), 128), ("cifar_cnn", (32, 32, 3), 48),

@@ -20,6 +20,7 @@ import contextlib
 import os
 import pathlib
 import statistics
+import sys
 import time
 
 import jax
@@ -31,7 +32,9 @@ from ucpjax import conv, models
 from ucpjax.run_folder import RunFolder
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-COMMAND = "nice -n 10 .venv/bin/python scripts/profile_train_step.py"
+# The command as run (relative script path, flags), for the written results.
+COMMAND = " ".join(["nice -n 10 .venv/bin/python", *sys.argv])
+
 CASES = [("lenet5", (28, 28, 1), 128), ("cifar_cnn", (32, 32, 3), 48),
          ("resnet8", (32, 32, 3), 64), ("mobilenet_cifar", (32, 32, 3), 64)]
 PARTS = ("forward", "input grad", "weight grad")

@@ -12,8 +12,9 @@ nine shifted multiply-adds. ``results/profile_train_step.md`` has the numbers.
 
 ``conv_general_dilated`` is a drop-in for ``lax.conv_general_dilated`` with a
 ``jax.custom_vjp``: regular convs keep XLA's forward pass and input gradient
-(both fast) and take the per-tap weight gradient; depthwise convs are computed
-entirely from shifted views. Anything else (dilation, other groupings, other
+(both fast) and take the per-tap weight gradient where it measured faster
+(``_faster_weight_grad``); depthwise convs are computed entirely from shifted
+views. Anything else (dilation, other groupings, other
 layouts) falls through to lax unchanged.
 
 ``fast_convs()`` makes every ``flax.linen.Conv`` use it, in any user's module:
