@@ -156,7 +156,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--only", default="", help="comma-separated variant names")
     s.set_defaults(run=_study_command)
 
-    q = sub.add_parser("search", help="per-layer sparsity and k within an accuracy budget")
+    q = sub.add_parser(
+        "search", help="per-layer sparsity and k within an accuracy budget",
+        description="Chooses a LayerRule (sparsity, clusters) per layer for the smallest "
+        "file whose validation accuracy drop is within --max-drop: predicted from per-layer "
+        "sensitivity, refined on real runs (the rule: ucpjax.search). Writes search.json, "
+        "search.md, accuracy_vs_size.png and best_experiment.py; exit 4 when no candidate "
+        "meets the budget.")
     q.add_argument("--config", required=True, help="experiment file, e.g. "
                    "experiments/table2_pcqat.py")
     q.add_argument("--out", required=True, help="folder; each candidate runs in <out>/<name>, "
