@@ -62,6 +62,8 @@ def test_choice_is_the_smallest_within_budget_else_the_closest_is_named():
              "test_drop": 0.8}]
     chosen, closest = search.choose(rows, 0.5, "packed")
     assert (chosen["name"], closest["name"]) == ("a", "b")
+    rows[0]["val_drop"] = 100 * (0.9868 - 0.9838)  # 0.30000000000000027: on the budget
+    assert search.choose(rows, 0.3, "packed")[0]["name"] == "a"
     chosen, closest = search.choose(rows, 0.1, "packed")
     assert chosen is None and closest["name"] == "b"
     line = search.summary_line({"rows": rows, "objective": "packed", "max_drop": 0.1,

@@ -70,6 +70,12 @@ OBJECTIVES = {"zip": "tflite_zip_bytes", "packed": "packed_bytes"}
 STEP = 1.3
 
 
+def within(val_drop: float, max_drop: float) -> bool:
+    """Whether a drop keeps the budget; a drop equal to it does, float error aside
+    (accuracies are multiples of 1/n, so 0.3 points can come out as 0.30000000000000027)."""
+    return val_drop <= max_drop + 1e-9
+
+
 def check_arguments(max_drop, objective: str, refinements) -> None:
     """Refuses, in one line naming the argument, what the search cannot use."""
     if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not (
@@ -189,9 +195,9 @@ def next_index(path: list[dict], tried: list[dict], max_drop: float) -> int | No
     ``tried`` holds rows with ``index`` and ``val_drop``; see the module docstring.
     """
     done = {row["index"] for row in tried}
-    ok = [row["index"] for row in tried if row["val_drop"] <= max_drop]
+    ok = [row["index"] for row in tried if within(row["val_drop"], max_drop)]
     # Over-budget candidates smaller than the smallest within budget bound it below.
-    over = [row["index"] for row in tried if row["val_drop"] > max_drop
+    over = [row["index"] for row in tried if not within(row["val_drop"], max_drop)
             and (not ok or row["index"] > max(ok))]
     size = [p["predicted_bytes"] for p in path]
     if ok and over:
@@ -376,8 +382,8 @@ def choose(rows: list[dict], max_drop: float, objective: str) -> tuple[dict | No
     """``(chosen, closest)``: the smallest row within the budget (None if none is) and
     the row of least validation drop (the smallest such)."""
     key = OBJECTIVES[objective]
-    within = [r for r in rows if r["val_drop"] <= max_drop and r.get(key) is not None]
-    chosen = min(within, key=lambda r: r[key], default=None)
+    kept = [r for r in rows if within(r["val_drop"], max_drop) and r.get(key) is not None]
+    chosen = min(kept, key=lambda r: r[key], default=None)
     closest = min(rows, key=lambda r: (r["val_drop"], r.get(key) or math.inf))
     return chosen, closest
 
