@@ -12,6 +12,7 @@ failed its faithfulness check (the run folder keeps everything for a look);
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import pathlib
 import sys
@@ -54,6 +55,10 @@ def _sensitivity_command(args) -> int:
     from ucpjax import experiment, plots, sensitivity
     from ucpjax.run_folder import RunFolder
 
+    max_drop = _number(args.max_drop, "--max-drop", float)
+    if not (math.isfinite(max_drop) and max_drop > 0):
+        raise ConfigError(f"--max-drop {args.max_drop}: must be a positive number of "
+                          "accuracy points")
     config = experiment.apply_overrides(experiment.load(args.config, smoke=args.smoke),
                                         args.overrides)
     folder = RunFolder(args.out)
@@ -68,9 +73,9 @@ def _sensitivity_command(args) -> int:
     folder.write_bytes("sensitivity.md", sensitivity.markdown(table).encode())
     plots.sensitivity(table, folder.root / "sensitivity.png")
     print("\n" + sensitivity.markdown(table))
-    print(f"rules within {args.max_drop} points (sensitivity.load_rules"
-          f"({str(folder.root / 'sensitivity.json')!r}, max_drop={args.max_drop})):")
-    for rule in sensitivity.allocate(table, max_drop=args.max_drop):
+    print(f"rules within {max_drop} points (sensitivity.load_rules"
+          f"({str(folder.root / 'sensitivity.json')!r}, max_drop={max_drop})):")
+    for rule in sensitivity.allocate(table, max_drop=max_drop):
         print(f"  {rule}")
     return 0
 
@@ -101,12 +106,20 @@ def _number(text: str, flag: str, kind):
         raise ConfigError(f"{flag} {text!r}: not a number") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (it prints the usage lines first)."""
+
+    def error(self, message):
+        self.exit(EXIT_BAD_INPUT, f"ucpjax: error: {self.prog}: {message} (see {self.prog} "
+                                  "--help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     from ucpjax import models
     from ucpjax.experiment import Experiment
 
-    parser = argparse.ArgumentParser(prog="ucpjax", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="ucpjax", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -144,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--config", required=True, help="experiment file, e.g. experiments/cifar10.py")
     v.add_argument("--out", required=True, help="folder for sensitivity.json, .md and .png")
     v.add_argument("--smoke", action="store_true", help="seconds-long run on a data slice")
-    v.add_argument("--max-drop", type=float, default=1.0,
+    v.add_argument("--max-drop", default="1.0",
                    help="accuracy points the allocated rules may lose (default 1.0)")
     v.add_argument("overrides", nargs="*", help="e.g. init_from=runs/baselines/cifar_cnn")
     v.set_defaults(run=_sensitivity_command)

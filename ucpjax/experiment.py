@@ -169,36 +169,40 @@ def run(experiment: Experiment, out: pathlib.Path | None, *, resume: bool = Fals
     if not experiment.init_from:
         inputs.check_batch_size(experiment.dense.batch_size, len(dataset.x_train),
                                 "dense.batch_size")
-    return pipeline.run(initial_model(experiment, dataset), dataset, experiment.recipe, out,
-                        start=("dense", _start(experiment, dataset)),
+    model = initial_model(experiment, dataset)
+    return pipeline.run(model, dataset, experiment.recipe, out,
+                        start=("dense", _start(experiment, dataset, model)),
                         setup=setup(experiment), resume=resume, log=log)
 
 
-def _start(experiment: Experiment, dataset: data_lib.Dataset):
-    """Stage 0 of an experiment: the dense model, trained or read from ``init_from``."""
-    def start(model: Model) -> tuple[Model, dict]:
-        if not experiment.init_from:
-            return train_dense(model, experiment.dense, dataset, experiment.seed)
-        checkpoint = pathlib.Path(experiment.init_from) / "checkpoint"
-        if not (checkpoint.parent / "metrics.json").exists():
-            raise ConfigError(f"init_from={experiment.init_from!r}: not a finished "
-                              "`ucpjax train` folder (no metrics.json)")
-        try:
-            variables = train_lib.restore_checkpoint(checkpoint, model.variables)
-        except Exception as err:  # orbax raises many types for a damaged or foreign file
-            raise ConfigError(f"init_from={experiment.init_from!r}: its checkpoint does not "
-                              f"load as a {experiment.model} model ({type(err).__name__}); "
-                              "retrain it with `ucpjax train`") from None
-        return Model(model.module, variables), {"dense/init_from": str(checkpoint)}
-    return start
+def _start(experiment: Experiment, dataset: data_lib.Dataset, model: Model):
+    """Stage 0 of an experiment: the dense model, trained or read from ``init_from``.
+
+    An ``init_from`` checkpoint is read here, before any run folder is touched,
+    so a bad one is refused up front.
+    """
+    if not experiment.init_from:
+        return lambda m: train_dense(m, experiment.dense, dataset, experiment.seed)
+    checkpoint = pathlib.Path(experiment.init_from) / "checkpoint"
+    if not (checkpoint.parent / "metrics.json").exists():
+        raise ConfigError(f"init_from={experiment.init_from!r}: not a finished "
+                          "`ucpjax train` folder (no metrics.json)")
+    try:
+        variables = train_lib.restore_checkpoint(checkpoint, model.variables)
+    except Exception as err:  # orbax raises many types for a damaged or foreign file
+        raise ConfigError(f"init_from={experiment.init_from!r}: its checkpoint does not "
+                          f"load as a {experiment.model} model ({type(err).__name__}); "
+                          "retrain it with `ucpjax train`") from None
+    loaded = Model(model.module, variables)
+    return lambda m: (loaded, {"dense/init_from": str(checkpoint)})
 
 
 def dense_model(experiment: Experiment) -> tuple[Model, data_lib.Dataset]:
     """The experiment's starting model, trained or read from ``init_from`` (BatchNorm
     live, as prune, distill and cluster see it), and its data."""
     dataset = load_dataset(experiment)
-    model, _ = _start(experiment, dataset)(initial_model(experiment, dataset))
-    return model, dataset
+    model = initial_model(experiment, dataset)
+    return _start(experiment, dataset, model)(model)[0], dataset
 
 
 def train_dense(model: Model, config: train_lib.TrainConfig, dataset: data_lib.Dataset,
@@ -219,7 +223,12 @@ def train_to_folder(experiment: Experiment, out: pathlib.Path) -> dict:
 
     The folder is what ``init_from`` reads; ``ucpjax train`` writes the same.
     """
+    folder, claimed = RunFolder(out), {"train": setup(experiment)}
+    folder.check_claim(claimed)  # --out, then the data, before anything is written
     dataset = load_dataset(experiment)
+    inputs.check_batch_size(experiment.dense.batch_size, len(dataset.x_train),
+                            "dense.batch_size")
+    folder.claim(claimed)
     start = time.perf_counter()
     model, _ = train_dense(initial_model(experiment, dataset), experiment.dense, dataset,
                            experiment.seed)
@@ -235,7 +244,6 @@ def train_to_folder(experiment: Experiment, out: pathlib.Path) -> dict:
                                             dataset.y_test),
         "wall_seconds": seconds, "machine": machine(),
     }
-    folder = RunFolder(out)
     train_lib.save_checkpoint(folder.root / "checkpoint", model.variables)
     folder.write_json("metrics.json", metrics)  # written last: marks the folder complete
     return metrics

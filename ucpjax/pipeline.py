@@ -74,12 +74,12 @@ def run(model: Model, dataset: data_lib.Dataset, recipe: Recipe, out=None, *,
     folder = None if out is None else RunFolder(out)
     if folder is None:
         return _run(model, dataset, recipe, None, start, check_export, log)
-    folder.claim({"recipe": to_dict(recipe), "setup": setup or {}})
-    if not resume and (folder.root / "stages").exists() and not (
-            folder.root / "report.json").exists():
-        raise ConfigError(f"{folder.root} holds an unfinished run: pass --resume "
-                          "or choose a new --out")
-    with folder.lock():
+    with folder.lock():  # first: a second writer must not touch config.json either
+        folder.claim({"recipe": to_dict(recipe), "setup": setup or {}})
+        if not resume and (folder.root / "stages").exists() and not (
+                folder.root / "report.json").exists():
+            raise ConfigError(f"{folder.root} holds an unfinished run: pass --resume "
+                              "or choose a new --out")
         return _run(model, dataset, recipe, folder, start, check_export, log)
 
 

@@ -71,10 +71,19 @@ class RunFolder:
 
     def claim(self, resolved_config: dict) -> None:
         """Makes the folder this run's: refuses someone else's files and other configs."""
-        if self.root.exists() and not self.root.is_dir():
-            raise ConfigError(f"--out {self.root} is a file: choose a folder")
-        ours = (self.root / "config.json").exists() or (self.root / "stages").is_dir()
-        if self.root.is_dir() and any(self.root.iterdir()) and not ours:
+        resolved = self.check_claim(resolved_config)
+        self._make()
+        try:
+            self.write_json("config.json", resolved)
+        except PermissionError:
+            raise ConfigError(f"--out {self.root} is not writable: choose another folder") from None
+
+    def check_claim(self, resolved_config: dict) -> dict:
+        """What ``claim`` refuses, refused without writing; returns the config as JSON."""
+        self._check_is_folder()
+        ours = any((self.root / name).exists() for name in _RUN_MARKERS)
+        if self.root.is_dir() and not ours and any(
+                p.name != _LOCK for p in self.root.iterdir()):
             raise ConfigError(f"--out {self.root} holds files that are not a ucpjax run: "
                               "choose a new or empty folder")
         saved = self.read_json("config.json")
@@ -83,10 +92,18 @@ class RunFolder:
             changed = sorted(k for k in {*resolved, *saved} if saved.get(k) != resolved.get(k))
             raise ConfigError(f"{self.root} holds a run with a different config (fields "
                               f"{changed} differ): use a new --out or the same config")
+        return resolved
+
+    def _check_is_folder(self) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigError(f"--out {self.root} is a file: choose a folder")
+
+    def _make(self) -> None:
         try:
-            self.write_json("config.json", resolved)
-        except PermissionError:
-            raise ConfigError(f"--out {self.root} is not writable: choose another folder") from None
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"--out {self.root} cannot be made ({err.strerror}): choose "
+                              "another folder") from None
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -95,8 +112,9 @@ class RunFolder:
         A lock left by a process that no longer runs (a killed run) is stale and
         taken over.
         """
-        path = self.root / ".lock"
-        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / _LOCK
+        self._check_is_folder()
+        self._make()
         for _ in range(2):
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -163,6 +181,11 @@ class RunFolder:
         scratch.rename(self.root / base)
         self.write_bytes(f"{base}.json", report.read_bytes())
         return True
+
+
+_LOCK = ".lock"
+# Files that make a folder a ucpjax run (a pipeline run, a study, a `ucpjax train`).
+_RUN_MARKERS = ("config.json", "stages", "study.json", "metrics.json")
 
 
 def _lock_holder(path: pathlib.Path) -> int | None:

@@ -67,6 +67,7 @@ def run(path, out: pathlib.Path, *, smoke: bool = False, only: list[str] | None 
     if unknown:
         raise ConfigError(f"--only {','.join(unknown)}: no such variant; the variants are "
                           f"{','.join(variants)}")
+    RunFolder(out).claim({"study": str(path), "smoke": smoke})  # --out checked before work
     rows, finished_stages = [], {}
     for name, config in variants.items():
         if only and name not in only:
