@@ -162,3 +162,29 @@ def test_rejects_bad_files():
         packing.decode(b"XXXX" + data[4:])
     with pytest.raises(ValueError, match="truncated"):
         packing.decode(data[:-3])
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), k=st.integers(1, 16), density=st.floats(0.05, 1.0),
+       channels=st.integers(1, 40), bits=st.integers(2, 8))
+def test_per_channel_books_round_trip_bit_exact_and_beat_the_value_book(
+        seed, k, density, channels, bits):
+    from ucpjax import quantize
+
+    # A weight-shared conv with BatchNorm folded in (each channel scaled), then QAT's grid.
+    rng = np.random.default_rng(seed)
+    shared = _clustered(seed, (3, 3, 8, channels), k, density)
+    folded = shared * rng.uniform(0.2, 5.0, channels).astype(np.float32)
+    tree = {"Conv_0": {"kernel": folded, "bias": rng.normal(size=channels).astype(np.float32)}}
+    config = quantize.QuantizeConfig(weight_bits=bits)
+    tree = jax.tree.map(np.asarray, quantize.quantize_weights(tree, config))
+    kernel = tree["Conv_0"]["kernel"]
+    columns = kernel.reshape(-1, channels).T
+    assert max(np.unique(c[c != 0]).size for c in columns) <= k
+    data = packing.encode(tree)
+    _assert_same(tree, packing.decode(data))
+    grid = packing.channel_grid(kernel)
+    assert grid is not None  # found on its own grid (or on a finer one it also lies on)
+    value_book = packing._best_coding(packing._value_book(packing._as_bits(kernel)))[0]
+    stored = packing.size_breakdown(tree)["layers"]["Conv_0/kernel"]["total"]
+    assert stored <= len(packing._string("Conv_0/kernel")) + 16 + value_book

@@ -17,11 +17,11 @@ from ucpjax.pooling import GlobalAveragePool
 class Model:
     """A module, its variables, and whether its BatchNorm is folded yet.
 
-    Until ``folded``, a model with ``batch_stats`` keeps its BatchNorm live:
-    ``apply_fn`` is a ``batchnorm.LiveBatchNorm``, which stages train in
-    training mode. Once folded, ``frozen`` names the params held fixed (folded
-    BatchNorm scales): stages see ``params`` without them, and ``apply_fn``
-    puts them back.
+    Until ``folded_bn`` (set by ``folded``), a model with ``batch_stats`` keeps
+    its BatchNorm live: ``apply_fn`` is a ``batchnorm.LiveBatchNorm``, which
+    stages train in training mode. Once folded, ``frozen`` names the params
+    held fixed (folded BatchNorm scales): stages see ``params`` without them,
+    and ``apply_fn`` puts them back.
     """
 
     module: nn.Module
@@ -42,7 +42,8 @@ class Model:
         return "batch_stats" in self.variables and not self.folded_bn
 
     def apply_fn(self) -> train.ApplyFn:
-        """``apply_fn(params, x) -> logits`` in inference mode (``train.inference_fn``)."""
+        """``apply_fn(params, x) -> logits`` in inference mode: a ``LiveBatchNorm``
+        while BatchNorm is live, else ``train.inference_fn``."""
         if self.live_bn:
             return batchnorm.LiveBatchNorm(self.module, self.extra)
         apply = train.inference_fn(self.module, self.extra)
