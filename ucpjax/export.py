@@ -350,11 +350,13 @@ def _dequantize(q: np.ndarray, quant: dict) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _codes_per_channel(q: np.ndarray, quant: dict) -> int:
-    """The most distinct non-zero stored values in one quantized channel (or the tensor)."""
-    rows = q.reshape(1, -1)
-    if np.size(quant["scales"]) > 1:
-        axis = quant["quantized_dimension"]
-        rows = np.moveaxis(q, axis, 0).reshape(q.shape[axis], -1)
+    """The most distinct non-zero stored values in one output channel.
+
+    The channel axis is the quantized dimension; a tensor with one scale (a
+    FULLY_CONNECTED weight, laid out (out, in)) reports 0, its output axis.
+    """
+    axis = quant["quantized_dimension"]
+    rows = np.moveaxis(q, axis, 0).reshape(q.shape[axis], -1)
     return max((np.unique(r[r != 0]).size for r in rows), default=0)
 
 
