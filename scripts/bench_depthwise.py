@@ -21,15 +21,12 @@ import argparse
 import pathlib
 import time
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 import ucpjax
-from ucpjax import data, experiment, train
+from ucpjax import data, experiment, models, train
 from ucpjax.config import ConfigError
 from ucpjax.model import Model, check_pooling
-from ucpjax.pooling import GlobalAveragePool, max_pool
 from ucpjax.prune import PruneConfig
 from ucpjax.recipe import Recipe
 from ucpjax.run_folder import RunFolder
@@ -37,29 +34,6 @@ from ucpjax.run_folder import RunFolder
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-class DepthwiseNet(nn.Module):
-    """The user's net; ``pool`` is "module", "mean" (a bare jnp.mean) or "flatten"."""
-
-    pool: str = "module"
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        def block(layer, x):
-            return nn.relu(nn.BatchNorm(use_running_average=not train)(layer(x)))
-
-        x = block(nn.Conv(32, (3, 3), strides=2, use_bias=False), x)
-        x = block(nn.Conv(32, (3, 3), feature_group_count=32, use_bias=False), x)
-        x = block(nn.Conv(64, (1, 1), use_bias=False), x)
-        x = max_pool(x, 2)
-        if self.pool == "mean":
-            x = jnp.mean(x, axis=(1, 2))
-        elif self.pool == "module":
-            x = GlobalAveragePool()(x)
-        else:
-            x = x.reshape((x.shape[0], -1))
-        x = nn.Dropout(0.2, deterministic=not train)(x)
-        x = block(nn.Dense(64), x)
-        return nn.Dense(10)(x)
 
 
 VARIANTS = {  # name: (pool, prune scope)
@@ -84,7 +58,7 @@ def dense(module, dataset, epochs: float) -> tuple[dict, float]:
 
 def run_variant(name: str, pool: str, scope: str, dataset, epochs: float,
                 smoke: bool) -> dict:
-    module = DepthwiseNet(pool=pool)
+    module = models.DepthwiseCnn(pool=pool)
     recipe = Recipe(prune=PruneConfig(target_sparsity=0.75, scope=scope))
     if smoke:
         recipe = experiment.smoke(experiment.Experiment(recipe=recipe)).recipe

@@ -9,41 +9,14 @@ import numpy as np
 import pytest
 
 import ucpjax
-from ucpjax import batchnorm, cluster, prune, train
+from ucpjax import batchnorm, cluster, models, prune, train
 from ucpjax.cluster import ClusterConfig
 from ucpjax.config import ConfigError
 from ucpjax.export import ExportConfig
 from ucpjax.model import Model
-from ucpjax.pooling import GlobalAveragePool, max_pool
 from ucpjax.prune import PruneConfig
 from ucpjax.quantize import QuantizeConfig
 from ucpjax.recipe import Recipe
-
-
-class DepthwiseNet(nn.Module):
-    """The user's net of the conv-nets issue: conv, depthwise, 1x1 (each with
-    BatchNorm), max-pool, global average pool, Dropout, Dense + BatchNorm, Dense."""
-
-    pool: str = "module"  # "module", "mean" (a bare jnp.mean) or "flatten"
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        def block(layer, x):
-            return nn.relu(nn.BatchNorm(use_running_average=not train)(layer(x)))
-
-        x = block(nn.Conv(32, (3, 3), strides=2, use_bias=False), x)
-        x = block(nn.Conv(32, (3, 3), feature_group_count=32, use_bias=False), x)
-        x = block(nn.Conv(64, (1, 1), use_bias=False), x)
-        x = max_pool(x, 2)
-        if self.pool == "mean":
-            x = jnp.mean(x, axis=(1, 2))
-        elif self.pool == "module":
-            x = GlobalAveragePool()(x)
-        else:
-            x = x.reshape((x.shape[0], -1))
-        x = nn.Dropout(0.2, deterministic=not train)(x)
-        x = block(nn.Dense(64), x)
-        return nn.Dense(10)(x)
 
 
 def _random_stats(variables, key):
@@ -73,7 +46,7 @@ def test_population_statistics_average_the_batch_moments():
 
 
 def test_fold_after_live_compression_keeps_zeros_and_k_values_per_channel():
-    module = DepthwiseNet()
+    module = models.DepthwiseCnn()
     variables = _random_stats(dict(module.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))),
                               jax.random.key(1))
     k, config = 4, ClusterConfig(num_clusters=4, fine_tune=None)
@@ -126,7 +99,7 @@ def _recipe():
 
 
 def test_bare_mean_pool_is_refused_before_any_training(mnist_small, tmp_path):
-    module = DepthwiseNet(pool="mean")
+    module = models.DepthwiseCnn(pool="mean")
     variables = dict(module.init(jax.random.key(0), mnist_small.x_train[:1], train=False))
     with pytest.raises(ConfigError) as err:
         ucpjax.compress(module, variables, train=(mnist_small.x_train, mnist_small.y_train),
@@ -138,7 +111,7 @@ def test_bare_mean_pool_is_refused_before_any_training(mnist_small, tmp_path):
 
 
 def test_depthwise_batchnorm_net_keeps_accuracy_and_k_codes_per_channel(mnist_small):
-    module = DepthwiseNet()
+    module = models.DepthwiseCnn()
     variables = _trained(module, mnist_small)
     dense = train.accuracy(Model(module, variables).apply_fn(), variables["params"],
                            mnist_small.x_test, mnist_small.y_test)

@@ -194,3 +194,36 @@ class MobileNetCifar(nn.Module):
             x = nn.relu(_conv_bn(x, width, 1, 1, train))
         x = GlobalAveragePool()(x)
         return nn.Dense(self.num_classes)(x)
+
+
+@register("depthwise_cnn")
+class DepthwiseCnn(nn.Module):
+    """A user's depthwise CNN (the conv-nets issue): conv, depthwise 3x3 and 1x1
+    convs each with BatchNorm, max-pool, global average pooling, Dropout,
+    Dense + BatchNorm, Dense.
+
+    ``pool`` writes the pooling three ways: "module" (``GlobalAveragePool``),
+    "mean" (a bare ``jnp.mean``, which compression refuses) or "flatten".
+    """
+
+    num_classes: int = 10
+    pool: str = "module"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        def block(layer, x):
+            return nn.relu(nn.BatchNorm(use_running_average=not train)(layer(x)))
+
+        x = block(nn.Conv(32, (3, 3), strides=2, use_bias=False), x)
+        x = block(nn.Conv(32, (3, 3), feature_group_count=32, use_bias=False), x)
+        x = block(nn.Conv(64, (1, 1), use_bias=False), x)
+        x = max_pool(x, 2)
+        if self.pool == "mean":
+            x = jnp.mean(x, axis=(1, 2))
+        elif self.pool == "module":
+            x = GlobalAveragePool()(x)
+        else:
+            x = x.reshape((x.shape[0], -1))
+        x = nn.Dropout(0.2, deterministic=not train)(x)
+        x = block(nn.Dense(64), x)
+        return nn.Dense(self.num_classes)(x)
