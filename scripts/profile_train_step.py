@@ -9,7 +9,7 @@ the convs do not account for is BatchNorm, ReLU, pooling, the dense layers and
 the loss. Times are medians of repeated calls after a compile call.
 
 Command:
-    nice -n 10 .venv/bin/python scripts/profile_train_step.py      # --repeats 5
+    .venv/bin/python scripts/profile_train_step.py      # --repeats 5
 Writes results/profile_train_step.md.
 """
 
@@ -33,7 +33,7 @@ from ucpjax.run_folder import RunFolder
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # The command as run (relative script path, flags), for the written results.
-COMMAND = " ".join(["nice -n 10 .venv/bin/python", *sys.argv])
+COMMAND = " ".join([".venv/bin/python", *sys.argv])
 
 CASES = [("lenet5", (28, 28, 1), 128), ("cifar_cnn", (32, 32, 3), 48),
          ("resnet8", (32, 32, 3), 64), ("mobilenet_cifar", (32, 32, 3), 64)]
@@ -110,7 +110,7 @@ def markdown(results: dict, repeats: int, loads) -> str:
             "input gradient, weight gradient, as XLA computes them (lax) and as "
             "`ucpjax.conv` does (ours). 'step' is the whole jitted loss and gradient. "
             f"Load average (1, 5, 15 min) before/after: {loads[0]} / {loads[1]} on "
-            f"{os.cpu_count()} shared CPUs; jax {jax.__version__}.")]
+            f"{os.cpu_count()} CPUs; jax {jax.__version__}.")]
     for name, r in results.items():
         rows = ["| conv (x -> kernel, stride, groups) | fwd lax | fwd ours | dX lax | dX ours "
                 "| dW lax | dW ours |", "|---|---|---|---|---|---|---|"]

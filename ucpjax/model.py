@@ -7,10 +7,12 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.extend.core import Literal
 
 from ucpjax import batchnorm, fold, train
 from ucpjax.config import ConfigError
 from ucpjax.pooling import GlobalAveragePool
+from ucpjax.residual import Add
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,38 +125,63 @@ def check_model(model: Model, input_shape: tuple[int, ...], num_classes: int) ->
                           "classes")
 
 
-def check_pooling(model: Model, input_shape: tuple[int, ...]) -> None:
-    """Refuses, in one line, a model that averages over its spatial axes with a bare mean.
+def check_quantizable(model: Model, input_shape: tuple[int, ...]) -> None:
+    """Refuses, in one line, a model with an int8 tensor that QAT cannot see.
 
-    The int8 .tflite holds the input of such a mean (a conv's output) in int8,
-    but QAT only fake-quantizes the inputs of the modules it knows, so the
-    exported model would compute what no QAT step trained. Traced without
-    compute; ``ucpjax.pooling.GlobalAveragePool`` calls are exempt.
+    The int8 .tflite rounds the input of a spatial mean and both inputs of a
+    residual add to int8, but QAT only fake-quantizes the inputs of the modules
+    it knows, so with a bare ``jnp.mean(x, axis=(1, 2))`` or ``x + y`` of two
+    activations the exported model would compute what no QAT step trained.
+    Traced without compute; ``GlobalAveragePool`` and ``Add`` calls are exempt.
     """
     def exempt(next_fun, args, kwargs, context):
-        if isinstance(context.module, GlobalAveragePool) and context.method_name == "__call__":
+        if context.method_name == "__call__" and isinstance(context.module, GlobalAveragePool):
             return args[0][:, 0, 0, :]  # same shape, no reduction to find
+        if context.method_name == "__call__" and isinstance(context.module, Add):
+            return args[0]  # same shape, no add to find
         return next_fun(*args, **kwargs)
 
     x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
     with nn.intercept_methods(exempt):
-        jaxpr = jax.make_jaxpr(model.apply_fn())(model.params, x)
-    if _spatial_sums(jaxpr.jaxpr):
+        closed = jax.make_jaxpr(model.apply_fn())(model.params, x)
+    jaxpr = closed.jaxpr
+    sums, adds = _hidden_int8_ops(jaxpr, {jaxpr.invars[-1]})
+    if sums:
         raise ConfigError("the model averages over its spatial axes with a bare mean (e.g. "
                           "jnp.mean(x, axis=(1, 2))), whose int8 input QAT cannot see: use "
                           "ucpjax.pooling.GlobalAveragePool() instead")
+    if adds:
+        raise ConfigError(f"the model adds two activations with a bare + ({adds} residual "
+                          "add(s), e.g. nn.relu(x + y)), whose int8 inputs QAT cannot see: "
+                          "use nn.relu(ucpjax.residual.Add()(x, y)) instead")
 
 
-def _spatial_sums(jaxpr) -> int:
-    """Sums over axis 1 or 2 of a 4-D (NHWC) tensor in ``jaxpr`` and its sub-jaxprs."""
-    count = 0
+def _hidden_int8_ops(jaxpr, tainted: set) -> tuple[int, int]:
+    """``(spatial sums, adds of two input-dependent tensors)`` in ``jaxpr`` and its
+    sub-jaxprs; ``tainted`` holds the variables that depend on the input image
+    (bias and BatchNorm adds take one operand from the params, so do not count)."""
+    sums = adds = 0
     for eqn in jaxpr.eqns:
+        hot = [not isinstance(v, Literal) and v in tainted for v in eqn.invars]
         if eqn.primitive.name == "reduce_sum":
             operand = eqn.invars[0].aval
-            count += operand.ndim == 4 and bool({1, 2} & set(eqn.params["axes"]))
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                inner = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr holds a Jaxpr
-                if hasattr(inner, "eqns"):
-                    count += _spatial_sums(inner)
-    return count
+            sums += operand.ndim == 4 and bool({1, 2} & set(eqn.params["axes"]))
+        if eqn.primitive.name == "add" and len(hot) == 2 and all(hot):
+            adds += 1
+        for sub in _sub_jaxprs(eqn):
+            # A jit's jaxpr takes the call's operands in order; where the counts
+            # differ, nothing inside counts as input-dependent (never a false refusal).
+            same = len(sub.invars) == len(hot)
+            s, a = _hidden_int8_ops(sub, {v for v, h in zip(sub.invars, hot) if h and same})
+            sums, adds = sums + s, adds + a
+        if any(hot):
+            tainted.update(eqn.outvars)
+    return sums, adds
+
+
+def _sub_jaxprs(eqn):
+    for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+            inner = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr holds a Jaxpr
+            if hasattr(inner, "eqns"):
+                yield inner

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from ucpjax.pooling import GlobalAveragePool, max_pool
+from ucpjax.residual import Add
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -166,7 +167,7 @@ class ResNet8(nn.Module):
             y = _conv_bn(y, width, 3, 1, train)
             if stride != 1 or x.shape[-1] != width:
                 x = _conv_bn(x, width, 1, stride, train)
-            x = nn.relu(x + y)
+            x = nn.relu(Add()(x, y))
         x = GlobalAveragePool()(x)
         return nn.Dense(self.num_classes)(x)
 

@@ -28,7 +28,7 @@ from ucpjax import report as report_lib
 from ucpjax import rules as rules_lib
 from ucpjax import train as train_lib
 from ucpjax.config import ConfigError, to_dict
-from ucpjax.model import Model, check_model, check_pooling
+from ucpjax.model import Model, check_model, check_quantizable
 from ucpjax.recipe import STAGES, Recipe, StageInputs
 from ucpjax.run_folder import RunFolder
 
@@ -70,7 +70,7 @@ def run(model: Model, dataset: data_lib.Dataset, recipe: Recipe, out=None, *,
     """
     recipe.check_budgets(len(dataset.x_train))
     if _qat(recipe) and recipe.export.enabled:
-        check_pooling(model, dataset.input_shape)
+        check_quantizable(model, dataset.input_shape)
     folder = None if out is None else RunFolder(out)
     if folder is None:
         return _run(model, dataset, recipe, None, start, check_export, log)

@@ -5,9 +5,11 @@ Weights are quantized symmetrically on a narrow grid, ``[-(2^(b-1)-1), 2^(b-1)-1
 does, so ``quantize_weights`` returns the float values the ``.tflite`` will hold
 (``int8 * scale``). Activations are asymmetric (``[-2^(b-1), 2^(b-1)-1]`` with an
 integral zero point, range containing 0) and are fake-quantized where TFLite
-quantizes tensors: the inputs of every Dense/Conv call and of
-``ucpjax.pooling.GlobalAveragePool``, and the model output (ReLU is fused into
-the op before it, max pooling and reshapes keep the scale).
+quantizes tensors: the inputs of every Dense/Conv call, of
+``ucpjax.pooling.GlobalAveragePool`` and of ``ucpjax.residual.Add`` (both), and
+the model output (ReLU is fused into the op before it, max pooling and reshapes
+keep the scale). ``ucpjax.model.check_quantizable`` refuses the bare spatial
+means and residual adds that would hide an int8 tensor from QAT.
 Their ranges are exponential moving averages kept in the ``extra`` state of the
 training loss (see ``ucpjax.train``), keyed by layer path.
 
@@ -45,14 +47,15 @@ from ucpjax import rules as rules_lib
 from ucpjax import train as train_lib
 from ucpjax.config import ConfigError, check
 from ucpjax.pooling import GlobalAveragePool
+from ucpjax.residual import Add
 from ucpjax.rules import DEFAULT_RULES, Rules
 from ucpjax.train import TrainConfig
 
 # Key of the model output (logits) among the activation ranges.
 OUTPUT = "logits"
 # Modules whose inputs TFLite quantizes (FULLY_CONNECTED, CONV_2D, DEPTHWISE_CONV_2D,
-# MEAN).
-QUANTIZED_LAYERS = (nn.Dense, nn.Conv, GlobalAveragePool)
+# MEAN, ADD).
+QUANTIZED_LAYERS = (nn.Dense, nn.Conv, GlobalAveragePool, Add)
 # Examples whose float activations initialise the ranges before the first step.
 CALIBRATION_SIZE = 512
 # Scale of an activation range [0, 0] (a dead tensor), to avoid dividing by zero.
@@ -281,7 +284,8 @@ def _run(apply_fn, params, x, visit: Visit) -> jax.Array:
     """``apply_fn(params, x)`` with ``visit(name, tensor)`` applied to each quantized tensor.
 
     Names are the layer paths (``"Dense_0"``) for the inputs of Dense/Conv calls,
-    ``rules.call_name`` for a layer called again (``"Dense_0#2"``), and OUTPUT.
+    ``rules.call_name`` for a layer called again (``"Dense_0#2"``), the path and
+    the operand for the two inputs of an ``Add`` (``"Add_0[1]"``), and OUTPUT.
     """
     calls: dict[str, int] = {}
 
@@ -292,11 +296,27 @@ def _run(apply_fn, params, x, visit: Visit) -> jax.Array:
         name = "/".join(context.module.path)
         n = calls.get(name, 0)
         calls[name] = n + 1
-        return next_fun(visit(rules_lib.call_name(name, n), args[0]), *args[1:], **kwargs)
+        call = rules_lib.call_name(name, n)
+        if isinstance(context.module, Add):
+            return next_fun(*(visit(f"{call}[{i}]", a) for i, a in enumerate(args)), **kwargs)
+        return next_fun(visit(call, args[0]), *args[1:], **kwargs)
 
     with nn.intercept_methods(interceptor):
         logits = apply_fn(params, x)
     return visit(OUTPUT, logits)
+
+
+def visit_order(apply_fn, params, input_shape: tuple[int, ...]) -> list[str]:
+    """Names of the quantized tensors in the order the model computes them (traced only)."""
+    names = []
+
+    def visit(name, t):
+        names.append(name)
+        return t
+
+    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    jax.eval_shape(lambda p, x: _run(apply_fn, p, x, visit), params, x)
+    return names
 
 
 def _batch_range(x):
