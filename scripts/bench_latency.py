@@ -1,0 +1,173 @@
+"""TFLite latency of every registered model: float and int8, 1 and 2 threads, XNNPACK
+and the builtin kernels, in one process.
+
+Latency depends on shapes and ops, not on the weights' values (the int8 kernels run
+zeros like any other weight), so each model is freshly initialised, its BatchNorm
+folded and its weights put on the int8 grid, then converted from real images of
+its dataset (calibration). Each configuration is timed in ``--rounds`` rounds of
+``--repeats`` single-image invokes after a warm-up; the table gives the median
+over all invokes and the spread of the round medians (min-max). The ops of each
+.tflite are listed, and the ops XNNPACK takes are read from the delegate's own
+count in the interpreter's execution plan.
+
+Command:
+    .venv/bin/python scripts/bench_latency.py      # --models lenet300,cifar_cnn
+Writes results/bench_latency.json and results/bench_latency.md and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from ucpjax import data, export, models, quantize
+from ucpjax.model import Model
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+COMMAND = " ".join([".venv/bin/python", *sys.argv])
+DATASETS = {"lenet300": "mnist", "lenet5": "mnist", "pcqat_mnist": "mnist",
+            "fashion_cnn": "fashion_mnist", "cifar_cnn": "cifar10", "resnet8": "cifar10",
+            "mobilenet_cifar": "cifar10"}
+CALIBRATION = 100
+
+
+def cpu_name() -> str:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def tflite_pair(name: str, dataset) -> tuple[bytes, bytes]:
+    """(int8, float) .tflite of a fresh ``name`` with folded BatchNorm."""
+    module = models.create(name, dataset.num_classes)
+    model = Model(module, models.init(module, dataset.input_shape)).folded(dataset.input_shape)
+    apply_fn = model.apply_fn()
+    params = quantize.quantize_weights(model.params, quantize.QuantizeConfig())
+    rep = dataset.x_train[:CALIBRATION]
+    return (export.to_tflite(apply_fn, params, dataset.input_shape, rep),
+            export.to_tflite(apply_fn, params, dataset.input_shape, rep, int8=False))
+
+
+def timings(model_bytes: bytes, *, threads: int, use_xnnpack: bool, rounds: int,
+            repeats: int, warmup: int = 50) -> dict:
+    runner = export.TfliteRunner(model_bytes, threads=threads, use_xnnpack=use_xnnpack)
+    interp, index = runner.interpreter, runner.input["index"]
+    x = runner.quantize_input(
+        np.random.default_rng(0).random((8, 1, *runner.input_shape), np.float32))
+    for i in range(warmup):
+        interp.set_tensor(index, x[i % len(x)])
+        interp.invoke()
+    medians, every = [], []
+    for _ in range(rounds):
+        times = []
+        for i in range(repeats):
+            interp.set_tensor(index, x[i % len(x)])
+            start = time.perf_counter_ns()
+            interp.invoke()
+            times.append((time.perf_counter_ns() - start) / 1e3)
+        medians.append(statistics.median(times))
+        every += times
+    return {"median_us": statistics.median(every), "round_medians_us": medians}
+
+
+def op_counts(model_bytes: bytes, use_xnnpack: bool) -> dict:
+    """Op types of the interpreter's execution plan: with XNNPACK, the delegated nodes
+    appear as one DELEGATE op each, and what is left runs on the builtin kernels."""
+    interp = export.interpreter(model_bytes, use_xnnpack=use_xnnpack)
+    return dict(collections.Counter(op["op_name"] for op in interp._get_ops_details()))
+
+
+def bench(name: str, rounds: int, repeats: int) -> dict:
+    dataset = data.load(DATASETS[name])
+    files = dict(zip(("int8", "float"), tflite_pair(name, dataset), strict=True))
+    result = {"model": name, "data": DATASETS[name], "bytes": {k: len(v) for k, v in files.items()},
+              "ops": {k: op_counts(v, False) for k, v in files.items()},
+              "ops_with_xnnpack": {k: op_counts(v, True) for k, v in files.items()},
+              "latency": {}}
+    for kind, model_bytes in files.items():
+        for threads in (1, 2):
+            for xnnpack in (True, False):
+                key = f"{kind}/{threads}t/{'xnnpack' if xnnpack else 'builtin'}"
+                result["latency"][key] = timings(model_bytes, threads=threads,
+                                                 use_xnnpack=xnnpack, rounds=rounds,
+                                                 repeats=repeats)
+                print(f"{name} {key}: {result['latency'][key]['median_us']:.1f} us", flush=True)
+    return result
+
+
+def cell(t: dict) -> str:
+    lo, hi = min(t["round_medians_us"]), max(t["round_medians_us"])
+    return f"{t['median_us']:.1f} [{lo:.1f}-{hi:.1f}]"
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    keys = [f"{kind}/{t}t/{k}" for kind in ("float", "int8") for t in (1, 2)
+            for k in ("xnnpack", "builtin")]
+    lines = [
+        "# TFLite latency per image (us): float vs int8, 1-2 threads, XNNPACK vs builtin",
+        "",
+        (f"CPU: {meta['cpu']} ({meta['cpus']} cores), x86-64; phones are ARM, so the "
+         "ratios, not the microseconds, are what carries over. Median over "
+         f"{meta['rounds']} x {meta['repeats']} single-image invokes [min-max of the "
+         f"{meta['rounds']} round medians]. Load average before / after: "
+         f"{meta['load_before']} / {meta['load_after']}."),
+        "",
+        "| model | " + " | ".join(keys) + " | int8 / float (1t, XNNPACK) |",
+        "|---|" + "---|" * (len(keys) + 1),
+    ]
+    for r in rows:
+        t = r["latency"]
+        ratio = t["int8/1t/xnnpack"]["median_us"] / t["float/1t/xnnpack"]["median_us"]
+        lines.append(f"| {r['model']} | " + " | ".join(cell(t[k]) for k in keys)
+                     + f" | {ratio:.2f} |")
+    lines += ["", "Ops of each .tflite (builtin kernels) and what is left beside XNNPACK's "
+              "DELEGATE nodes when it is applied:", "",
+              "| model | int8 ops | int8 with XNNPACK | float with XNNPACK |", "|---|---|---|---|"]
+    for r in rows:
+        fmt = lambda c: ", ".join(f"{k} {v}" for k, v in sorted(c.items()))
+        lines.append(f"| {r['model']} | {fmt(r['ops']['int8'])} | "
+                     f"{fmt(r['ops_with_xnnpack']['int8'])} | "
+                     f"{fmt(r['ops_with_xnnpack']['float'])} |")
+    lines += ["", f"Command: `{COMMAND}`", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(DATASETS))
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "results")
+    args = parser.parse_args()
+    names = args.models.split(",")
+    unknown = sorted(set(names) - set(DATASETS))
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; choose from {sorted(DATASETS)}")
+    load_before = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    rows = [bench(name, args.rounds, args.repeats) for name in names]
+    meta = {"cpu": cpu_name(), "cpus": os.cpu_count(), "rounds": args.rounds,
+            "repeats": args.repeats, "load_before": load_before,
+            "load_after": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
+            "command": COMMAND}
+    md = markdown(rows, meta)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("bench_latency.json", json.dumps({**meta, "rows": rows}, indent=2)),
+                       ("bench_latency.md", md)):
+        tmp = args.out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, args.out / name)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
