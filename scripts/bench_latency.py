@@ -7,11 +7,12 @@ folded and its weights put on the int8 grid, then converted from real images of
 its dataset (calibration). Each configuration is timed in ``--rounds`` rounds of
 ``--repeats`` single-image invokes after a warm-up; the table gives the median
 over all invokes and the spread of the round medians (min-max). The ops of each
-.tflite are listed, and the ops XNNPACK takes are read from the delegate's own
-count in the interpreter's execution plan.
+.tflite are listed with the number of partitions XNNPACK made (DELEGATE nodes);
+LiteRT's Python API has no per-op profiler.
 
 Command:
     .venv/bin/python scripts/bench_latency.py      # --models lenet300,cifar_cnn
+    .venv/bin/python scripts/bench_latency.py --from-json   # tables again, no timing
 Writes results/bench_latency.json and results/bench_latency.md and prints the table.
 """
 
@@ -41,10 +42,15 @@ CALIBRATION = 100
 
 
 def cpu_name() -> str:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
+    """The CPU's model name and the SIMD flags int8 kernels care about."""
+    lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+    name = next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")),
+                platform.processor() or "unknown")
+    flags = next((x.split(":", 1)[1].split() for x in lines if x.startswith("flags")), [])
+    simd = [f for f in flags if f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni",
+                                      "amx_int8")]
+    return f"{name}, flags {' '.join(simd) or 'none'} (no VNNI: no int8 dot product)" \
+        if not {"avx512_vnni", "avx_vnni"} & set(simd) else f"{name}, flags {' '.join(simd)}"
 
 
 def tflite_pair(name: str, dataset) -> tuple[bytes, bytes]:
@@ -130,15 +136,17 @@ def markdown(rows: list[dict], meta: dict) -> str:
         ratio = t["int8/1t/xnnpack"]["median_us"] / t["float/1t/xnnpack"]["median_us"]
         lines.append(f"| {r['model']} | " + " | ".join(cell(t[k]) for k in keys)
                      + f" | {ratio:.2f} |")
-    lines += ["", "Ops of each .tflite (builtin kernels) and what is left beside XNNPACK's "
-              "DELEGATE nodes when it is applied:", "",
-              "| model | int8 ops | int8 with XNNPACK | float with XNNPACK |", "|---|---|---|---|"]
+    lines += ["", "Ops of each int8 .tflite and the partitions XNNPACK made of the int8 "
+              "and float graphs (DELEGATE nodes; one means it took the graph whole):", "",
+              "| model | int8 ops | XNNPACK partitions, int8 / float | bytes, int8 / float |",
+              "|---|---|---|---|"]
     for r in rows:
-        fmt = lambda c: ", ".join(f"{k} {v}" for k, v in sorted(c.items()))
-        lines.append(f"| {r['model']} | {fmt(r['ops']['int8'])} | "
-                     f"{fmt(r['ops_with_xnnpack']['int8'])} | "
-                     f"{fmt(r['ops_with_xnnpack']['float'])} |")
-    lines += ["", f"Command: `{COMMAND}`", ""]
+        ops = ", ".join(f"{k} {v}" for k, v in sorted(r["ops"]["int8"].items()))
+        parts = " / ".join(str(r["ops_with_xnnpack"][k].get("DELEGATE", 0))
+                           for k in ("int8", "float"))
+        lines.append(f"| {r['model']} | {ops} | {parts} | "
+                     f"{r['bytes']['int8']:,} / {r['bytes']['float']:,} |")
+    lines += ["", f"Command: `{meta['command']}`", ""]
     return "\n".join(lines)
 
 
@@ -148,7 +156,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "results")
+    parser.add_argument("--from-json", action="store_true",
+                        help="write the tables again from --out's bench_latency.json")
     args = parser.parse_args()
+    if args.from_json:
+        saved = json.loads((args.out / "bench_latency.json").read_text())
+        md = markdown(saved["rows"], {**saved, "cpu": cpu_name()})  # same machine
+        (args.out / "bench_latency.md").write_text(md)
+        print(md)
+        return
     names = args.models.split(",")
     unknown = sorted(set(names) - set(DATASETS))
     if unknown:
