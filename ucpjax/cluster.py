@@ -359,33 +359,43 @@ def compact_nonzero(values: np.ndarray) -> tuple[jax.Array, jax.Array]:
     the number of distinct shapes (and compiles) small.
     """
     nonzero = np.asarray(values).ravel()
-    nonzero = nonzero[nonzero != 0].astype(np.float32)
+    return _padded(nonzero[nonzero != 0].astype(np.float32))
+
+
+def _padded(nonzero: np.ndarray) -> tuple[jax.Array, jax.Array]:
     size = max(128, 1 << (len(nonzero) - 1).bit_length())
     padded = np.zeros(size, np.float32)
     padded[:len(nonzero)] = nonzero
     return jnp.asarray(padded), jnp.asarray(np.arange(size) < len(nonzero))
 
 
+def _at_most_distinct(values: np.ndarray, k: int) -> bool:
+    """Whether ``values`` holds at most ``k`` distinct values. A prefix of ``4k + 1``
+    values almost always shows more than ``k`` already, which spares sorting them all."""
+    return len(np.unique(values[:4 * k + 1])) <= k and len(np.unique(values)) <= k
+
+
 def share_leaf(w: np.ndarray, requested: int, config: ClusterConfig,
                key) -> tuple[np.ndarray, dict]:
     """Clusters one leaf to ``requested`` values; returns the shared weights and its report."""
     values = w.reshape(-1).astype(np.float32)
-    mask = values != 0
-    count = int(mask.sum())
-    distinct = len(np.unique(values[mask]))
+    where = np.flatnonzero(values)
+    nonzero = values[where]
+    count = len(nonzero)
     # At most a quarter of the leaf's size, so constraints.codebook sees it as shared.
     k = min(requested, count, max(w.size // 4, 1))
     info = {"k_requested": requested, "k": k, "nonzero": count}
-    if distinct <= k or k < 2:
+    if k < 2 or _at_most_distinct(nonzero, k):
         # Already shared (or too few weights): keep the values as they are.
-        info.update(k=distinct, kept=1, wcss=0.0)
+        info.update(k=len(np.unique(nonzero)), kept=1, wcss=0.0)
         return w, info
-    padded, padded_mask = compact_nonzero(values)
+    padded, padded_mask = _padded(nonzero)
     centroids, assignment, _ = kmeans(padded, padded_mask, k=k, init=config.init, key=key,
                                       iterations=config.iterations)
+    members = np.asarray(centroids)[np.asarray(assignment)[:count]]
     shared = np.zeros_like(values)
-    shared[mask] = np.asarray(centroids)[np.asarray(assignment)[:count]]
-    info.update(kept=0, wcss=float(np.sum((values - shared)[mask].astype(np.float64) ** 2)))
+    shared[where] = members
+    info.update(kept=0, wcss=float(np.sum((nonzero - members).astype(np.float64) ** 2)))
     return shared.reshape(w.shape).astype(w.dtype), info
 
 
