@@ -1,0 +1,108 @@
+"""The verdict of a paired study (``experiments/findings_distill.py``): distillation
+against equal-epoch plain fine-tuning, per sparsity, over seeds.
+
+    .venv/bin/python scripts/findings.py --study runs/findings_distill
+
+Reads the study's variants ``s<sparsity>_seed<seed>_{distill,finetune}`` (their
+``report.json``: test accuracy after the prune stage and after the last stage)
+and writes results/findings_distill.{json,md}. Each seed's difference is paired
+(same dense and pruned model). The rule, stated before the numbers: a finding is
+*confirmed* when every seed's difference is positive and the mean exceeds twice
+its standard error; *refuted* when every seed's is negative with the same margin;
+otherwise *not resolvable at this noise*.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import re
+import statistics
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+NAME = re.compile(r"s(\d+)_seed(\d+)_(distill|finetune)$")
+
+
+def accuracies(run: pathlib.Path) -> dict:
+    rows = json.loads((run / "report.json").read_text())["rows"]
+    by_stage = {row["stage"]: row["accuracy"] for row in rows}
+    return {"pruned": by_stage["prune"], "after": rows[-1]["accuracy"]}
+
+
+def verdict(differences: list[float]) -> str:
+    mean = statistics.mean(differences)
+    error = statistics.stdev(differences) / len(differences) ** 0.5
+    if all(d > 0 for d in differences) and mean > 2 * error:
+        return "confirmed"
+    if all(d < 0 for d in differences) and -mean > 2 * error:
+        return "refuted"
+    return "not resolvable at this noise"
+
+
+def summarise(study: pathlib.Path) -> dict:
+    runs = {}
+    for run in sorted(study.iterdir()):
+        match = NAME.match(run.name)
+        if match and (run / "report.json").exists():
+            sparsity, seed, variant = int(match[1]), int(match[2]), match[3]
+            runs.setdefault(sparsity, {}).setdefault(seed, {})[variant] = accuracies(run)
+    result = {}
+    for sparsity, seeds in sorted(runs.items()):
+        paired = {seed: v for seed, v in sorted(seeds.items()) if len(v) == 2}
+        diffs = [100 * (v["distill"]["after"] - v["finetune"]["after"]) for v in paired.values()]
+        result[f"{sparsity}%"] = {
+            "seeds": paired,
+            "difference_points": diffs,
+            "mean_points": statistics.mean(diffs) if diffs else None,
+            "stdev_points": statistics.stdev(diffs) if len(diffs) > 1 else None,
+            "verdict": verdict(diffs) if len(diffs) > 1 else "too few seeds",
+        }
+    return result
+
+
+def markdown(result: dict, study: str) -> str:
+    lines = ["# Distillation against equal-epoch fine-tuning (LeNet-300-100 / MNIST)", "",
+             "Test accuracy (10,000 images, 0.01 points each) after the prune stage and "
+             "after the 15-epoch stage that follows it: distillation (alpha 0.9, T 4) or "
+             "the same stage with alpha 0 (labels only). Difference = distill - fine-tune, "
+             "in points, paired by seed.", "",
+             "| sparsity | seed | pruned | distill | fine-tune | difference |",
+             "|---|---|---|---|---|---|"]
+    for sparsity, r in result.items():
+        for seed, v in r["seeds"].items():
+            lines.append(f"| {sparsity} | {seed} | {v['distill']['pruned']:.4f} | "
+                         f"{v['distill']['after']:.4f} | {v['finetune']['after']:.4f} | "
+                         f"{100 * (v['distill']['after'] - v['finetune']['after']):+.2f} |")
+    lines += ["", "| sparsity | mean difference | spread (stdev) | verdict |", "|---|---|---|---|"]
+    for sparsity, r in result.items():
+        spread = "-" if r["stdev_points"] is None else f"{r['stdev_points']:.2f}"
+        lines.append(f"| {sparsity} | {r['mean_points']:+.2f} | {spread} | {r['verdict']} |")
+    lines += ["", "Verdict rule: confirmed when every seed's difference is positive and the "
+              "mean exceeds twice its standard error; refuted when all are negative with the "
+              "same margin; otherwise not resolvable at this noise.", "",
+              f"Command: `.venv/bin/python scripts/findings.py --study {study}`", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--study", type=pathlib.Path, default=pathlib.Path("runs/findings_distill"))
+    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "results")
+    args = parser.parse_args()
+    result = summarise(args.study)
+    study = os.path.relpath(args.study.resolve(), ROOT)
+    md = markdown(result, study)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("findings_distill.json", json.dumps(
+            {"study": study, "by_sparsity": result}, indent=2, default=str)),
+            ("findings_distill.md", md)):
+        tmp = args.out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, args.out / name)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
