@@ -49,8 +49,9 @@ def cpu_name() -> str:
     flags = next((x.split(":", 1)[1].split() for x in lines if x.startswith("flags")), [])
     simd = [f for f in flags if f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni",
                                       "amx_int8")]
-    return f"{name}, flags {' '.join(simd) or 'none'} (no VNNI: no int8 dot product)" \
-        if not {"avx512_vnni", "avx_vnni"} & set(simd) else f"{name}, flags {' '.join(simd)}"
+    vnni = {"avx512_vnni", "avx_vnni"} & set(simd)
+    return f"{name}, flags {' '.join(simd) or 'none'}" + (
+        "" if vnni else " (no VNNI: no int8 dot product)")
 
 
 def tflite_pair(name: str, dataset) -> tuple[bytes, bytes]:
