@@ -32,6 +32,7 @@ import numpy as np
 
 from ucpjax import data, export, models, quantize
 from ucpjax.model import Model
+from ucpjax.run_folder import RunFolder
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 COMMAND = " ".join([".venv/bin/python", *sys.argv])
@@ -163,7 +164,7 @@ def main() -> None:
     if args.from_json:
         saved = json.loads((args.out / "bench_latency.json").read_text())
         md = markdown(saved["rows"], {**saved, "cpu": cpu_name()})  # same machine
-        (args.out / "bench_latency.md").write_text(md)
+        RunFolder(args.out).write_bytes("bench_latency.md", md.encode())
         print(md)
         return
     names = args.models.split(",")
@@ -177,12 +178,9 @@ def main() -> None:
             "load_after": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
             "command": COMMAND}
     md = markdown(rows, meta)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("bench_latency.json", json.dumps({**meta, "rows": rows}, indent=2)),
-                       ("bench_latency.md", md)):
-        tmp = args.out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, args.out / name)
+    results = RunFolder(args.out)  # its atomic writes
+    results.write_json("bench_latency.json", {**meta, "rows": rows})
+    results.write_bytes("bench_latency.md", md.encode())
     print(md)
 
 

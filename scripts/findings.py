@@ -21,6 +21,8 @@ import pathlib
 import re
 import statistics
 
+from ucpjax.run_folder import RunFolder
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NAME = re.compile(r"s(\d+)_seed(\d+)_(distill|finetune)$")
 
@@ -94,13 +96,9 @@ def main() -> None:
     result = summarise(args.study)
     study = os.path.relpath(args.study.resolve(), ROOT)
     md = markdown(result, study)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("findings_distill.json", json.dumps(
-            {"study": study, "by_sparsity": result}, indent=2, default=str)),
-            ("findings_distill.md", md)):
-        tmp = args.out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, args.out / name)
+    results = RunFolder(args.out)  # its atomic writes
+    results.write_json("findings_distill.json", {"study": study, "by_sparsity": result})
+    results.write_bytes("findings_distill.md", md.encode())
     print(md)
 
 
