@@ -1,15 +1,19 @@
-"""The verdict of a paired study (``experiments/findings_distill.py``): distillation
-against equal-epoch plain fine-tuning, per sparsity, over seeds.
+"""The verdict of a paired study: one variant against another, per sparsity, over seeds.
 
     .venv/bin/python scripts/findings.py --study runs/findings_distill
+    .venv/bin/python scripts/findings.py --finding teacher --study runs/findings_distill
 
-Reads the study's variants ``s<sparsity>_seed<seed>_{distill,finetune}`` (their
-``report.json``: test accuracy after the prune stage and after the last stage)
-and writes results/findings_distill.{json,md}. Each seed's difference is paired
-(same dense and pruned model). The rule, stated before the numbers: a finding is
-*confirmed* when every seed's difference is positive and the mean exceeds twice
-its standard error; *refuted* when every seed's is negative with the same margin;
-otherwise *not resolvable at this noise*.
+``--finding distill`` (``experiments/findings_distill.py``): distillation against
+equal-epoch plain fine-tuning. ``--finding teacher``
+(``experiments/findings_teacher.py``): the aligned teacher (the student's own dense
+model) against a LeNet-5 teacher. Reads the study's variants
+``s<sparsity>_seed<seed>_<variant>`` (their ``report.json``: test accuracy after
+the prune stage and after the last stage) and writes
+results/findings_<finding>.{json,md}. Each seed's difference is paired (same dense
+and pruned model). The rule, stated before the numbers: a finding is *confirmed*
+when every seed's difference is positive and the mean exceeds twice its standard
+error; *refuted* when every seed's is negative with the same margin; otherwise
+*not resolvable at this noise*.
 """
 
 from __future__ import annotations
@@ -24,7 +28,18 @@ import statistics
 from ucpjax.run_folder import RunFolder
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-NAME = re.compile(r"s(\d+)_seed(\d+)_(distill|finetune)$")
+NAME = re.compile(r"s(\d+)_seed(\d+)_(\w+)$")
+# finding -> (variant A, variant B, title, what the two are); difference = A - B.
+FINDINGS = {
+    "distill": ("distill", "finetune",
+                "Distillation against equal-epoch fine-tuning (LeNet-300-100 / MNIST)",
+                "after the 15-epoch stage that follows it: distillation (alpha 0.9, T 4) or "
+                "the same stage with alpha 0 (labels only)"),
+    "teacher": ("distill", "lenet5_teacher",
+                "An aligned teacher against another architecture (LeNet-300-100 / MNIST)",
+                "after the 15-epoch distillation (alpha 0.9, T 4) that follows it, taught "
+                "by the student's own dense LeNet-300-100 (aligned) or by a LeNet-5"),
+}
 
 
 def accuracies(run: pathlib.Path) -> dict:
@@ -43,17 +58,17 @@ def verdict(differences: list[float]) -> str:
     return "not resolvable at this noise"
 
 
-def summarise(study: pathlib.Path) -> dict:
+def summarise(study: pathlib.Path, a: str, b: str) -> dict:
     runs = {}
     for run in sorted(study.iterdir()):
         match = NAME.match(run.name)
-        if match and (run / "report.json").exists():
+        if match and match[3] in (a, b) and (run / "report.json").exists():
             sparsity, seed, variant = int(match[1]), int(match[2]), match[3]
             runs.setdefault(sparsity, {}).setdefault(seed, {})[variant] = accuracies(run)
     result = {}
     for sparsity, seeds in sorted(runs.items()):
         paired = {seed: v for seed, v in sorted(seeds.items()) if len(v) == 2}
-        diffs = [100 * (v["distill"]["after"] - v["finetune"]["after"]) for v in paired.values()]
+        diffs = [100 * (v[a]["after"] - v[b]["after"]) for v in paired.values()]
         result[f"{sparsity}%"] = {
             "seeds": paired,
             "difference_points": diffs,
@@ -64,41 +79,45 @@ def summarise(study: pathlib.Path) -> dict:
     return result
 
 
-def markdown(result: dict, study: str) -> str:
-    lines = ["# Distillation against equal-epoch fine-tuning (LeNet-300-100 / MNIST)", "",
-             "Test accuracy (10,000 images, 0.01 points each) after the prune stage and "
-             "after the 15-epoch stage that follows it: distillation (alpha 0.9, T 4) or "
-             "the same stage with alpha 0 (labels only). Difference = distill - fine-tune, "
-             "in points, paired by seed.", "",
-             "| sparsity | seed | pruned | distill | fine-tune | difference |",
+def markdown(result: dict, study: str, finding: str) -> str:
+    a, b, title, what = FINDINGS[finding]
+    lines = [f"# {title}", "",
+             f"Test accuracy (10,000 images, 0.01 points each) after the prune stage and "
+             f"{what}. Difference = {a} - {b}, in points, paired by seed.", "",
+             f"| sparsity | seed | pruned | {a} | {b} | difference |",
              "|---|---|---|---|---|---|"]
     for sparsity, r in result.items():
         for seed, v in r["seeds"].items():
-            lines.append(f"| {sparsity} | {seed} | {v['distill']['pruned']:.4f} | "
-                         f"{v['distill']['after']:.4f} | {v['finetune']['after']:.4f} | "
-                         f"{100 * (v['distill']['after'] - v['finetune']['after']):+.2f} |")
+            lines.append(f"| {sparsity} | {seed} | {v[a]['pruned']:.4f} | "
+                         f"{v[a]['after']:.4f} | {v[b]['after']:.4f} | "
+                         f"{100 * (v[a]['after'] - v[b]['after']):+.2f} |")
     lines += ["", "| sparsity | mean difference | spread (stdev) | verdict |", "|---|---|---|---|"]
     for sparsity, r in result.items():
         spread = "-" if r["stdev_points"] is None else f"{r['stdev_points']:.2f}"
         lines.append(f"| {sparsity} | {r['mean_points']:+.2f} | {spread} | {r['verdict']} |")
+    command = " ".join([".venv/bin/python scripts/findings.py",
+                        *(["--finding", finding] if finding != "distill" else []),
+                        "--study", study])
     lines += ["", "Verdict rule: confirmed when every seed's difference is positive and the "
               "mean exceeds twice its standard error; refuted when all are negative with the "
               "same margin; otherwise not resolvable at this noise.", "",
-              f"Command: `.venv/bin/python scripts/findings.py --study {study}`", ""]
+              f"Command: `{command}`", ""]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--finding", choices=sorted(FINDINGS), default="distill")
     parser.add_argument("--study", type=pathlib.Path, default=pathlib.Path("runs/findings_distill"))
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "results")
     args = parser.parse_args()
-    result = summarise(args.study)
+    a, b = FINDINGS[args.finding][:2]
+    result = summarise(args.study, a, b)
     study = os.path.relpath(args.study.resolve(), ROOT)
-    md = markdown(result, study)
+    md = markdown(result, study, args.finding)
     results = RunFolder(args.out)  # its atomic writes
-    results.write_json("findings_distill.json", {"study": study, "by_sparsity": result})
-    results.write_bytes("findings_distill.md", md.encode())
+    results.write_json(f"findings_{args.finding}.json", {"study": study, "by_sparsity": result})
+    results.write_bytes(f"findings_{args.finding}.md", md.encode())
     print(md)
 
 

@@ -172,3 +172,51 @@ def test_config_replace_validates():
     config = distill.DistillConfig()
     with pytest.raises(ConfigError, match="^alpha="):
         dataclasses.replace(config, alpha=2.0)
+
+
+def test_teacher_from_must_be_a_train_folder(mnist, tmp_path):
+    config = distill.DistillConfig(teacher_from=str(tmp_path))  # experiment files load ...
+    with pytest.raises(ConfigError, match=r"^distill.teacher_from=.*no metrics.json"):
+        distill.teacher_model(config, mnist)  # ... and the run refuses it before any work
+
+
+def _student_model(dataset):
+    from ucpjax.model import Model
+
+    module = models.create("lenet300")
+    return Model(module, models.init(module, dataset.input_shape, seed=1))
+
+
+def _teacher_recipe(folder):
+    from ucpjax.recipe import Recipe
+
+    recipe = Recipe(stages=("distill",), distill=distill.DistillConfig(
+        teacher_from=str(folder), train=TrainConfig(epochs=0.25, batch_size=128)))
+    return dataclasses.replace(recipe, export=dataclasses.replace(recipe.export, enabled=False))
+
+
+def test_a_teacher_of_another_architecture_teaches(mnist, tmp_path):
+    from ucpjax import experiment, pipeline
+
+    setup = experiment.Experiment(model="pcqat_mnist", data="mnist",
+                                  dense=TrainConfig(epochs=0.05, batch_size=128))
+    experiment.train_to_folder(setup, tmp_path / "teacher")
+    teacher = distill.teacher_model(_teacher_recipe(tmp_path / "teacher").distill, mnist)
+    assert type(teacher.module).__name__ != type(_student_model(mnist).module).__name__
+    result = pipeline.run(_student_model(mnist), mnist, _teacher_recipe(tmp_path / "teacher"),
+                          log=lambda _: None)
+    assert result.report["stages"]["distill/teacher_val_accuracy"] == train.accuracy(
+        teacher.apply_fn(), teacher.params, mnist.x_val, mnist.y_val)
+
+
+def test_a_teacher_trained_on_other_data_is_refused_before_any_work(mnist, tmp_path):
+    from ucpjax import pipeline
+    from ucpjax.run_folder import RunFolder
+
+    RunFolder(tmp_path).write_json("metrics.json", {"model": "lenet300", "data": "fashion_mnist"})
+
+    def never(model):
+        raise AssertionError("a stage ran before the teacher was checked")
+    with pytest.raises(ConfigError, match=r"^distill.teacher_from=.*'fashion_mnist'"):
+        pipeline.run(_student_model(mnist), mnist, _teacher_recipe(tmp_path),
+                     start=("given", never), log=lambda _: None)

@@ -69,6 +69,23 @@ def _targets(params, target):
         params)
 
 
+def test_keep_largest_is_a_stable_argsort_cut():
+    """The bisection threshold prunes exactly what a stable sort's first k would,
+    ties (masked -1, equal magnitudes, +-0, protected inf) by position."""
+    def by_sort(scores, k):
+        ranks = np.empty(scores.size, int)
+        ranks[np.argsort(scores, kind="stable")] = np.arange(scores.size)
+        return ranks >= k
+    keep = jax.jit(prune._keep_largest)
+    rng = np.random.default_rng(0)
+    for size in (1, 7, 1000, 50_000):
+        x = np.abs(rng.normal(size=size)).astype(np.float32)
+        for value, share in ((-1.0, 0.4), (0.25, 0.1), (np.inf, 0.05), (0.0, 0.05), (-0.0, 0.05)):
+            x[rng.random(size) < share] = value
+        for k in sorted({0, 1, size // 3, size // 2, size - 1, size}):
+            np.testing.assert_array_equal(np.asarray(keep(x, k)), by_sort(x, k), f"{size}, {k}")
+
+
 def test_mask_transform_exact_zeros_every_step_without_recompiling():
     params = _tiny_params()
     begin, end, freq = 1, 7, 2

@@ -63,6 +63,14 @@ def test_out_refuses_the_users_own_files_and_other_configs(tmp_path):
         folder.claim({"recipe": {"seed": 1}})
 
 
+def test_a_setting_added_later_at_its_none_default_keeps_old_runs_their_own(tmp_path):
+    folder = RunFolder(tmp_path / "run")
+    folder.claim({"recipe": {"distill": {"alpha": 0.9}}})  # made before teacher_from existed
+    folder.claim({"recipe": {"distill": {"alpha": 0.9, "teacher_from": None}}})
+    with pytest.raises(ConfigError, match=r"fields \['recipe'\]"):
+        folder.claim({"recipe": {"distill": {"alpha": 0.9, "teacher_from": "runs/t"}}})
+
+
 def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(tmp_path):
     folder = RunFolder(tmp_path / "run")
     with folder.lock():

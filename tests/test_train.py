@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ucpjax import models, train
+from ucpjax import data, models, train
 
 # Trains a few steps and prints the final params' checksum; run with 1 and 4 devices.
 _DEVICES_SCRIPT = """
@@ -73,6 +73,28 @@ def test_same_seed_same_result_and_training_learns(mnist_small):
     acc = train.accuracy(train.inference_fn(m, {}), a.params, mnist_small.x_test,
                          mnist_small.y_test)
     assert acc > 0.8
+
+
+@pytest.mark.parametrize("window_bytes", [None, 1])
+def test_windows_train_as_one_step_at_a_time(mnist_small, monkeypatch, window_bytes):
+    """fit's scanned windows (a padded last one; or one step each when a window's
+    bytes are capped) end where make_train_step's loop over the same batches does."""
+    if window_bytes is not None:
+        monkeypatch.setattr(train, "_WINDOW_BYTES", window_bytes)
+    m, v, cfg, opt = _setup(mnist_small, epochs=1.3)  # 20 steps an epoch, 26 in all
+    loss_fn = train.classification_loss(m)
+    fitted, _ = train.fit(v["params"], loss_fn, opt, mnist_small.x_train,
+                          mnist_small.y_train, config=cfg, seed=3)
+    step = train.make_train_step(loss_fn, opt)
+    state = train.TrainState(jnp.zeros((), jnp.int32), v["params"], {}, opt.init(v["params"]))
+    for epoch in range(2):
+        batches = data.batches(mnist_small.x_train, mnist_small.y_train, cfg.batch_size,
+                               seed=3 * 100_003 + epoch)
+        for xb, yb in list(batches)[:20 if epoch == 0 else 6]:
+            state, _ = step(state, xb, yb, jax.random.key(3))
+    assert int(fitted.step) == int(state.step) == 26
+    for a, b in zip(jax.tree.leaves(fitted.params), jax.tree.leaves(state.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_nan_loss_is_caught(mnist_small):

@@ -196,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = _parser().parse_args(argv)
     debug = args.debug or os.environ.get("UCPJAX_DEBUG") == "1"
+    from ucpjax import compile_cache
     from ucpjax.export import ToleranceError
+
+    compile_cache.enable()
 
     try:
         return args.run(args)

@@ -111,11 +111,18 @@ def batches(
     drop_remainder: bool = True,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yields ``(x, y)`` batches, shuffled deterministically when ``seed`` is given."""
-    order = np.arange(len(x)) if seed is None else np.random.default_rng(seed).permutation(len(x))
+    order = epoch_order(len(x), seed)
     stop = len(x) - len(x) % batch_size if drop_remainder else len(x)
     for start in range(0, stop, batch_size):
         idx = order[start:start + batch_size]
         yield x[idx], y[idx]
+
+
+def epoch_order(num_examples: int, seed: int | None) -> np.ndarray:
+    """The order one epoch visits the examples in: shuffled by ``seed``, or as stored."""
+    if seed is None:
+        return np.arange(num_examples)
+    return np.random.default_rng(seed).permutation(num_examples)
 
 
 def _normaliser(name: str):

@@ -13,14 +13,17 @@ are under ``stop_gradient``, so it is never trained. The student trains with
 from __future__ import annotations
 
 import dataclasses
+import json
+import pathlib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from ucpjax import batchnorm, constraints, train
-from ucpjax.config import check
+from ucpjax import batchnorm, constraints, models, train
+from ucpjax.config import ConfigError, check
+from ucpjax.model import Model
 from ucpjax.rules import DEFAULT_RULES, Rules
 from ucpjax.train import ApplyFn, TrainConfig
 
@@ -33,16 +36,48 @@ class DistillConfig:
       temperature: softmax temperature ``T`` of both models' logits in the soft term.
       alpha: weight of the soft (teacher) term; ``1 - alpha`` weights the labels.
       train: the training budget.
+      teacher_from: a ``ucpjax train`` folder whose model (any registered
+        architecture, trained on the same data) teaches; None: the dense model
+        the run starts from, the teacher aligned with the student.
     """
 
     temperature: float = 4.0
     alpha: float = 0.9
     train: TrainConfig = dataclasses.field(
         default_factory=lambda: TrainConfig(epochs=3, learning_rate=1e-4))
+    teacher_from: str | None = None
 
     def __post_init__(self):
         check(self.temperature > 0, "temperature", self.temperature, "must be > 0")
         check(0 <= self.alpha <= 1, "alpha", self.alpha, "must be in [0, 1]")
+        check(self.teacher_from is None or isinstance(self.teacher_from, str),
+              "teacher_from", self.teacher_from, "a `ucpjax train` folder, or None")
+
+
+def teacher_model(config: DistillConfig, dataset) -> Model | None:
+    """The model ``config.teacher_from`` holds, checked against ``dataset``; None
+    when the run's own dense model teaches. Called before any training."""
+    if config.teacher_from is None:
+        return None
+    folder, field = pathlib.Path(config.teacher_from), "distill.teacher_from"
+    check((folder / "metrics.json").is_file(), field, config.teacher_from,
+          "not a finished `ucpjax train` folder (no metrics.json); train the teacher "
+          "with `ucpjax train --model ... --data ... --out ...`")
+    trained = json.loads((folder / "metrics.json").read_text())
+    check(trained.get("data") == dataset.name, field, config.teacher_from,
+          f"was trained on {trained.get('data')!r}, this run's data is {dataset.name!r}; "
+          "train the teacher on the same data")
+    check(trained.get("model") in models.names(), field, config.teacher_from,
+          f"its model {trained.get('model')!r} is not one of {models.names()}")
+    module = models.create(trained["model"], dataset.num_classes)
+    try:
+        variables = train.restore_checkpoint(
+            folder / "checkpoint", models.init(module, dataset.input_shape))
+    except Exception as err:  # orbax raises many types for a damaged or foreign file
+        raise ConfigError(f"{field}={config.teacher_from!r}: its checkpoint does not load "
+                          f"as a {trained['model']} model ({type(err).__name__}); retrain "
+                          "it with `ucpjax train`") from None
+    return Model(module, variables)
 
 
 def distillation_loss(student_logits, teacher_logits, labels, *, temperature: float,

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from ucpjax import cluster, inputs, measure, packing
+from ucpjax import cluster, distill, inputs, measure, packing
 from ucpjax import data as data_lib
 from ucpjax import export as export_lib
 from ucpjax import report as report_lib
@@ -71,31 +71,33 @@ def run(model: Model, dataset: data_lib.Dataset, recipe: Recipe, out=None, *,
     recipe.check_budgets(len(dataset.x_train))
     if _qat(recipe) and recipe.export.enabled:
         check_quantizable(model, dataset.input_shape)
+    # Another model that teaches is read (and checked) before any work.
+    teacher = distill.teacher_model(recipe.distill, dataset) if "distill" in recipe.stages else None
     folder = None if out is None else RunFolder(out)
     if folder is None:
-        return _run(model, dataset, recipe, None, start, check_export, log)
+        return _run(model, dataset, recipe, None, start, teacher, check_export, log)
     with folder.lock():  # first: a second writer must not touch config.json either
         folder.claim({"recipe": to_dict(recipe), "setup": setup or {}})
         if not resume and (folder.root / "stages").exists() and not (
                 folder.root / "report.json").exists():
             raise ConfigError(f"{folder.root} holds an unfinished run: pass --resume "
                               "or choose a new --out")
-        return _run(model, dataset, recipe, folder, start, check_export, log)
+        return _run(model, dataset, recipe, folder, start, teacher, check_export, log)
 
 
-def _run(model, dataset, recipe, folder, start, check_export, log) -> Result:
+def _run(model, dataset, recipe, folder, start, teacher, check_export, log) -> Result:
     finished = _finished_report(folder, log) if folder else None
     if finished is not None and _final_files_present(folder, recipe):
         log("\n" + report_lib.markdown(finished))  # a finished run only prints its report
         if check_export and recipe.export.enabled:
             export_lib.check(finished["final"], recipe.export, qat=_qat(recipe))
         return Result(model.variables, _read(folder.root / "model.tflite"), finished)
-    rows, reports, teacher, before_cluster = [], {}, None, None
+    rows, reports, before_cluster = [], {}, None
     for position, name in enumerate([start[0], *recipe.stages]):
         if name == "cluster":
             before_cluster = model
         model, done = _stage(position, name, model, dataset, recipe, folder, start, teacher, log)
-        teacher = teacher or model
+        teacher = teacher or model  # by default the dense model teaches
         rows.append(done["row"])
         reports.update(done["report"])
     model = model.folded(dataset.input_shape)  # what ships (a no-op after QAT, which folds)

@@ -88,8 +88,9 @@ class RunFolder:
                               "choose a new or empty folder")
         saved = self.read_json("config.json")
         resolved = json.loads(json.dumps(resolved_config, default=_json_default))
-        if saved is not None and saved != resolved:
-            changed = sorted(k for k in {*resolved, *saved} if saved.get(k) != resolved.get(k))
+        compared = _without_new_nones(resolved, saved)
+        if saved is not None and compared != saved:
+            changed = sorted(k for k in {*compared, *saved} if saved.get(k) != compared.get(k))
             raise ConfigError(f"{self.root} holds a run with a different config (fields "
                               f"{changed} differ): use a new --out or the same config")
         return resolved
@@ -186,6 +187,15 @@ class RunFolder:
 _LOCK = ".lock"
 # Files that make a folder a ucpjax run (a pipeline run, a study, a `ucpjax train`).
 _RUN_MARKERS = ("config.json", "stages", "study.json", "metrics.json")
+
+
+def _without_new_nones(resolved, saved):
+    """``resolved`` less the None-valued keys ``saved`` lacks: an optional setting added
+    to ucpjax after a run was made (at its None default) leaves that run its own."""
+    if not (isinstance(resolved, dict) and isinstance(saved, dict)):
+        return resolved
+    return {k: _without_new_nones(v, saved.get(k)) for k, v in resolved.items()
+            if k in saved or v is not None}
 
 
 def _lock_holder(path: pathlib.Path) -> int | None:

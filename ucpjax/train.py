@@ -120,14 +120,16 @@ def mesh() -> Mesh:
     return Mesh(np.asarray(jax.devices()), ("data",))
 
 
-def _shard_batch(m: Mesh, *arrays: np.ndarray):
-    """Each process contributes its contiguous share of the global batch."""
-    sharding = NamedSharding(m, PartitionSpec("data"))
+def _shard_windows(m: Mesh, *arrays: np.ndarray):
+    """Arrays of shape ``(steps, batch, ...)``, the batch axis sharded: each process
+    contributes its contiguous share of every global batch."""
+    sharding = NamedSharding(m, PartitionSpec(None, "data"))
     n, i = jax.process_count(), jax.process_index()
     out = []
     for a in arrays:
-        share = len(a) // n
-        out.append(jax.make_array_from_process_local_data(sharding, a[i * share:(i + 1) * share]))
+        share = a.shape[1] // n
+        out.append(jax.make_array_from_process_local_data(
+            sharding, a[:, i * share:(i + 1) * share]))
     return out
 
 
@@ -148,9 +150,8 @@ def _augment(x: jax.Array, key: jax.Array, mode: str) -> jax.Array:
     return jax.vmap(one)(x, jax.random.split(key, x.shape[0]))
 
 
-def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                    augment: str = "none"):
-    """A jitted ``step(state, x, y, key) -> (state, metrics)``."""
+def _train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, augment: str):
+    """``step(state, x, y, key) -> (state, metrics)``, not jitted."""
     def step(state: TrainState, x, y, key):
         key = jax.random.fold_in(key, state.step)
         if augment != "none":
@@ -162,16 +163,48 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(state.step + 1, params, extra, opt_state), metrics
-    return jax.jit(step)
+    return step
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                    augment: str = "none"):
+    """A jitted ``step(state, x, y, key) -> (state, metrics)``."""
+    return jax.jit(_train_step(loss_fn, optimizer, augment))
+
+
+def make_train_window(loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                      augment: str = "none"):
+    """A jitted ``window(state, xs, ys, active, key) -> (state, metrics)``.
+
+    Runs ``len(xs)`` steps in one call (``lax.scan`` over the leading axis of
+    ``xs``, ``ys``): one dispatch and one host-device sync per window instead of
+    per step, which on CPU is a quarter of a small model's epoch. A step whose
+    ``active`` flag is False leaves the state as it is and reports zeros, so an
+    epoch's last, shorter window runs padded and one compile serves them all.
+    Each step is ``make_train_step``'s, with the same key, so training is the same.
+    """
+    step = _train_step(loss_fn, optimizer, augment)
+
+    def window(state: TrainState, xs, ys, active, key):
+        shapes = jax.eval_shape(step, state, xs[0], ys[0], key)[1]
+        idle = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+        def body(state, batch):
+            x, y, on = batch
+            return jax.lax.cond(on, lambda s: step(s, x, y, key), lambda s: (s, idle), state)
+        return jax.lax.scan(body, state, (xs, ys, active))
+    return jax.jit(window)
 
 
 class DivergenceError(FloatingPointError):
     """Training diverged or learned nothing; the message names the stage."""
 
 
-# Metrics come back from the device once per window of this many steps (and at
-# each epoch's end): the checks below cost one sync per window, not per step.
+# Steps per jitted call (``make_train_window``); metrics come back from the
+# device once per window, so the checks below cost one sync per window. Fewer
+# steps when a window's batches would pass _WINDOW_BYTES (large images).
 _WINDOW = 50
+_WINDOW_BYTES = 256 << 20
 # A window whose mean loss exceeds this multiple of the reference loss has
 # diverged. The reference is max(first step's loss, log(num_classes)): log(K)
 # is the loss of a uniform guess, a floor that keeps a fine-tuning run that
@@ -204,7 +237,8 @@ def _check_progress(means: dict, first_loss: float, step: int, window: int,
                               f"{loss:.3g} at step {step} of {num_steps}); {fix}")
     acc = means.get("accuracy")
     if (acc is not None and num_classes >= 2 and window >= _CHANCE_MIN_STEPS
-            and step - window >= _CHANCE_AFTER * num_steps and acc <= 1 / num_classes):
+            and step - window >= _CHANCE_AFTER * num_steps
+            and acc <= 1 / num_classes + 1e-6):  # float32 means of 1/K land either side
         raise DivergenceError(
             f"{desc}: training stuck at chance (accuracy {acc:.3f} <= 1/{num_classes} in "
             f"steps {step - window + 1}-{step} of {num_steps}); {fix}")
@@ -217,7 +251,9 @@ def fit(
 ) -> tuple[TrainState, list[dict]]:
     """Trains for ``config.epochs`` (fractions allowed) and returns the final state.
 
-    Every ``_WINDOW`` steps the window's mean metrics are checked: a NaN/Inf
+    Steps run in windows of ``_WINDOW`` (one jitted call each, fewer steps for
+    large inputs), each within one epoch; after every window its mean metrics
+    are checked: a NaN/Inf
     metric, a mean loss above ``_DIVERGENCE_FACTOR`` times the reference (see
     that constant), or, in a window past ``_CHANCE_AFTER`` of the steps,
     training accuracy at or below chance stops the run.
@@ -249,50 +285,48 @@ def fit(
     state = TrainState(jnp.zeros((), jnp.int32), params, {} if extra is None else extra,
                        optimizer.init(params))
     state = jax.device_put(state, replicated)
-    step = make_train_step(loss_fn, optimizer, config.augment)
+    window = make_train_window(loss_fn, optimizer, config.augment)
     key = jax.random.key(seed)
     num_steps, per_epoch = total_steps(config, len(x)), steps_per_epoch(len(x), config.batch_size)
     num_classes = int(np.max(y)) + 1 if np.issubdtype(np.asarray(y).dtype, np.integer) else 0
-    history, done, first_loss = [], 0, None
+    history, done, first_loss = [], 0, math.nan
+    batch_bytes = config.batch_size * (x[:1].nbytes + y[:1].nbytes)
+    window_steps = max(1, min(_WINDOW, _WINDOW_BYTES // max(batch_bytes, 1)))
     bar = tqdm(total=num_steps, desc=desc, unit="step", mininterval=1.0, leave=False)
-
-    def flush(window: dict, size: int, sums: dict) -> None:
-        """Adds a window's device sums to ``sums`` and checks its means."""
-        nonlocal first_loss
-        window = jax.device_get(window)  # the one host-device sync per window
-        if first_loss is None:
-            first_loss = float(window.pop("_first_loss", math.nan))
-        for name, total in window.items():
-            sums[name] = sums.get(name, 0.0) + float(total)
-        means = {name: float(total) / size for name, total in window.items()}
-        try:
-            _check_progress(means, first_loss, done, size, num_steps, num_classes, desc)
-        except DivergenceError:
-            bar.close()
-            raise
-
     for epoch in range(math.ceil(num_steps / per_epoch)):
-        sums, count, window, size = {}, 0, {}, 0
-        for xb, yb in data_lib.batches(x, y, config.batch_size, seed=seed * 100_003 + epoch):
-            if done == num_steps:
-                break
-            state, metrics = step(state, *_shard_batch(m, xb, yb), key)
+        order = data_lib.epoch_order(len(x), seed * 100_003 + epoch)
+        steps = min(per_epoch, num_steps - done)
+        sums = {}
+        for first in range(0, steps, window_steps):
+            count = min(window_steps, steps - first)
+            idx = _padded(order[first * config.batch_size:][:count * config.batch_size]
+                          .reshape(count, config.batch_size), window_steps)
+            state, metrics = window(state, *_shard_windows(m, x[idx], y[idx]),
+                                    np.arange(window_steps) < count, key)
+            metrics = {k: np.asarray(v, np.float64)[:count]  # the one sync per window
+                       for k, v in jax.device_get(metrics).items()}
             if done == 0 and "loss" in metrics:
-                window["_first_loss"] = metrics["loss"]  # loss of the model as given
-            for name, value in metrics.items():
-                window[name] = window.get(name, 0.0) + value
-            done, count, size = done + 1, count + 1, size + 1
-            bar.update()
-            if size == _WINDOW:
-                flush(window, size, sums)
-                window, size = {}, 0
-        if size:
-            flush(window, size, sums)
-        means = {name: total / count for name, total in sums.items()}
-        history.append(means)
-        bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()})
+                first_loss = float(metrics["loss"][0])  # loss of the model as given
+            done += count
+            bar.update(count)
+            means = {k: float(v.mean()) for k, v in metrics.items()}
+            try:
+                _check_progress(means, first_loss, done, count, num_steps, num_classes, desc)
+            except DivergenceError:
+                bar.close()
+                raise
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v.sum())
+        history.append({k: v / steps for k, v in sums.items()})
+        bar.set_postfix({k: f"{v:.4f}" for k, v in history[-1].items()})
     bar.close()
     return state, history
+
+
+def _padded(idx: np.ndarray, steps: int) -> np.ndarray:
+    """``(steps, batch)`` indices padded to ``steps`` (with example 0; the padding
+    steps are inactive and change nothing)."""
+    return np.concatenate([idx, np.zeros((steps - len(idx), idx.shape[1]), idx.dtype)])
 
 
 def predict(apply_fn: ApplyFn, params, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
