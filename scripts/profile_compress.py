@@ -10,7 +10,9 @@ re-estimation, checkpoint writes, k-means, packing, export, the TFLite checks)
 and JAX's own compile-time events. Times are exclusive: a compile inside a
 training loop counts as compilation, not training, and an evaluation inside a
 stage counts as evaluation. Start from an `init_from` folder to leave the dense
-training out, as the side-by-side benchmark does.
+training out, as the side-by-side benchmark does. JAX's compilation cache
+starts empty (a first run); ``--cache DIR`` keeps it, so a second run with the
+same DIR measures a rerun, ``--no-cache`` turns it off.
 
 Writes results/profile_compress_<name>.{json,md} and prints the table.
 """
