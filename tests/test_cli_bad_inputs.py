@@ -21,6 +21,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -463,6 +464,17 @@ def _cli_server(env: dict):
     yield context
 
 
+# Process.start() polls every live child, so an unguarded start in one thread can race
+# another thread's poll of the same forkserver child: one reads its exit code, the
+# other the pipe's end, and multiprocessing then reports 255. One lock for both.
+_PROCESS_LOCK = threading.Lock()
+
+
+def _exitcode(proc) -> int | None:
+    with _PROCESS_LOCK:
+        return proc.exitcode
+
+
 def _run(context, setup: Setup, env: dict, scratch: pathlib.Path) -> Outcome:
     """Runs the CLI; stops it as soon as it prints progress (it started working)."""
     before = _snapshot(setup.watch)
@@ -470,9 +482,10 @@ def _run(context, setup: Setup, env: dict, scratch: pathlib.Path) -> Outcome:
     out_path.touch()
     err_path.touch()
     proc = context.Process(target=_cli, args=(setup.argv, env, str(out_path), str(err_path)))
-    proc.start()
+    with _PROCESS_LOCK:
+        proc.start()
     deadline, started = time.monotonic() + BACKSTOP_S, ""
-    while proc.exitcode is None:
+    while _exitcode(proc) is None:
         # A tqdm bar or a progress line: the input was accepted and work began.
         if out_path.stat().st_size or "|" in err_path.read_text(errors="replace"):
             started = "it started working"
@@ -482,8 +495,9 @@ def _run(context, setup: Setup, env: dict, scratch: pathlib.Path) -> Outcome:
             proc.kill()
             break
         time.sleep(0.2)
-    proc.join()
-    return Outcome(setup, proc.exitcode, out_path.read_text(errors="replace"),
+    with _PROCESS_LOCK:
+        proc.join()
+    return Outcome(setup, _exitcode(proc), out_path.read_text(errors="replace"),
                    err_path.read_text(errors="replace"), started,
                    _changed(before, _snapshot(setup.watch)))
 

@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import os
 import pathlib
+import shutil
 import tarfile
 from collections.abc import Iterator
 
@@ -163,8 +164,11 @@ def _cached_arrays(name_or_folder: str) -> dict[str, np.ndarray]:
     arrays = make()
     _validate(arrays, name_or_folder)
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays)
+    # A name of this process's own: two first loads at once must not share a
+    # temporary file, and it must not match _drop_stale_caches' pattern.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
     os.replace(tmp, path)  # atomic: a killed first load never leaves a bad cache
     _drop_stale_caches(path)
     return arrays
@@ -238,11 +242,16 @@ def _cifar10() -> dict[str, np.ndarray]:
     if not (root / "train").is_dir():
         if not CIFAR_TARBALL.exists():
             return _from_tfds("cifar10", hint=f"or place the JPEG copy at {CIFAR_TARBALL}")
+        extracted = root.parent / f"cifar10-jpeg.{os.getpid()}.tmp"
         with tarfile.open(CIFAR_TARBALL) as tar:
-            tar.extractall(root.parent / "cifar10-jpeg.tmp", filter="data")
-        extracted = root.parent / "cifar10-jpeg.tmp"
+            tar.extractall(extracted, filter="data")
         inner = next(p.parent for p in extracted.rglob("train") if p.is_dir())
-        os.replace(inner, root)
+        try:
+            os.replace(inner, root)
+        except OSError:
+            if not (root / "train").is_dir():  # else another process got there first
+                raise
+        shutil.rmtree(extracted, ignore_errors=True)
     return _from_image_folder(root)
 
 
