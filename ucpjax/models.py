@@ -162,10 +162,12 @@ class ResNet8(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = nn.relu(_conv_bn(x, 16, 3, 1, train))
-        for width, stride in ((16, 1), (32, 2), (64, 2)):
+        # Shortcut convs where the stage's width changes, decided from the widths
+        # written here, not x.shape: channel pruning may narrow x.
+        for width, stride, widens in ((16, 1, False), (32, 2, True), (64, 2, True)):
             y = nn.relu(_conv_bn(x, width, 3, stride, train))
             y = _conv_bn(y, width, 3, 1, train)
-            if stride != 1 or x.shape[-1] != width:
+            if stride != 1 or widens:
                 x = _conv_bn(x, width, 1, stride, train)
             x = nn.relu(Add()(x, y))
         x = GlobalAveragePool()(x)

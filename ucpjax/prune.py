@@ -120,7 +120,7 @@ class MagnitudePruningState(NamedTuple):
     masks: Any  # per leaf: bool mask (pruned leaves) or a scalar True (others)
 
 
-def _keep_largest(scores: jax.Array, num_pruned: jax.Array) -> jax.Array:
+def keep_largest(scores: jax.Array, num_pruned: jax.Array) -> jax.Array:
     """True for all but the ``num_pruned`` lowest scores (ties broken by position).
 
     The same as pruning the first ``num_pruned`` of a stable argsort, without the
@@ -172,13 +172,13 @@ def _protected(scores: jax.Array, min_per_channel: int) -> jax.Array:
 
 
 def _keep_with_floor(scores: jax.Array, num_pruned, protected: jax.Array) -> jax.Array:
-    """``_keep_largest`` that never prunes a protected entry (it prunes fewer instead).
+    """``keep_largest`` that never prunes a protected entry (it prunes fewer instead).
 
     When no protected entry is among the ``num_pruned`` lowest, the result is
-    exactly ``_keep_largest(scores, num_pruned)``.
+    exactly ``keep_largest(scores, num_pruned)``.
     """
     num_pruned = jnp.minimum(num_pruned, scores.size - jnp.sum(protected, dtype=jnp.int32))
-    return _keep_largest(jnp.where(protected, jnp.inf, scores), num_pruned)
+    return keep_largest(jnp.where(protected, jnp.inf, scores), num_pruned)
 
 
 def magnitude_pruning(
