@@ -16,12 +16,13 @@ import os
 import pathlib
 import time
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
 
-from ucpjax import cluster, distill, inputs, measure, packing
+from ucpjax import channels, cluster, distill, inputs, measure, packing
 from ucpjax import data as data_lib
 from ucpjax import export as export_lib
 from ucpjax import report as report_lib
@@ -40,6 +41,7 @@ class Result:
     variables: dict
     tflite: bytes | None
     report: dict
+    module: Any = None  # what applies ``variables``: a ``channels.Slimmed`` once shrunk
 
 
 Start = Callable[[Model], tuple[Model, dict]]
@@ -91,7 +93,8 @@ def _run(model, dataset, recipe, folder, start, teacher, check_export, log) -> R
         log("\n" + report_lib.markdown(finished))  # a finished run only prints its report
         if check_export and recipe.export.enabled:
             export_lib.check(finished["final"], recipe.export, qat=_qat(recipe))
-        return Result(model.variables, _read(folder.root / "model.tflite"), finished)
+        return Result(model.variables, _read(folder.root / "model.tflite"), finished,
+                      model.module)
     rows, reports, before_cluster = [], {}, None
     for position, name in enumerate([start[0], *recipe.stages]):
         if name == "cluster":
@@ -101,14 +104,47 @@ def _run(model, dataset, recipe, folder, start, teacher, check_export, log) -> R
         rows.append(done["row"])
         reports.update(done["report"])
     model = model.folded(dataset.input_shape)  # what ships (a no-op after QAT, which folds)
+    model, slimming = _slimmed(model, dataset, recipe, log)
     final, tflite = _finish(model, dataset, recipe, rows[-1], folder, log)
+    final.update(slimming)
     report = {"rows": rows, "stages": reports, "final": final, "recipe": to_dict(recipe)}
     if folder:
         _write_report(folder, report, before_cluster or model, recipe)
     log("\n" + report_lib.markdown(report))
     if check_export and recipe.export.enabled:
         export_lib.check(final, recipe.export, qat=_qat(recipe))
-    return Result(model.variables, tflite, report)
+    return Result(model.variables, tflite, report, model.module)
+
+
+def _slimmed(model: Model, dataset, recipe: Recipe, log) -> tuple[Model, dict]:
+    """The model with its removed channels cut out (``channels``), when the recipe
+    prunes channels; it must compute the masked model's logits."""
+    if "prune" not in recipe.stages or not recipe.prune.channel_sparsity:
+        return model, {}
+    groups = channels.find_groups(model.apply_fn(), model.params, dataset.input_shape)
+    removed = channels.removed_groups(model.variables, groups)
+    slim = Model(channels.Slimmed(model.module),
+                 channels.shrink(model.variables, groups, removed), model.frozen,
+                 folded_bn=model.folded_bn)
+    x = dataset.x_test[:512]
+    reference = train_lib.predict(model.apply_fn(), model.params, x)
+    try:
+        error = float(np.max(np.abs(reference - train_lib.predict(slim.apply_fn(),
+                                                                  slim.params, x))))
+    except Exception as err:  # any failure of the user's code at the new widths
+        raise export_lib.ToleranceError(
+            f"the model with {int(removed.sum())} channels cut out does not run "
+            f"({type(err).__name__}: {str(err).splitlines()[0]}); build the layers from "
+            "fixed widths, not from x.shape, or set prune.channel_sparsity=0") from err
+    if not error <= 1e-4 * max(float(np.max(np.abs(reference))), 1.0):
+        raise export_lib.ToleranceError(
+            f"the model with {int(removed.sum())} channels cut out differs from the masked "
+            f"model by {error:.3g} in the logits (a layer the channel tracer does not "
+            "understand); set prune.channel_sparsity=0")
+    macs = measure.macs(slim.apply_fn(), slim.params, dataset.input_shape)["total"]["dense"]
+    log(f"slimmed: {int(removed.sum())} of {groups.count} channel groups cut out, "
+        f"{macs:,} multiplications")
+    return slim, {"channel_groups_removed": int(removed.sum()), "macs_slimmed": macs}
 
 
 def _stage(position, name, model, dataset, recipe, folder, start, teacher, log):

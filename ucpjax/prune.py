@@ -16,6 +16,7 @@ their number of distinct non-zero values.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -23,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ucpjax import batchnorm, constraints, train
+from ucpjax import batchnorm, channels, constraints, train
 from ucpjax import rules as rules_lib
-from ucpjax.config import check
+from ucpjax.config import ConfigError, check
 from ucpjax.rules import DEFAULT_RULES, Rules
 from ucpjax.train import TrainConfig
 
@@ -59,6 +60,12 @@ class PruneConfig:
         channel has only 9 weights, and uniform 75% sparsity leaves it about 2.
         The floor wins over the target, so the reported sparsity can fall
         short of it. 0: no floor.
+      channel_sparsity: fraction of whole channels removed (structured pruning,
+        ``ucpjax.channels``): in each family of tied channel groups, the lowest
+        ranked ``floor(channel_sparsity * size)`` go, on the same ramp as the
+        weights, and the export shrinks the model (smaller tensors, fewer
+        multiplications, a faster .tflite). 0: none. Runs with the magnitude
+        pruning (whose zeros then include the removed channels').
       train: budget of the pruning phase.
       fine_tune: budget of the fine-tuning phase, or None to skip it.
     """
@@ -71,6 +78,7 @@ class PruneConfig:
     end: float = 0.7
     power: float = 3.0
     min_per_channel: int = 2
+    channel_sparsity: float = 0.0
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(epochs=10))
     fine_tune: TrainConfig | None = dataclasses.field(
         default_factory=lambda: TrainConfig(epochs=2, learning_rate=1e-4))
@@ -89,6 +97,8 @@ class PruneConfig:
         check(self.power > 0, "power", self.power, "must be > 0")
         check(isinstance(self.min_per_channel, int) and self.min_per_channel >= 0,
               "min_per_channel", self.min_per_channel, "must be an integer >= 0")
+        check(0 <= self.channel_sparsity < 1, "channel_sparsity", self.channel_sparsity,
+              "must be in [0, 1)")
 
 
 def _is_none(x) -> bool:
@@ -392,6 +402,19 @@ def prune(params, config: PruneConfig, *, apply_fn, data, seed: int,
         begin_step=round(config.begin * last), end_step=round(config.end * last),
         frequency=config.frequency, power=config.power, global_leaves=global_leaves,
         min_per_channel=config.min_per_channel)
+    groups = None
+    if config.channel_sparsity:
+        if any(jax.tree.leaves(shared)):
+            raise ConfigError("prune.channel_sparsity: channels cannot be removed from "
+                              "weight-shared layers; run prune before cluster")
+        groups = channels.find_groups(apply_fn, params, data.x_train.shape[1:])
+        ramp = functools.partial(
+            polynomial_sparsity, initial=0.0, target=config.channel_sparsity,
+            begin_step=round(config.begin * last), end_step=round(config.end * last),
+            power=config.power)
+        pruning = optax.chain(channels.channel_pruning(
+            groups, ramp, begin_step=round(config.begin * last),
+            end_step=round(config.end * last), frequency=config.frequency), pruning)
     make_loss = constraints.cross_entropy(apply_fn)
     params, _, history = constraints.fit_preserving(
         params, make_loss, x=data.x_train, y=data.y_train, config=config.train, seed=seed,
@@ -401,6 +424,10 @@ def prune(params, config: PruneConfig, *, apply_fn, data, seed: int,
             params, make_loss, x=data.x_train, y=data.y_train, config=config.fine_tune,
             seed=seed + 1, rules=rules, desc="prune fine-tune")
     report = sparsity_report(params, rules)
+    if groups is not None:
+        report["prune/channel_groups"] = groups.count
+        report["prune/channel_groups_removed"] = int(
+            channels.removed_groups({"params": params}, groups).sum())
     report["prune/val_accuracy"] = train.accuracy(
         batchnorm.settled(apply_fn, params, data.x_train), params, data.x_val, data.y_val)
     report["prune/loss"] = history[-1]["loss"]
