@@ -138,3 +138,18 @@ def test_batchnorm_statistics_are_trained():
                          extra={"batch_stats": v["batch_stats"]})
     mean = state.extra["batch_stats"]["BatchNorm_0"]["mean"]
     assert float(jnp.abs(mean).max()) > 0
+
+
+def test_a_step_with_convolutions_runs_outside_a_loop(mnist_small):
+    """XLA on CPU runs a conv in a loop body many times slower: conv steps go one
+    per call; an MLP's steps go in windows."""
+    x, y = mnist_small.x_train[:8], mnist_small.y_train[:8]
+    for name, expected in (("lenet5", 1), ("lenet300", train._WINDOW)):
+        m = models.create(name)
+        v = models.init(m, x.shape[1:], 0)
+        cfg = train.TrainConfig(epochs=1, batch_size=8)
+        opt = train.make_optimizer(cfg, 10)
+        state = train.TrainState(jnp.zeros((), jnp.int32), v["params"], {},
+                                 opt.init(v["params"]))
+        step = train._train_step(train.classification_loss(m), opt, "none")
+        assert train.window_steps(step, state, x, y, jax.random.key(0), 1000) == expected

@@ -168,7 +168,7 @@ def _hidden_int8_ops(jaxpr, tainted: set) -> tuple[int, int]:
             sums += operand.ndim == 4 and bool({1, 2} & set(eqn.params["axes"]))
         if eqn.primitive.name == "add" and len(hot) == 2 and all(hot):
             adds += 1
-        for sub in _sub_jaxprs(eqn):
+        for sub in train.sub_jaxprs(eqn):
             # A jit's jaxpr takes the call's operands in order; where the counts
             # differ, nothing inside counts as input-dependent (never a false refusal).
             same = len(sub.invars) == len(hot)
@@ -177,11 +177,3 @@ def _hidden_int8_ops(jaxpr, tainted: set) -> tuple[int, int]:
         if any(hot):
             tainted.update(eqn.outvars)
     return sums, adds
-
-
-def _sub_jaxprs(eqn):
-    for value in eqn.params.values():
-        for sub in value if isinstance(value, (tuple, list)) else (value,):
-            inner = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr holds a Jaxpr
-            if hasattr(inner, "eqns"):
-                yield inner

@@ -12,8 +12,8 @@ _FINAL_KEYS = ("jax_accuracy", "jax_int8_accuracy", "tflite_accuracy", "tflite_a
                "tflite_near_ties", "tflite_max_logit_error_steps",
                "float32_bytes", "tflite_bytes", "tflite_zip_bytes", "packed_bytes",
                "compression_tflite_zip", "compression_packed", "sparsity", "macs_dense",
-               "macs_nonzero", "channel_groups_removed", "macs_slimmed", "latency_int8_us", "latency_float_us", "weights_faithful",
-               "tflite_within_tolerance")
+               "macs_nonzero", "channel_groups_removed", "macs_slimmed", "latency_int8_us",
+               "latency_float_us", "weights_faithful", "tflite_within_tolerance")
 
 
 def table(header, rows) -> str:

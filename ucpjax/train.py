@@ -172,8 +172,39 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     return jax.jit(_train_step(loss_fn, optimizer, augment))
 
 
+# Steps per jitted call (``make_train_window``); metrics come back from the
+# device once per window, so the checks below cost one sync per window. Fewer
+# steps when a window's batches would pass _WINDOW_BYTES (large images).
+_WINDOW = 50
+_WINDOW_BYTES = 256 << 20
+
+
+def sub_jaxprs(eqn):
+    """The jaxprs inside one equation (of a jit, custom_vjp, cond, scan, ...)."""
+    for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+            inner = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr holds a Jaxpr
+            if hasattr(inner, "eqns"):
+                yield inner
+
+
+def _has_conv(jaxpr) -> bool:
+    return any(eqn.primitive.name == "conv_general_dilated"
+               or any(_has_conv(sub) for sub in sub_jaxprs(eqn)) for eqn in jaxpr.eqns)
+
+
+def window_steps(step_fn, state, x, y, key, batch_bytes: int) -> int:
+    """Steps per jitted call for ``step_fn``: ``_WINDOW``, fewer for large batches, 1
+    for a step with convolutions. XLA on CPU runs a convolution inside a loop body
+    far slower than at top level (one step of cifar_cnn: 3.1 s in ``lax.scan``, 0.11
+    s alone; lenet5 5.5x, fashion_cnn 8x), while an MLP gains from the loop."""
+    if _has_conv(jax.make_jaxpr(step_fn)(state, x, y, key).jaxpr):
+        return 1
+    return max(1, min(_WINDOW, _WINDOW_BYTES // max(batch_bytes, 1)))
+
+
 def make_train_window(loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                      augment: str = "none"):
+                      augment: str = "none", steps: int = _WINDOW):
     """A jitted ``window(state, xs, ys, active, key) -> (state, metrics)``.
 
     Runs ``len(xs)`` steps in one call (``lax.scan`` over the leading axis of
@@ -187,6 +218,12 @@ def make_train_window(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     BatchNorm + depthwise net).
     """
     step = _train_step(loss_fn, optimizer, augment)
+    if steps == 1:  # no loop at all (see window_steps); ``active`` is then always True
+        def single(state: TrainState, xs, ys, active, key):
+            del active
+            state, metrics = step(state, xs[0], ys[0], key)
+            return state, jax.tree.map(lambda m: m[None], metrics)
+        return jax.jit(single)
 
     def window(state: TrainState, xs, ys, active, key):
         shapes = jax.eval_shape(step, state, xs[0], ys[0], key)[1]
@@ -203,11 +240,6 @@ class DivergenceError(FloatingPointError):
     """Training diverged or learned nothing; the message names the stage."""
 
 
-# Steps per jitted call (``make_train_window``); metrics come back from the
-# device once per window, so the checks below cost one sync per window. Fewer
-# steps when a window's batches would pass _WINDOW_BYTES (large images).
-_WINDOW = 50
-_WINDOW_BYTES = 256 << 20
 # A window whose mean loss exceeds this multiple of the reference loss has
 # diverged. The reference is max(first step's loss, log(num_classes)): log(K)
 # is the loss of a uniform guess, a floor that keeps a fine-tuning run that
@@ -288,24 +320,25 @@ def fit(
     state = TrainState(jnp.zeros((), jnp.int32), params, {} if extra is None else extra,
                        optimizer.init(params))
     state = jax.device_put(state, replicated)
-    window = make_train_window(loss_fn, optimizer, config.augment)
     key = jax.random.key(seed)
     num_steps, per_epoch = total_steps(config, len(x)), steps_per_epoch(len(x), config.batch_size)
     num_classes = int(np.max(y)) + 1 if np.issubdtype(np.asarray(y).dtype, np.integer) else 0
     history, done, first_loss = [], 0, math.nan
-    batch_bytes = config.batch_size * (x[:1].nbytes + y[:1].nbytes)
-    window_steps = max(1, min(_WINDOW, _WINDOW_BYTES // max(batch_bytes, 1)))
+    steps_per_call = window_steps(
+        _train_step(loss_fn, optimizer, config.augment), state, x[:config.batch_size],
+        y[:config.batch_size], key, config.batch_size * (x[:1].nbytes + y[:1].nbytes))
+    window = make_train_window(loss_fn, optimizer, config.augment, steps_per_call)
     bar = tqdm(total=num_steps, desc=desc, unit="step", mininterval=1.0, leave=False)
     for epoch in range(math.ceil(num_steps / per_epoch)):
         order = data_lib.epoch_order(len(x), seed * 100_003 + epoch)
         steps = min(per_epoch, num_steps - done)
         sums = {}
-        for first in range(0, steps, window_steps):
-            count = min(window_steps, steps - first)
+        for first in range(0, steps, steps_per_call):
+            count = min(steps_per_call, steps - first)
             idx = _padded(order[first * config.batch_size:][:count * config.batch_size]
-                          .reshape(count, config.batch_size), window_steps)
+                          .reshape(count, config.batch_size), steps_per_call)
             state, metrics = window(state, *_shard_windows(m, x[idx], y[idx]),
-                                    np.arange(window_steps) < count, key)
+                                    np.arange(steps_per_call) < count, key)
             metrics = {k: np.asarray(v, np.float64)[:count]  # the one sync per window
                        for k, v in jax.device_get(metrics).items()}
             if done == 0 and "loss" in metrics:
