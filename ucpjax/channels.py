@@ -340,14 +340,15 @@ def group_scores(params, groups: ChannelGroups) -> jax.Array:
     return (total / jnp.maximum(count, 1.0))[:-1]
 
 
-def group_masks(params, groups: ChannelGroups, alive: jax.Array):
-    """Per params leaf: a mask zeroing every entry of a dead group (True: kept)."""
+def group_masks(params, groups: ChannelGroups, alive: jax.Array, collection: str = "params"):
+    """Per leaf of ``params`` (a tree of ``collection``): a mask zeroing every entry of
+    a dead group (True: kept)."""
     alive = jnp.concatenate([alive, jnp.ones(1, bool)])  # index -1: no group
     masks = jax.tree.map(lambda w: jnp.ones(jnp.shape(w), bool), params)
     flat = dict(jax.tree_util.tree_flatten_with_path(masks)[0])
     keyed = {tuple(k.key for k in path): path for path in flat}
     for sl in groups.slices:
-        if sl.collection != "params" or sl.path not in keyed:
+        if sl.collection != collection or sl.path not in keyed:
             continue
         mask = flat[keyed[sl.path]]
         group = _along(sl.group, mask.shape[sl.axis])
