@@ -10,6 +10,12 @@ over all invokes and the spread of the round medians (min-max). The ops of each
 .tflite are listed with the number of partitions XNNPACK made (DELEGATE nodes);
 LiteRT's Python API has no per-op profiler.
 
+Before and after structured pruning: each model is also exported with the share
+``--channels`` of every family of tied channel groups cut out (``ucpjax.channels``;
+the lowest-ranked groups of the fresh model, which is what latency depends on)
+and timed in the same process; the accuracy such a model keeps is measured by a
+real run (RESULTS.md).
+
 Command:
     .venv/bin/python scripts/bench_latency.py      # --models lenet300,cifar_cnn
     .venv/bin/python scripts/bench_latency.py --from-json   # tables again, no timing
@@ -30,7 +36,7 @@ import time
 
 import numpy as np
 
-from ucpjax import data, export, models, quantize
+from ucpjax import channels, data, export, models, quantize
 from ucpjax.model import Model
 from ucpjax.run_folder import RunFolder
 
@@ -55,10 +61,23 @@ def cpu_name() -> str:
         "" if vnni else " (no VNNI: no int8 dot product)")
 
 
-def tflite_pair(name: str, dataset) -> tuple[bytes, bytes]:
-    """(int8, float) .tflite of a fresh ``name`` with folded BatchNorm."""
+def slimmed(model: Model, input_shape, fraction: float) -> Model:
+    """``model`` with ``fraction`` of each family of channel groups cut out."""
+    groups = channels.find_groups(model.apply_fn(), model.params, input_shape)
+    alive = channels.drop_lowest(channels.group_scores(model.params, groups),
+                                 np.ones(groups.count, bool), groups, fraction)
+    return Model(channels.Slimmed(model.module),
+                 channels.shrink(model.variables, groups, ~np.asarray(alive)), model.frozen,
+                 folded_bn=True)
+
+
+def tflite_pair(name: str, dataset, channel_fraction: float = 0.0) -> tuple[bytes, bytes]:
+    """(int8, float) .tflite of a fresh ``name`` with folded BatchNorm (and
+    ``channel_fraction`` of its channels cut out)."""
     module = models.create(name, dataset.num_classes)
     model = Model(module, models.init(module, dataset.input_shape)).folded(dataset.input_shape)
+    if channel_fraction:
+        model = slimmed(model, dataset.input_shape, channel_fraction)
     apply_fn = model.apply_fn()
     params = quantize.quantize_weights(model.params, quantize.QuantizeConfig())
     rep = dataset.x_train[:CALIBRATION]
@@ -95,16 +114,19 @@ def op_counts(model_bytes: bytes, use_xnnpack: bool) -> dict:
     return dict(collections.Counter(op["op_name"] for op in interp._get_ops_details()))
 
 
-def bench(name: str, rounds: int, repeats: int) -> dict:
+def bench(name: str, rounds: int, repeats: int, channel_fraction: float) -> dict:
     dataset = data.load(DATASETS[name])
     files = dict(zip(("int8", "float"), tflite_pair(name, dataset), strict=True))
+    if channel_fraction:
+        files.update(zip(("int8_slim", "float_slim"),
+                         tflite_pair(name, dataset, channel_fraction), strict=True))
     result = {"model": name, "data": DATASETS[name], "bytes": {k: len(v) for k, v in files.items()},
               "ops": {k: op_counts(v, False) for k, v in files.items()},
               "ops_with_xnnpack": {k: op_counts(v, True) for k, v in files.items()},
               "latency": {}}
     for kind, model_bytes in files.items():
         for threads in (1, 2):
-            for xnnpack in (True, False):
+            for xnnpack in (True, False) if kind in ("int8", "float") else (True,):
                 key = f"{kind}/{threads}t/{'xnnpack' if xnnpack else 'builtin'}"
                 result["latency"][key] = timings(model_bytes, threads=threads,
                                                  use_xnnpack=xnnpack, rounds=rounds,
@@ -148,6 +170,22 @@ def markdown(rows: list[dict], meta: dict) -> str:
                            for k in ("int8", "float"))
         lines.append(f"| {r['model']} | {ops} | {parts} | "
                      f"{r['bytes']['int8']:,} / {r['bytes']['float']:,} |")
+    slim = [r for r in rows if "int8_slim/1t/xnnpack" in r["latency"]]
+    if slim:
+        lines += ["", f"Before and after structured pruning (a share of {meta['channels']} "
+                  "of every family of tied channels cut out; XNNPACK; us per image):", "",
+                  "| model | int8 1t | int8 slim 1t | speed-up | int8 2t | int8 slim 2t | "
+                  "float 1t | float slim 1t | bytes, int8 / int8 slim |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in slim:
+            t = r["latency"]
+            speedup = t["int8/1t/xnnpack"]["median_us"] / t["int8_slim/1t/xnnpack"]["median_us"]
+            lines.append(
+                f"| {r['model']} | {cell(t['int8/1t/xnnpack'])} | "
+                f"{cell(t['int8_slim/1t/xnnpack'])} | {speedup:.2f}x | "
+                f"{cell(t['int8/2t/xnnpack'])} | {cell(t['int8_slim/2t/xnnpack'])} | "
+                f"{cell(t['float/1t/xnnpack'])} | {cell(t['float_slim/1t/xnnpack'])} | "
+                f"{r['bytes']['int8']:,} / {r['bytes']['int8_slim']:,} |")
     lines += ["", f"Command: `{meta['command']}`", ""]
     return "\n".join(lines)
 
@@ -157,13 +195,16 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(DATASETS))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument("--channels", type=float, default=0.5,
+                        help="share of each channel family cut out for the after-"
+                             "structured-pruning rows (0: none)")
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "results")
     parser.add_argument("--from-json", action="store_true",
                         help="write the tables again from --out's bench_latency.json")
     args = parser.parse_args()
     if args.from_json:
         saved = json.loads((args.out / "bench_latency.json").read_text())
-        md = markdown(saved["rows"], {**saved, "cpu": cpu_name()})  # same machine
+        md = markdown(saved["rows"], {"channels": 0, **saved, "cpu": cpu_name()})  # same machine
         RunFolder(args.out).write_bytes("bench_latency.md", md.encode())
         print(md)
         return
@@ -172,9 +213,9 @@ def main() -> None:
     if unknown:
         parser.error(f"--models: unknown {unknown}; choose from {sorted(DATASETS)}")
     load_before = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    rows = [bench(name, args.rounds, args.repeats) for name in names]
+    rows = [bench(name, args.rounds, args.repeats, args.channels) for name in names]
     meta = {"cpu": cpu_name(), "cpus": os.cpu_count(), "rounds": args.rounds,
-            "repeats": args.repeats, "load_before": load_before,
+            "repeats": args.repeats, "channels": args.channels, "load_before": load_before,
             "load_after": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
             "command": COMMAND}
     md = markdown(rows, meta)

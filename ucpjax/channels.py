@@ -361,6 +361,19 @@ class ChannelPruningState(NamedTuple):
     alive: jax.Array  # bool per group
 
 
+def drop_lowest(scores, alive, groups: ChannelGroups, fraction) -> jax.Array:
+    """``alive`` with the ``floor(fraction * size)`` lowest-scoring groups of each
+    family dead (dead ones count first; never a family's last; ties by position)."""
+    scores = jnp.where(alive, scores, -1.0)
+    alive = jnp.asarray(alive)
+    for members in groups.families():
+        n = len(members)
+        dropped = jnp.minimum(jnp.floor(fraction * n).astype(jnp.int32), n - 1)
+        rank = jnp.argsort(jnp.argsort(scores[members], stable=True), stable=True)
+        alive = alive.at[members].set(alive[members] & (rank >= dropped))
+    return alive
+
+
 def channel_pruning(groups: ChannelGroups, sparsity, *, begin_step: int, end_step: int,
                     frequency: int = 1) -> optax.GradientTransformation:
     """Whole channel groups masked in the optimizer state; put it last in the chain
@@ -372,21 +385,12 @@ def channel_pruning(groups: ChannelGroups, sparsity, *, begin_step: int, end_ste
     (never its last one; ties go by position). A dead group stays dead; its
     entries' update is ``-params``, so they are exactly zero after every step.
     """
-    families = groups.families()
-
     def init_fn(params):
         del params
         return ChannelPruningState(jnp.zeros((), jnp.int32), jnp.ones(groups.count, bool))
 
     def recompute(alive, candidates, step):
-        fraction = sparsity(step)
-        scores = jnp.where(alive, group_scores(candidates, groups), -1.0)
-        for members in families:
-            n = len(members)
-            dropped = jnp.minimum(jnp.floor(fraction * n).astype(jnp.int32), n - 1)
-            rank = jnp.argsort(jnp.argsort(scores[members], stable=True), stable=True)
-            alive = alive.at[members].set(alive[members] & (rank >= dropped))
-        return alive
+        return drop_lowest(group_scores(candidates, groups), alive, groups, sparsity(step))
 
     def update_fn(updates, state, params=None):
         if params is None:
