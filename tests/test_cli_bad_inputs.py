@@ -335,6 +335,8 @@ CASES = {
     "override negative val_size": _override("val_size=-1", "val_size=-1"),
     "override val_size beyond data": _override("val_size=60000", "val_size=60000"),
     "override alpha out of range": _override("distill.alpha=1.5", "distill.alpha=1.5"),
+    "override channel share out of range": _override("prune.channel_sparsity=1",
+                                                     "prune.channel_sparsity=1"),
     "override stages a string": _override("stages=prune", "stages"),
     "override stage name typo": _override("stages=('prune','quantise')", "quantise"),
     "override unknown optimizer": _override("dense.optimizer=rmsprop", "dense.optimizer",
