@@ -101,7 +101,6 @@ class ChannelGroups:
 class _Layer:
     path: tuple[str, ...]
     kind: str  # "weights", "depthwise", "batchnorm" or "other"
-    width: int  # its input's last axis
     output_key: str | None = None  # a Conv/Dense output: its delta's key
     paired_batchnorm: tuple[str, ...] | None = None
 
@@ -137,7 +136,7 @@ class _Probe:
         if context.method_name != "__call__" or not args or not _leaf_params(module):
             return next_fun(*args, **kwargs)
         x = args[0]
-        layer = _Layer(module.path, _kind(module, x), x.shape[-1])
+        layer = _Layer(module.path, _kind(module, x))
         self.layers.append(layer)
         self.inputs.append(x)
         if layer.kind == "batchnorm":
