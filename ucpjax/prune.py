@@ -130,7 +130,7 @@ class MagnitudePruningState(NamedTuple):
     masks: Any  # per leaf: bool mask (pruned leaves) or a scalar True (others)
 
 
-def keep_largest(scores: jax.Array, num_pruned: jax.Array) -> jax.Array:
+def _keep_largest(scores: jax.Array, num_pruned: jax.Array) -> jax.Array:
     """True for all but the ``num_pruned`` lowest scores (ties broken by position).
 
     The same as pruning the first ``num_pruned`` of a stable argsort, without the
@@ -182,13 +182,13 @@ def _protected(scores: jax.Array, min_per_channel: int) -> jax.Array:
 
 
 def _keep_with_floor(scores: jax.Array, num_pruned, protected: jax.Array) -> jax.Array:
-    """``keep_largest`` that never prunes a protected entry (it prunes fewer instead).
+    """``_keep_largest`` that never prunes a protected entry (it prunes fewer instead).
 
     When no protected entry is among the ``num_pruned`` lowest, the result is
-    exactly ``keep_largest(scores, num_pruned)``.
+    exactly ``_keep_largest(scores, num_pruned)``.
     """
     num_pruned = jnp.minimum(num_pruned, scores.size - jnp.sum(protected, dtype=jnp.int32))
-    return keep_largest(jnp.where(protected, jnp.inf, scores), num_pruned)
+    return _keep_largest(jnp.where(protected, jnp.inf, scores), num_pruned)
 
 
 def magnitude_pruning(
@@ -397,9 +397,9 @@ def prune(params, config: PruneConfig, *, apply_fn, data, seed: int,
 
     steps = train.total_steps(config.train, len(data.x_train))
     last = max(steps - 1, 0)
+    ramp = {"begin_step": round(config.begin * last), "end_step": round(config.end * last)}
     pruning = magnitude_pruning(
-        mask_targets, initial_sparsity=config.initial_sparsity,
-        begin_step=round(config.begin * last), end_step=round(config.end * last),
+        mask_targets, initial_sparsity=config.initial_sparsity, **ramp,
         frequency=config.frequency, power=config.power, global_leaves=global_leaves,
         min_per_channel=config.min_per_channel)
     groups = None
@@ -408,13 +408,10 @@ def prune(params, config: PruneConfig, *, apply_fn, data, seed: int,
             raise ConfigError("prune.channel_sparsity: channels cannot be removed from "
                               "weight-shared layers; run prune before cluster")
         groups = channels.find_groups(apply_fn, params, data.x_train.shape[1:])
-        ramp = functools.partial(
-            polynomial_sparsity, initial=0.0, target=config.channel_sparsity,
-            begin_step=round(config.begin * last), end_step=round(config.end * last),
-            power=config.power)
+        share = functools.partial(polynomial_sparsity, initial=0.0,
+                                  target=config.channel_sparsity, power=config.power, **ramp)
         pruning = optax.chain(channels.channel_pruning(
-            groups, ramp, begin_step=round(config.begin * last),
-            end_step=round(config.end * last), frequency=config.frequency), pruning)
+            groups, share, frequency=config.frequency, **ramp), pruning)
     make_loss = constraints.cross_entropy(apply_fn)
     params, _, history = constraints.fit_preserving(
         params, make_loss, x=data.x_train, y=data.y_train, config=config.train, seed=seed,
