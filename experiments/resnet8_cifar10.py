@@ -40,7 +40,7 @@ def get_config(smoke: bool = False) -> Experiment:
         model="resnet8",
         data="cifar10",
         # Same as resnet8 in scripts/train_baselines.py (keep in sync).
-        dense=TrainConfig(epochs=20, batch_size=64, learning_rate=0.05, **_SGD),
+        dense=TrainConfig(epochs=30, batch_size=64, learning_rate=0.05, **_SGD),
         # As experiments/cifar10.py: BatchNorm stays live until QAT, so prune and
         # distill fine-tune with SGD; centroids and the folded QAT weights take
         # small Adam steps.

@@ -401,10 +401,14 @@ def write_npz(dataset, path: pathlib.Path) -> None:
 
 
 def remeasure(tflite_path: pathlib.Path, dataset) -> dict:
-    """One code path for every row's .tflite: LiteRT accuracy, bytes, zip bytes, latency."""
+    """One code path for every row's .tflite: LiteRT accuracy, bytes, zip bytes, latency.
+
+    Every tool's file is measured as it would ship, without debug strings
+    (``export.strip_strings``, as ucpjax writes its own), so sizes compare alike.
+    """
     from ucpjax import export, measure
 
-    model = tflite_path.read_bytes()
+    model = export.strip_strings(tflite_path.read_bytes())
     return {"tflite_accuracy": export.evaluate(model, dataset.x_test, dataset.y_test)["accuracy"],
             "tflite_bytes": len(model), "tflite_zip_bytes": measure.zip_bytes(model),
             "latency_us": export.latency_us(model, repeats=200)}

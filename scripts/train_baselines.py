@@ -34,7 +34,7 @@ RECIPES = {
                               "--learning-rate", "0.05", "--weight-decay", "5e-4",
                               "--augment", "crop_flip"]),
     # Same as experiments/resnet8_cifar10.py and mobilenet_cifar10.py (keep in sync).
-    "resnet8": ("cifar10", ["--epochs", "20", "--batch-size", "64", "--optimizer", "sgd",
+    "resnet8": ("cifar10", ["--epochs", "30", "--batch-size", "64", "--optimizer", "sgd",
                             "--learning-rate", "0.05", "--weight-decay", "5e-4",
                             "--augment", "crop_flip"]),
     "mobilenet_cifar": ("cifar10", ["--epochs", "20", "--batch-size", "64", "--optimizer",

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ucpjax import data, export, models, pooling, quantize, residual, train
+from ucpjax import data, export, measure, models, pooling, quantize, residual, train
 
 NUM_CLUSTERS = 16
 CALIBRATION = 300  # representative examples given to the converter
@@ -112,6 +112,19 @@ def test_evaluate_matches_runner(per_channel, mnist):
     np.testing.assert_array_equal(result["predictions"], logits.argmax(-1))
     assert result["accuracy"] == pytest.approx(np.mean(logits.argmax(-1) == y))
 
+
+
+def test_stripped_model_is_smaller_and_computes_the_same(per_channel, mnist):
+    params, model_bytes = per_channel
+    stripped = export.strip_strings(model_bytes)
+    assert export.strip_strings(stripped) == stripped
+    assert measure.zip_bytes(stripped) < measure.zip_bytes(model_bytes)
+    assert b"Dense_0" in model_bytes and b"Dense_0" not in stripped
+    assert b"CONVERSION_METADATA" not in stripped
+    x = mnist.x_test[:200]
+    np.testing.assert_array_equal(export.TfliteRunner(stripped)(x),
+                                  export.TfliteRunner(model_bytes)(x))
+    assert export.weights_check(stripped, params)["faithful"]
 
 def test_weights_check_per_channel_grid_is_exact(per_channel):
     params, model_bytes = per_channel
