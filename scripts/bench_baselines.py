@@ -415,15 +415,17 @@ def remeasure(tflite_path: pathlib.Path, dataset) -> dict:
 
 
 def run_model(p: Plan, out: pathlib.Path, dataset, npz: pathlib.Path, *, smoke: bool,
-              with_tf: bool) -> list[dict]:
+              with_tf: bool, dense_dir: pathlib.Path | None = None) -> list[dict]:
     """Runs (or reuses, when finished) every row of one model; returns the table rows.
 
     Children run in the repository root and get paths relative to it, so what they
     record (``init_from``, tf_pcqat.json's ``args``) names no machine's folders.
+    ``dense_dir`` (default ``out/<model>/dense``) holds the ucpjax rows' dense model;
+    runs that share it share the dense model.
     """
     ucpjax = str(ROOT / ".venv" / "bin" / "ucpjax")
     base = out / p.model
-    dense_dir = base / "dense"
+    dense_dir = dense_dir or base / "dense"
     if _read(dense_dir / "metrics.json") is None:
         measured = run_child([ucpjax, "train", *p.dense_args, "--out", relative(dense_dir)],
                              base / "logs" / "dense.log")

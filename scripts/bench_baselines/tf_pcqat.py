@@ -68,6 +68,9 @@ def parse_args(argv=None):
                    default="kmeans_plus_plus")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dense-weights", default="",
+                   help="npz of the dense model's weights: loaded if it exists, else written "
+                        "after training (runs of one grid share a dense model)")
     p.add_argument("--out", required=True, help="output folder")
     args = p.parse_args(argv)
     if not 0.0 <= args.sparsity < 1.0:
@@ -390,8 +393,18 @@ def main(argv=None):
 
     t0 = time.perf_counter()
     base = build_model(args.model, d["x_train"].shape[1:], num_classes)
-    fit(base, d, args, args.epochs_train)
+    if args.dense_weights and os.path.exists(args.dense_weights):
+        with np.load(args.dense_weights) as saved:
+            base.set_weights([saved[f"arr_{i}"] for i in range(len(saved.files))])
+    else:
+        fit(base, d, args, args.epochs_train)
+        if args.dense_weights:
+            buf = io.BytesIO()
+            np.savez(buf, *base.get_weights())
+            write_atomic(args.dense_weights, buf.getvalue())
     t_train = time.perf_counter() - t0
+    if args.dense_weights:  # the same compression whether the dense model was loaded or trained
+        keras.utils.set_random_seed(args.seed + 1)
     acc = {"baseline": accuracy(base, d)}
     float32_bytes = base.count_params() * 4
 
