@@ -109,3 +109,39 @@ def test_plan_matches_budgets():
     assert tf["--epochs-train"] == "10" and tf_total == 16
     assert tf["--sparsity"] == "0.9" and tf["--clusters"] == "16"
     assert "stages=('prune',)" in p.rows[bench.PRUNE_ONLY]
+
+
+def _frontier_module():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    spec = importlib.util.spec_from_file_location(
+        "bench_frontier", ROOT / "scripts" / "bench_frontier.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _point(tool, accuracy, zip_bytes, spread=None):
+    return {"tool": tool, "sparsity": 0.9, "clusters": 8, "seeds": [0], "accuracy": accuracy,
+            "spread": spread, "zip_bytes": zip_bytes}
+
+
+def test_frontier_keeps_only_undominated_points():
+    frontier = _frontier_module().frontier
+    points = [_point("t", 97.0, 4000), _point("t", 96.0, 4500), _point("t", 97.5, 5000),
+              _point("t", 95.0, 3000), _point("t", 97.5, 6000)]
+    kept = [(p["accuracy"], p["zip_bytes"]) for p in frontier(points)]
+    assert kept == [(95.0, 3000), (97.0, 4000), (97.5, 5000)]
+
+
+def test_comparison_calls_differences_only_beyond_the_noise():
+    module = _frontier_module()
+    theirs = [_point(bench.PCQAT, 96.0, 3000), _point(bench.PCQAT, 97.0, 4000),
+              _point(bench.PCQAT, 97.5, 6000)]
+    ours = [_point(bench.FULL, 96.1, 3500), _point(bench.FULL, 97.9, 5900)]
+    verdicts = [c["verdict"] for c in module.compare(ours, theirs, noise=0.2)]
+    # 3000 B: nothing of ours fits; 4000 B: 96.1 vs 97.0; 6000 B: 97.9 vs 97.5.
+    assert verdicts == ["no ucpjax point this small", "PCQAT ahead", "ucpjax ahead"]
+    # With seeds, the larger spread is the margin.
+    spread = [_point(bench.FULL, 97.9, 5900, spread=0.5)]
+    last = module.compare(spread, [_point(bench.PCQAT, 97.5, 6000, spread=0.1)], noise=0.2)
+    assert last[0]["verdict"] == "within noise"
