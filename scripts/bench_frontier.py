@@ -29,6 +29,7 @@ import dataclasses
 import json
 import pathlib
 import statistics
+import subprocess
 import sys
 import time
 
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     base = bench.plan(args.model, smoke=args.smoke, scale=args.scale,
                       dense_epochs=args.dense_epochs)  # fails on a bad mapping before running
     if not args.no_tf:
-        bench.subprocess.run(["bash", str(bench.TF_DIR / "setup_tf_env.sh")], check=True,
+        subprocess.run(["bash", str(bench.TF_DIR / "setup_tf_env.sh")], check=True,
                              cwd=ROOT)
     dataset = data_lib.load("mnist")
     if args.smoke:
