@@ -62,10 +62,10 @@ def grid_plan(base: bench.Plan, sparsity: float, clusters: int, seed: int,
 
 
 def run_point(base: bench.Plan, out: pathlib.Path, dataset, npz, *, sparsity, clusters, seed,
-              first_k: bool, smoke: bool, with_tf: bool) -> list[dict]:
+              with_prune_only: bool, smoke: bool, with_tf: bool) -> list[dict]:
     """The rows of one grid point and seed, each tagged with its point."""
     seed_dir = out / f"seed{seed}"
-    p = grid_plan(base, sparsity, clusters, seed, with_prune_only=first_k)
+    p = grid_plan(base, sparsity, clusters, seed, with_prune_only=with_prune_only)
     if with_tf:  # TensorFlow's dense model, trained once per seed
         weights = seed_dir / "tf_dense.npz"
         p = dataclasses.replace(p, tf_args=[*p.tf_args, "--dense-weights",
@@ -190,16 +190,26 @@ def _key(row: dict) -> str:
 
 
 def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v]
+    try:
+        return [float(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers") from None
+
+
+def _pairs(text: str) -> set[tuple[float, float]]:
+    pairs = [pair.split(":") for pair in text.split(",") if pair]
+    if any(len(pair) != 2 for pair in pairs):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected sparsity:k pairs, e.g. 0.9:16")
+    return {(v[0], v[1]) for v in (_floats(",".join(pair)) for pair in pairs)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="pcqat_mnist", choices=tuple(bench.EXPERIMENTS))
-    parser.add_argument("--sparsities", default="0.8,0.875,0.9,0.95")
-    parser.add_argument("--clusters", default="4,8,16")
-    parser.add_argument("--seeds", default="0", help="comma-separated")
-    parser.add_argument("--only", default="",
+    parser.add_argument("--sparsities", type=_floats, default="0.8,0.875,0.9,0.95")
+    parser.add_argument("--clusters", type=_floats, default="4,8,16")
+    parser.add_argument("--seeds", type=_floats, default="0", help="comma-separated")
+    parser.add_argument("--only", type=_pairs, default="",
                         help="grid points to run, as sparsity:k pairs (default: the whole grid)")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply every compression stage's epochs (all rows alike)")
@@ -214,11 +224,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from ucpjax import data as data_lib
 
-    sparsities = _floats(args.sparsities)
-    clusters = [int(k) for k in _floats(args.clusters)]
-    seeds = [int(s) for s in _floats(args.seeds)]
-    only = {tuple(float(v) for v in pair.split(":")) for pair in args.only.split(",") if pair}
-    grid = [(s, k) for s in sparsities for k in clusters if not only or (s, k) in only]
+    clusters = [int(k) for k in args.clusters]
+    seeds = [int(s) for s in args.seeds]
+    grid = [(s, k) for s in args.sparsities for k in clusters
+            if not args.only or (s, k) in args.only]
+    outside = args.only - set(grid)
+    if outside:
+        parser.error(f"--only {sorted(outside)}: not on the grid of --sparsities and "
+                     "--clusters; add them there")
     base = bench.plan(args.model, smoke=args.smoke, scale=args.scale,
                       dense_epochs=args.dense_epochs)  # fails on a bad mapping before running
     if not args.no_tf:
@@ -241,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[frontier] seed {seed}, sparsity {s:g}, k {k}", flush=True)
             rows.update((_key(r), r) for r in run_point(
                 base, out, dataset, npz, sparsity=s, clusters=k, seed=seed,
-                first_k=k == min(kk for ss, kk in grid if ss == s), smoke=args.smoke,
+                with_prune_only=k == min(kk for ss, kk in grid if ss == s), smoke=args.smoke,
                 with_tf=not args.no_tf))
     rows = list(rows.values())
     points = aggregate(rows)

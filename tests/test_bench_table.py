@@ -112,7 +112,6 @@ def test_plan_matches_budgets():
 
 
 def _frontier_module():
-    sys.path.insert(0, str(ROOT / "scripts"))
     spec = importlib.util.spec_from_file_location(
         "bench_frontier", ROOT / "scripts" / "bench_frontier.py")
     module = importlib.util.module_from_spec(spec)
