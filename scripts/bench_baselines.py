@@ -55,6 +55,7 @@ EXPERIMENTS = {
 FULL, PRUNE_ONLY, DEEP_COMPRESSION, PCQAT = (
     "ucpjax (prune, distill, cluster, QAT)", "ucpjax prune only (PTQ int8)",
     "Deep-Compression-style prune+cluster (PTQ int8)", "TFMOT PCQAT")
+UCPJAX_ROWS = (FULL, PRUNE_ONLY, DEEP_COMPRESSION)
 
 # (key, header, format) of the comparison table.
 COLUMNS = (
@@ -432,7 +433,10 @@ def run_model(p: Plan, out: pathlib.Path, dataset, npz: pathlib.Path, *, smoke: 
         _write_atomic(dense_dir / SIDECAR, json.dumps(measured).encode())
     metrics = _read(dense_dir / "metrics.json")
     rows = []
-    for index, (name, overrides) in enumerate(p.rows.items()):
+    for name, overrides in p.rows.items():
+        # Numbered by table order, not by position in ``p.rows``: a plan with fewer
+        # rows finds each row's own earlier run.
+        index = UCPJAX_ROWS.index(name)
         run_dir = base / f"ucpjax_{index}"
         sidecar = _read(run_dir / SIDECAR)
         if sidecar is None or _read(run_dir / "report.json") is None:

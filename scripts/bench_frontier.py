@@ -2,7 +2,8 @@
 
     .venv/bin/python scripts/bench_frontier.py --model pcqat_mnist --scale 0.5 --out runs/frontier
     .venv/bin/python scripts/bench_frontier.py --model pcqat_mnist --scale 0.5 \\
-        --out runs/frontier --seeds 1,2 --only 0.9:16,0.95:8   # more seeds on chosen points
+        --out runs/frontier --seeds 1,2 --only 0.9:16,0.95:8 --tools ucpjax,pcqat
+        # more seeds on chosen points, for chosen tools
     .venv/bin/python scripts/bench_frontier.py --model pcqat_mnist --smoke --sparsities 0.8,0.9 \\
         --clusters 4 --out runs/frontier_smoke
 
@@ -38,6 +39,9 @@ import bench_baselines as bench  # noqa: E402
 
 ROOT = bench.ROOT
 TOOLS = (bench.FULL, bench.DEEP_COMPRESSION, bench.PRUNE_ONLY, bench.PCQAT)
+# --tools names
+TOOL_FLAGS = {"ucpjax": bench.FULL, "dc": bench.DEEP_COMPRESSION, "prune": bench.PRUNE_ONLY,
+              "pcqat": bench.PCQAT}
 SHORT = {bench.FULL: "ucpjax", bench.DEEP_COMPRESSION: "Deep Compression",
          bench.PRUNE_ONLY: "prune only", bench.PCQAT: "TFMOT PCQAT"}
 
@@ -48,12 +52,13 @@ def _replace_arg(args: list[str], flag: str, value) -> list[str]:
 
 
 def grid_plan(base: bench.Plan, sparsity: float, clusters: int, seed: int,
-              with_prune_only: bool) -> bench.Plan:
-    """``base`` at one grid point and seed: the same overrides on every ucpjax row and TF."""
+              tools: set[str]) -> bench.Plan:
+    """``base`` at one grid point and seed, its ucpjax rows cut to ``tools``: the same
+    overrides on every ucpjax row and TF."""
     point = [f"prune.target_sparsity={sparsity}", f"cluster.num_clusters={clusters}",
              f"seed={seed}"]
     rows = {name: [*overrides, *point] for name, overrides in base.rows.items()
-            if with_prune_only or name != bench.PRUNE_ONLY}
+            if name in tools}
     tf_args = base.tf_args
     for flag, value in (("--sparsity", sparsity), ("--clusters", clusters), ("--seed", seed)):
         tf_args = _replace_arg(tf_args, flag, value)
@@ -62,10 +67,11 @@ def grid_plan(base: bench.Plan, sparsity: float, clusters: int, seed: int,
 
 
 def run_point(base: bench.Plan, out: pathlib.Path, dataset, npz, *, sparsity, clusters, seed,
-              with_prune_only: bool, smoke: bool, with_tf: bool) -> list[dict]:
-    """The rows of one grid point and seed, each tagged with its point."""
+              tools: set[str], smoke: bool) -> list[dict]:
+    """The rows of ``tools`` at one grid point and seed, each tagged with its point."""
     seed_dir = out / f"seed{seed}"
-    p = grid_plan(base, sparsity, clusters, seed, with_prune_only=with_prune_only)
+    p = grid_plan(base, sparsity, clusters, seed, tools)
+    with_tf = bench.PCQAT in tools
     if with_tf:  # TensorFlow's dense model, trained once per seed
         weights = seed_dir / "tf_dense.npz"
         p = dataclasses.replace(p, tf_args=[*p.tf_args, "--dense-weights",
@@ -196,6 +202,14 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers") from None
 
 
+def _tools(text: str) -> set[str]:
+    names = [name for name in text.split(",") if name]
+    unknown = [name for name in names if name not in TOOL_FLAGS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected some of {','.join(TOOL_FLAGS)}")
+    return {TOOL_FLAGS[name] for name in names}
+
+
 def _pairs(text: str) -> set[tuple[float, float]]:
     pairs = [pair.split(":") for pair in text.split(",") if pair]
     if any(len(pair) != 2 for pair in pairs):
@@ -216,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dense-epochs", type=float, default=None)
     parser.add_argument("--noise", type=float, default=0.2,
                         help="accuracy points within which one-seed differences are noise")
-    parser.add_argument("--no-tf", action="store_true", help="skip the TensorFlow rows")
+    parser.add_argument("--tools", type=_tools, default=",".join(TOOL_FLAGS),
+                        help=f"comma-separated, of {','.join(TOOL_FLAGS)} (default: all)")
     parser.add_argument("--smoke", action="store_true", help="tiny budgets: plumbing only")
     parser.add_argument("--out", default="runs/frontier")
     parser.add_argument("--results-dir", default="results")
@@ -234,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                      "--clusters; add them there")
     base = bench.plan(args.model, smoke=args.smoke, scale=args.scale,
                       dense_epochs=args.dense_epochs)  # fails on a bad mapping before running
-    if not args.no_tf:
+    if bench.PCQAT in args.tools:
         subprocess.run(["bash", str(bench.TF_DIR / "setup_tf_env.sh")], check=True,
                              cwd=ROOT)
     dataset = data_lib.load("mnist")
@@ -254,8 +269,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[frontier] seed {seed}, sparsity {s:g}, k {k}", flush=True)
             rows.update((_key(r), r) for r in run_point(
                 base, out, dataset, npz, sparsity=s, clusters=k, seed=seed,
-                with_prune_only=k == min(kk for ss, kk in grid if ss == s), smoke=args.smoke,
-                with_tf=not args.no_tf))
+                # prune only does not cluster: once per sparsity, at its smallest k
+                tools=args.tools - ({bench.PRUNE_ONLY} if k > min(
+                    kk for ss, kk in grid if ss == s) else set()), smoke=args.smoke))
     rows = list(rows.values())
     points = aggregate(rows)
     ours = [p for p in points if p["tool"] == bench.FULL]

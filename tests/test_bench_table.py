@@ -4,6 +4,7 @@ A smoke pipeline run in-process makes a real ucpjax run folder; the table must r
 column from it, and a tf_pcqat.json-shaped file, with sane values.
 """
 
+import argparse
 import importlib.util
 import json
 import pathlib
@@ -144,3 +145,21 @@ def test_comparison_calls_differences_only_beyond_the_noise():
     spread = [_point(bench.FULL, 97.9, 5900, spread=0.5)]
     last = module.compare(spread, [_point(bench.PCQAT, 97.5, 6000, spread=0.1)], noise=0.2)
     assert last[0]["verdict"] == "within noise"
+
+
+def test_grid_plan_runs_only_the_chosen_tools_at_the_point():
+    module = _frontier_module()
+    p = module.grid_plan(bench.plan("pcqat_mnist"), 0.8, 4, 2, {bench.FULL})
+    assert list(p.rows) == [bench.FULL]
+    assert "prune.target_sparsity=0.8" in p.rows[bench.FULL] and "seed=2" in p.rows[bench.FULL]
+    tf = dict(zip(p.tf_args[::2], p.tf_args[1::2]))
+    assert (tf["--sparsity"], tf["--clusters"], tf["--seed"]) == ("0.8", "4", "2")
+    # Run folders are numbered by table order, so a subset finds each row's own runs.
+    assert bench.UCPJAX_ROWS.index(bench.DEEP_COMPRESSION) == 2
+
+
+def test_tools_flag_refuses_unknown_names():
+    module = _frontier_module()
+    assert module._tools("ucpjax,pcqat") == {bench.FULL, bench.PCQAT}
+    with pytest.raises(argparse.ArgumentTypeError, match="expected some of"):
+        module._tools("ucpjax,tfmot")
