@@ -140,9 +140,15 @@ def _point(p: dict) -> str:
     return f"s={p['sparsity']:g} k={k}: {p['accuracy']:.2f}%{spread} at {p['zip_bytes']:,.0f} B"
 
 
+def _commands(earlier: dict, command: str) -> list[str]:
+    """Every call whose rows are in the table, oldest first (older files kept one)."""
+    before = earlier.get("commands") or [c for c in [earlier.get("command")] if c]
+    return list(dict.fromkeys([*before, command]))
+
+
 def markdown(results: dict) -> str:
     points, lines = results["points"], [f"# Frontiers: {results['model']}\n",
-                                        f"`{results['command']}`\n",
+                                        *(f"`{c}`\n" for c in results["commands"]),
                                         f"{results['date']}; {results['machine']}\n",
                                         results["budget"] + "\n"]
     lines += ["| tool | sparsity | k | seeds | TFLite acc % | spread | zipped B | packed B "
@@ -263,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     suffix = "_smoke" if args.smoke else ""
     json_path = (ROOT / args.results_dir).resolve() / f"frontier_{args.model}{suffix}.json"
     # Rows of earlier calls (other seeds or points) stay unless this call measures them again.
-    rows = {_key(r): r for r in (bench._read(json_path) or {}).get("rows", [])}
+    earlier = bench._read(json_path) or {}
+    rows = {_key(r): r for r in earlier.get("rows", [])}
     for seed in seeds:
         for s, k in grid:
             print(f"[frontier] seed {seed}, sparsity {s:g}, k {k}", flush=True)
@@ -280,8 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model, "rows": rows, "points": points, "budget": base.budget,
         "comparison": compare(ours, theirs, args.noise),
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": bench.machine(),
-        "command": " ".join([".venv/bin/python", "scripts/bench_frontier.py",
-                             *bench._relative_args(sys.argv[1:] if argv is None else argv)]),
+        # Every call whose rows are in the table, oldest first.
+        "commands": _commands(earlier, " ".join([
+            ".venv/bin/python", "scripts/bench_frontier.py",
+            *bench._relative_args(sys.argv[1:] if argv is None else argv)])),
     }
     text = markdown(results)
     bench._write_atomic(json_path, json.dumps(results, indent=2).encode())

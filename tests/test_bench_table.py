@@ -163,3 +163,11 @@ def test_tools_flag_refuses_unknown_names():
     assert module._tools("ucpjax,pcqat") == {bench.FULL, bench.PCQAT}
     with pytest.raises(argparse.ArgumentTypeError, match="expected some of"):
         module._tools("ucpjax,tfmot")
+
+
+def test_frontier_table_keeps_every_command_that_made_its_rows():
+    module = _frontier_module()
+    old = {"command": "bench_frontier.py --out a"}  # a file from before `commands`
+    commands = module._commands(old, "bench_frontier.py --seeds 1,2")
+    assert commands == ["bench_frontier.py --out a", "bench_frontier.py --seeds 1,2"]
+    assert module._commands({"commands": commands}, commands[1]) == commands
