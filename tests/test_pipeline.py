@@ -1,5 +1,6 @@
 """The whole pipeline through the CLI and the Python API, on slices of MNIST."""
 
+import dataclasses
 import json
 import pathlib
 import re
@@ -203,6 +204,28 @@ def test_study_shares_finished_stages_between_variants(tmp_path):
     shared = train.restore_checkpoint(tmp_path / "study" / "pq" / "stages" / "02_quantize")
     for a, b in zip(jax.tree.leaves(alone.variables), jax.tree.leaves(shared), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_study_states_the_seed_spread_of_variants_that_differ_only_in_seed():
+    from ucpjax import study
+
+    base = experiment.load(DEFAULT)
+    seeded = lambda config, seed: dataclasses.replace(
+        config, recipe=dataclasses.replace(config.recipe, seed=seed))
+    other = dataclasses.replace(base, recipe=dataclasses.replace(
+        base.recipe, prune=dataclasses.replace(base.recipe.prune, target_sparsity=0.9)))
+    variants = {"a0": seeded(base, 0), "b0": seeded(other, 0), "a1": seeded(base, 1),
+                "a2": seeded(base, 2)}
+    rows = [{"name": n, "tflite_accuracy": acc, "tflite_zip_bytes": size}
+            for n, acc, size in (("a0", 0.97, 4000), ("b0", 0.99, 9000), ("a1", 0.98, 4100),
+                                 ("a2", 0.96, 3900))]
+    [group] = study.seed_groups(variants, rows)  # b0 has no other seed: no group
+    assert group["variants"] == ["a0", "a1", "a2"] and group["seeds"] == [0, 1, 2]
+    assert group["tflite_accuracy_mean"] == pytest.approx(0.97)
+    assert group["tflite_accuracy_sd"] == pytest.approx(0.01)
+    assert group["tflite_zip_bytes_mean"] == pytest.approx(4000)
+    assert "jax_accuracy_mean" not in group  # not measured: no made-up spread
+    assert "0.9700 ± 0.0100" in study.seeds_markdown([group])
 
 
 @pytest.mark.parametrize("body, message", [

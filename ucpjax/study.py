@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import pathlib
+import statistics
 import time
 
 from ucpjax import experiment as experiment_lib
@@ -79,12 +80,14 @@ def run(path, out: pathlib.Path, *, smoke: bool = False, only: list[str] | None 
         result = experiment_lib.run(config, out / name, resume=True, log=log)
         rows.append(row_of(name, result.report, time.perf_counter() - start))
         finished_stages.update(dict.fromkeys(prefix_keys(config), out / name))
+    groups = seed_groups({name: variants[name] for name in (r["name"] for r in rows)}, rows)
     rows += [{**row, "published": True} for row in published]
-    study = {"experiment": str(path), "smoke": smoke, "rows": rows,
+    study = {"experiment": str(path), "smoke": smoke, "rows": rows, "seed_groups": groups,
              "date": time.strftime("%Y-%m-%d"), "machine": experiment_lib.machine()}
+    text = markdown(rows) + (("\n" + seeds_markdown(groups)) if groups else "")
     folder = RunFolder(out)
     folder.write_json("study.json", study)
-    folder.write_bytes("study.md", markdown(rows).encode())
+    folder.write_bytes("study.md", text.encode())
     from ucpjax import plots
 
     plots.accuracy_vs_size(
@@ -92,7 +95,7 @@ def run(path, out: pathlib.Path, *, smoke: bool = False, only: list[str] | None 
           "bytes": r.get("tflite_zip_bytes", r.get("packed_bytes"))}
          for r in rows if not r.get("published")],
         out / "accuracy_vs_size.png")
-    log(markdown(rows))
+    log(text)
     return study
 
 
@@ -163,3 +166,54 @@ def markdown(rows: list[dict]) -> str:
              *(fmt.format(row[key]) if row.get(key) is not None else "-"
                for key, _, fmt in COLUMNS)] for row in rows]
     return report.table(["variant", *(title for _, title, _ in COLUMNS)], body) + "\n"
+
+
+# Measurements a seed group averages: (key in a row, header, format of mean and spread).
+SEED_COLUMNS = (
+    ("tflite_accuracy", "TFLite acc", "{:.4f}"),
+    ("jax_accuracy", "JAX acc", "{:.4f}"),
+    ("tflite_zip_bytes", "zipped B", "{:,.0f}"),
+    ("compression_tflite_zip", "zip rate", "{:.2f}x"),
+    ("packed_bytes", "packed B", "{:,.0f}"),
+)
+
+
+def seed_groups(variants: dict[str, Experiment], rows: list[dict]) -> list[dict]:
+    """Variants that differ only in their seed, with each measurement's mean and spread.
+
+    A difference between two variants is a claim only beyond its seeds' spread, so
+    the study states the spread wherever it ran a variant under several seeds.
+
+    Returns:
+      One ``{"variants", "seeds", "<key>_mean", "<key>_sd"}`` per group of two or more
+      (sample standard deviation), in the order of the group's first variant.
+    """
+    groups: dict[str, list[str]] = {}
+    for name, config in variants.items():
+        unseeded = dataclasses.replace(config, recipe=dataclasses.replace(config.recipe, seed=0))
+        groups.setdefault(json.dumps(to_dict(unseeded), sort_keys=True), []).append(name)
+    by_name = {row["name"]: row for row in rows}
+    out = []
+    for names in (g for g in groups.values() if len(g) > 1):
+        group = {"variants": names, "seeds": [variants[n].seed for n in names]}
+        for key, _, _ in SEED_COLUMNS:
+            values = [by_name[n][key] for n in names if by_name[n].get(key) is not None]
+            if len(values) == len(names):
+                group[f"{key}_mean"] = statistics.mean(values)
+                group[f"{key}_sd"] = statistics.stdev(values)
+        out.append(group)
+    return out
+
+
+def seeds_markdown(groups: list[dict]) -> str:
+    """The seed groups as a markdown table: mean ± sample standard deviation."""
+    def cell(group, key, fmt):
+        if f"{key}_mean" not in group:
+            return "-"
+        return f"{fmt.format(group[key + '_mean'])} ± {fmt.format(group[key + '_sd'])}"
+
+    body = [[", ".join(g["variants"]), ", ".join(map(str, g["seeds"])),
+             *(cell(g, key, fmt) for key, _, fmt in SEED_COLUMNS)] for g in groups]
+    return ("Variants that differ only in the seed (mean ± sample sd):\n\n"
+            + report.table(["variants", "seeds", *(title for _, title, _ in SEED_COLUMNS)],
+                           body) + "\n")
