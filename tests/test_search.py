@@ -79,6 +79,7 @@ def test_choice_is_the_smallest_within_budget_else_the_closest_is_named():
     (["--max-drop", "1", "--objective", "gzip"], "--objective"),
     (["--max-drop", "1", "--refinements", "0"], "--refinements"),
     (["--max-drop", "1", "--refinements", "2.5"], "--refinements"),
+    (["--max-drop", "1", "--seeds", "0"], "--seeds"),
 ])
 def test_bad_arguments_exit_2_with_one_line_naming_them(args, culprit, tmp_path, capsys):
     out = tmp_path / "out"
@@ -156,3 +157,17 @@ def test_rerunning_restores_finished_candidates(searched, monkeypatch):
     again = search.search(PCQAT, out, max_drop=2.0, objective="packed", refinements=1,
                           smoke=True, overrides=TINY, log=lambda line: None)
     assert again["rows"] == summary["rows"]
+
+
+def test_seeds_repeat_the_chosen_rules_and_state_the_spread(searched):
+    out, _ = searched
+    summary = search.search(PCQAT, out, max_drop=100.0, objective="packed", refinements=1,
+                            seeds=2, smoke=True, overrides=TINY, log=lambda line: None)
+    chosen, repeats = summary["chosen"], summary["seeds"]
+    assert chosen is not None and repeats["seeds"] == [0, 1]
+    report = json.loads((out / f"{chosen}-seed1" / "report.json").read_text())
+    assert report["recipe"]["seed"] == 1
+    assert repeats["bytes"][1] == report["final"]["packed_bytes"]
+    row = next(r for r in summary["rows"] if r["name"] == chosen)
+    assert repeats["test_drops"][0] == row["test_drop"]
+    assert "chosen rules under seeds 0, 1: test drop" in (out / "search.md").read_text()
