@@ -42,7 +42,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 COMMAND = " ".join([".venv/bin/python", *sys.argv])
 
 # (model, input shape of one image, batch size of its experiment)
-CASES = [("pcqat_mnist", (28, 28, 1), 128), ("lenet5", (28, 28, 1), 128),
+CASES = [("lenet300", (28, 28, 1), 128), ("pcqat_mnist", (28, 28, 1), 128),
+         ("lenet5", (28, 28, 1), 128),
          ("fashion_cnn", (28, 28, 1), 128), ("cifar_cnn", (32, 32, 3), 48),
          ("resnet8", (32, 32, 3), 64), ("mobilenet_cifar", (32, 32, 3), 64)]
 VARIANTS = ("plain", "pool", "ours")
@@ -87,6 +88,20 @@ def seconds(fn, *args, repeats: int) -> list[float]:
     return runs
 
 
+def flops(fn, *args) -> float:
+    """XLA's count of the floating-point operations of one call."""
+    cost = fn.lower(*args).compile().cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+
+def matmul_rate(repeats: int, n: int = 1024) -> float:
+    """The machine's float32 matrix-product rate, FLOP/s (median): what a step at full
+    speed could reach, the yardstick for the steps' own rates."""
+    a = jnp.ones((n, n), jnp.float32)
+    product = jax.jit(lambda a, b: a @ b)
+    return 2 * n ** 3 / statistics.median(seconds(product, a, a, repeats=repeats))
+
+
 def measure(name: str, shape: tuple, batch: int, repeats: int) -> dict:
     settings = {"plain": (flax_pooling, contextlib.nullcontext),
                 "pool": (contextlib.nullcontext, contextlib.nullcontext),
@@ -97,18 +112,22 @@ def measure(name: str, shape: tuple, batch: int, repeats: int) -> dict:
         with pooling():
             fn, params = loss_and_grad(name, shape, batch, convs)
             row[f"{variant}_s"] = seconds(fn, params, repeats=repeats)
+            row[f"{variant}_flops"] = flops(fn, params)
     row["speedup"] = statistics.median(row["plain_s"]) / statistics.median(row["ours_s"])
     return row
 
 
-def markdown(rows: dict, repeats: int, load_before, load_after) -> str:
+def markdown(rows: dict, repeats: int, load_before, load_after, peak: float) -> str:
     ms = lambda runs: f"{statistics.median(runs) * 1e3:.1f}"
     lines = ["| model | batch | plain ms | + ucpjax max_pool ms | + ucpjax conv (ours) ms "
-             "| ours images/s | speed-up |", "|---|---|---|---|---|---|---|"]
+             "| ours images/s | speed-up | ours GFLOP/s | share of matmul rate |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         rate = row["batch"] / statistics.median(row["ours_s"])
+        achieved = row["ours_flops"] / statistics.median(row["ours_s"])
         lines.append(f"| {name} | {row['batch']} | {ms(row['plain_s'])} | {ms(row['pool_s'])} "
-                     f"| {ms(row['ours_s'])} | {rate:.0f} | {row['speedup']:.2f}x |")
+                     f"| {ms(row['ours_s'])} | {rate:.0f} | {row['speedup']:.2f}x "
+                     f"| {achieved / 1e9:.1f} | {achieved / peak:.0%} |")
     fmt = lambda load: ", ".join(f"{v:.1f}" for v in load)
     return "\n\n".join([
         "# Training step: plain flax/XLA ops vs ucpjax's max_pool and convolutions",
@@ -118,7 +137,9 @@ def markdown(rows: dict, repeats: int, load_before, load_after) -> str:
          "`ucpjax.conv.fast_convs()`, as `ucpjax.train` runs every step. "
          f"Load average (1, 5, 15 min) before: {fmt(load_before)}, after: {fmt(load_after)} "
          f"on {os.cpu_count()} CPUs; jax {jax.__version__}, "
-         f"{jax.default_backend()}."),
+         f"{jax.default_backend()}. GFLOP/s: XLA's FLOP count of the step over its "
+         f"time; the matmul rate (a 1024x1024 float32 product, median) is "
+         f"{peak / 1e9:.1f} GFLOP/s."),
         "\n".join(lines),
         f"Command: `{COMMAND}`",
     ]) + "\n"
@@ -132,11 +153,13 @@ def main() -> None:
     args = parser.parse_args()
     only = set(filter(None, args.only.split(",")))
     load_before = os.getloadavg()
+    peak = matmul_rate(args.repeats)
     rows = {name: measure(name, shape, batch, args.repeats)
             for name, shape, batch in CASES if not only or name in only}
     load_after = os.getloadavg()
-    md = markdown(rows, args.repeats, load_before, load_after)
+    md = markdown(rows, args.repeats, load_before, load_after, peak)
     summary = {"command": COMMAND, "repeats": args.repeats, "rows": rows,
+               "matmul_flops_per_s": peak,
                "machine": {"cpus": os.cpu_count(), "load_average_before": load_before,
                            "load_average_after": load_after,
                            "python": platform.python_version(), "jax": jax.__version__}}
