@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/findings.py --study runs/findings_distill
     .venv/bin/python scripts/findings.py --finding teacher --study runs/findings_teacher
+    .venv/bin/python scripts/findings.py --finding distill_conv --study runs/findings_conv
 
 ``--finding distill`` (``experiments/findings_distill.py``): distillation against
 equal-epoch plain fine-tuning. ``--finding teacher``
@@ -40,6 +41,17 @@ FINDINGS = {
                 "after the 15-epoch distillation (alpha 0.9, T 4) that follows it, taught "
                 "by the student's own dense LeNet-300-100 (aligned, 98.79%) or by the "
                 "convolutional pcqat_mnist model (98.25%)"),
+    "distill_conv": ("distill", "finetune",
+                     "Distillation against equal-epoch fine-tuning (pcqat_mnist / MNIST, a "
+                     "conv net)",
+                     "after the 4-epoch stage that follows it: distillation (alpha 0.9, T 4) "
+                     "from the dense pcqat_mnist or the same stage with alpha 0 (labels only)"),
+    "teacher_conv": ("distill", "lenet5_teacher",
+                     "An aligned teacher against another architecture (pcqat_mnist / MNIST, "
+                     "a conv net)",
+                     "after the 4-epoch distillation (alpha 0.9, T 4) that follows it, taught "
+                     "by the student's own dense pcqat_mnist (aligned, 98.25%) or by LeNet-5 "
+                     "(99.38%)"),
 }
 
 
