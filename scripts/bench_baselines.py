@@ -237,7 +237,8 @@ class Plan:
     dense_args: list[str]
     rows: dict  # row name -> list of `ucpjax compress` overrides
     tf_args: list[str]
-    budget: str
+    budget: str  # starts with ``point``
+    point: str = ""  # the sparsity, k and seed every row runs at
 
 
 def _epochs(train_config) -> float:
@@ -332,8 +333,9 @@ def plan(model: str, smoke: bool = False, scale: float = 1.0,
                "--epochs-cluster", str(tf_epochs["cluster"]),
                "--epochs-qat", str(tf_epochs["qat"]),
                "--batch-size", str(recipe.prune.train.batch_size), "--seed", str(recipe.seed)]
-    budget = (f"Sparsity {recipe.prune.target_sparsity}, {recipe.cluster.num_clusters} "
-              f"clusters, seed {recipe.seed}. Dense: {dense_epochs:g} epochs for both sides. "
+    point = (f"Sparsity {recipe.prune.target_sparsity}, {recipe.cluster.num_clusters} "
+             f"clusters, seed {recipe.seed}. ")
+    budget = (point + f"Dense: {dense_epochs:g} epochs for both sides. "
               + ("Smoke budgets (experiment.smoke; TF 1 epoch per phase on the same "
                  "1,000-image slice)." if smoke else
                  (f"Shortened budget (--scale {scale:g}, dense {dense.epochs:g} epochs). "
@@ -344,7 +346,7 @@ def plan(model: str, smoke: bool = False, scale: float = 1.0,
                  f"{tf_epochs['prune']}, cluster {tf_epochs['cluster']}, QAT {tf_epochs['qat']}; "
                  f"prune only: fine-tune {total - e['prune']:g}; Deep Compression: fine-tune "
                  f"{e['fine_tune'] + e['distill']:g}, cluster {e['cluster'] + e['quantize']:g})."))
-    return Plan(model, EXPERIMENTS[model], dense_args, budget_rows, tf_args, budget)
+    return Plan(model, EXPERIMENTS[model], dense_args, budget_rows, tf_args, budget, point)
 
 
 # ---------------------------------------------------------------- running and measuring

@@ -284,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     ours = [p for p in points if p["tool"] == bench.FULL]
     theirs = [p for p in points if p["tool"] == bench.PCQAT]
     results = {
-        "model": args.model, "rows": rows, "points": points, "budget": base.budget,
+        # The grid sets each point's sparsity, k and seed (the table's columns).
+        "model": args.model, "rows": rows, "points": points,
+        "budget": base.budget.removeprefix(base.point),
         "comparison": compare(ours, theirs, args.noise),
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": bench.machine(),
         # Every call whose rows are in the table, oldest first.
