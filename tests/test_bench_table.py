@@ -145,6 +145,9 @@ def test_comparison_calls_differences_only_beyond_the_noise():
     spread = [_point(bench.FULL, 97.9, 5900, spread=0.5)]
     last = module.compare(spread, [_point(bench.PCQAT, 97.5, 6000, spread=0.1)], noise=0.2)
     assert last[0]["verdict"] == "within noise"
+    # A measured spread counts even when the other point ran once.
+    one_seeded = module.compare(spread, [_point(bench.PCQAT, 97.5, 6000)], noise=0.2)
+    assert one_seeded[0]["margin"] == 0.5 and one_seeded[0]["verdict"] == "within noise"
 
 
 def test_grid_plan_runs_only_the_chosen_tools_at_the_point():
