@@ -332,9 +332,9 @@ def search(config_path, out, *, max_drop: float, objective: str = "zip",
     with folder.lock():
         rows, context = _candidates(config, out, max_drop, refinements, write, log)
         chosen, _ = choose(rows, max_drop, objective)
-        repeats = chosen and seeds > 1 and seed_repeats(
-            context["config"], out, chosen, seeds, OBJECTIVES[objective], log)
-        summary = write(rows, repeats or None)
+        repeats = (seed_repeats(context["config"], out, chosen, seeds, OBJECTIVES[objective],
+                                log) if chosen is not None and seeds > 1 else None)
+        summary = write(rows, repeats)
     log("\n" + markdown(summary))  # ends with the summary line
     return summary
 
