@@ -430,6 +430,7 @@ def run_model(p: Plan, out: pathlib.Path, dataset, npz: pathlib.Path, *, smoke: 
     base = out / p.model
     dense_dir = dense_dir or base / "dense"
     if _read(dense_dir / "metrics.json") is None:
+        shutil.rmtree(dense_dir, ignore_errors=True)  # a killed run's partial folder
         measured = run_child([ucpjax, "train", *p.dense_args, "--out", relative(dense_dir)],
                              base / "logs" / "dense.log")
         _write_atomic(dense_dir / SIDECAR, json.dumps(measured).encode())
@@ -448,6 +449,8 @@ def run_model(p: Plan, out: pathlib.Path, dataset, npz: pathlib.Path, *, smoke: 
             # Cold, as on a first run: each row compiles into an empty cache of its own.
             cache = base / "xla_cache" / f"ucpjax_{index}"
             shutil.rmtree(cache, ignore_errors=True)
+            # A killed run's partial folder: rerun from scratch, so its time is whole.
+            shutil.rmtree(run_dir, ignore_errors=True)
             sidecar = run_child(command, base / "logs" / f"ucpjax_{index}.log",
                                 env={"UCPJAX_COMPILE_CACHE": str(cache)})
             sidecar.update(dense_seconds=metrics["wall_seconds"],
@@ -460,6 +463,7 @@ def run_model(p: Plan, out: pathlib.Path, dataset, npz: pathlib.Path, *, smoke: 
     if with_tf:
         tf_dir = base / "tf_pcqat"
         if _read(tf_dir / SIDECAR) is None or _read(tf_dir / "tf_pcqat.json") is None:
+            shutil.rmtree(tf_dir, ignore_errors=True)  # a killed run's partial folder
             command = [str(ROOT / ".venv-tf" / "bin" / "python"), relative(TF_DIR / "tf_pcqat.py"),
                        "--data", relative(npz), *p.tf_args, "--out", relative(tf_dir)]
             sidecar = run_child(command, base / "logs" / "tf_pcqat.log")
