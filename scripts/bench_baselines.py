@@ -363,6 +363,13 @@ def relative(path) -> str:
     return os.path.relpath(pathlib.Path(path).resolve(), ROOT)
 
 
+def commands_with(earlier: dict, command: str) -> list[str]:
+    """Every command whose rows a results file holds, oldest first, ``command`` last
+    (files from before the list kept one ``"command"``)."""
+    before = earlier.get("commands") or [c for c in [earlier.get("command")] if c]
+    return list(dict.fromkeys([*before, command]))
+
+
 def _relative_args(argv: list[str]) -> list[str]:
     """Command-line arguments with absolute paths (``/x`` or ``--opt=/x``) made relative."""
     out = []

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import statistics
+import sys
 import time
 
 import jax
@@ -36,6 +37,9 @@ from ucpjax.model import Model, check_quantizable
 from ucpjax.prune import PruneConfig
 from ucpjax.recipe import Recipe
 from ucpjax.run_folder import RunFolder
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import bench_baselines as bench  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -125,13 +129,23 @@ def spread_lines(rows: list[dict]) -> list[str]:
             for name, d in drops.items() if len(d) > 1]
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s]
+    except ValueError:
+        seeds = []
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers")
+    return seeds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--seeds", default="0", help="comma-separated, e.g. 0,1,2")
+    parser.add_argument("--seeds", type=_seeds, default="0", help="comma-separated, e.g. 0,1,2")
     parser.add_argument("--only", default="", help="comma-separated variants (default: all)")
     args = parser.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",") if s]
+    seeds = args.seeds
     only = [v for v in args.only.split(",") if v]
     unknown = sorted(set(only) - set(VARIANTS))
     if unknown:
@@ -141,14 +155,13 @@ def main() -> None:
     dataset = mnist.take(1000, 500) if args.smoke else mnist.take(10_000, len(mnist.x_test))
     epochs = 2 if args.smoke else 8
     flags = [f for f in (("--smoke" if args.smoke else ""),
-                         (f"--seeds {args.seeds}" if seeds != [0] else ""),
+                         (f"--seeds {','.join(map(str, seeds))}" if seeds != [0] else ""),
                          (f"--only '{args.only}'" if only else "")) if f]
     command = " ".join(["python scripts/bench_depthwise.py", *flags])
     stem = "bench_depthwise_smoke" if args.smoke else "bench_depthwise"
     folder = RunFolder(ROOT / "results")
     earlier = folder.read_json(f"{stem}.json") or {}
-    commands = list(dict.fromkeys([*earlier.get("commands", [earlier.get("command")] if
-                                                 earlier.get("command") else []), command]))
+    commands = bench.commands_with(earlier, command)
     rows = {(r["variant"], r.get("seed", 0)): r for r in earlier.get("rows", [])}
     for seed in seeds:
         for name, (pool, scope) in VARIANTS.items():

@@ -141,12 +141,6 @@ def _point(p: dict) -> str:
     return f"s={p['sparsity']:g} k={k}: {p['accuracy']:.2f}%{spread} at {p['zip_bytes']:,.0f} B"
 
 
-def _commands(earlier: dict, command: str) -> list[str]:
-    """Every call whose rows are in the table, oldest first (older files kept one)."""
-    before = earlier.get("commands") or [c for c in [earlier.get("command")] if c]
-    return list(dict.fromkeys([*before, command]))
-
-
 def markdown(results: dict) -> str:
     points, lines = results["points"], [f"# Frontiers: {results['model']}\n",
                                         *(f"`{c}`\n" for c in results["commands"]),
@@ -292,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         "comparison": compare(ours, theirs, args.noise),
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": bench.machine(),
         # Every call whose rows are in the table, oldest first.
-        "commands": _commands(earlier, " ".join([
+        "commands": bench.commands_with(earlier, " ".join([
             ".venv/bin/python", "scripts/bench_frontier.py",
             *bench._relative_args(sys.argv[1:] if argv is None else argv)])),
     }

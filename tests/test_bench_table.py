@@ -168,9 +168,8 @@ def test_tools_flag_refuses_unknown_names():
         module._tools("ucpjax,tfmot")
 
 
-def test_frontier_table_keeps_every_command_that_made_its_rows():
-    module = _frontier_module()
+def test_results_keep_every_command_that_made_their_rows():
     old = {"command": "bench_frontier.py --out a"}  # a file from before `commands`
-    commands = module._commands(old, "bench_frontier.py --seeds 1,2")
+    commands = bench.commands_with(old, "bench_frontier.py --seeds 1,2")
     assert commands == ["bench_frontier.py --out a", "bench_frontier.py --seeds 1,2"]
-    assert module._commands({"commands": commands}, commands[1]) == commands
+    assert bench.commands_with({"commands": commands}, commands[1]) == commands
