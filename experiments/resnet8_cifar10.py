@@ -10,7 +10,8 @@ resnet8`, 2 h on 2 CPU cores shared with other jobs; the benchmark's 85% needs
 a longer schedule than fits here). To reuse the model of
 scripts/train_baselines.py add ``init_from=runs/baselines/resnet8``. The
 compression recipe mirrors experiments/cifar10.py: 9 epochs in all (prune 4 + 2,
-distill 1, cluster 1, quantize 1; not yet run at full size). Sparsity 70% shared
+distill 1, cluster 1, quantize 1; 2026-12-03: .tflite 79.95% at 35,271 B zipped,
+RESULTS.md). Sparsity 70% shared
 by the ERK rule and 16 values per layer aim at the conv-nets issue's 40 KB zipped
 (the dense int8 .tflite is 92 KB). The benchmark's accuracy target is 85%.
 """

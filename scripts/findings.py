@@ -7,7 +7,9 @@
 ``--finding distill`` (``experiments/findings_distill.py``): distillation against
 equal-epoch plain fine-tuning. ``--finding teacher``
 (``experiments/findings_teacher.py``): the aligned teacher (the student's own dense
-model) against a small convolutional teacher. Reads the study's variants
+model) against a small convolutional teacher. ``--finding distill_conv`` and
+``teacher_conv`` (``experiments/findings_conv.py``): the same two questions with the
+conv net pcqat_mnist as the student and LeNet-5 as the other teacher. Reads the study's variants
 ``s<sparsity>_seed<seed>_<variant>`` (their ``report.json``: test accuracy after
 the prune stage and after the last stage) and writes
 results/findings_<finding>.{json,md}. Each seed's difference is paired (same dense
