@@ -93,14 +93,16 @@ def _images(d: pathlib.Path, splits=("train", "test"), labels=("cat", "dog"), n=
     return root
 
 
-def _checkpoint_folder(d: pathlib.Path, model: str, truncate: bool = False):
+def _checkpoint_folder(d: pathlib.Path, model: str, truncate: bool = False,
+                       val_size: int = 5000):
     """A `ucpjax train`-like folder: ``checkpoint/`` of ``model`` and ``metrics.json``."""
     from ucpjax import models, train
 
     folder = d / f"trained_{model}"
     variables = models.init(models.create(model), (28, 28, 1), 0)
     train.save_checkpoint(folder / "checkpoint", variables)
-    (folder / "metrics.json").write_text(json.dumps({"model": model}))
+    (folder / "metrics.json").write_text(json.dumps(
+        {"model": model, "data": "mnist", "seed": 0, "val_size": val_size}))
     if truncate:
         for path in (folder / "checkpoint").rglob("*"):
             if path.is_file() and path.stat().st_size > 0:
@@ -350,6 +352,9 @@ CASES = {
         "does not load"),
     "init_from another model's checkpoint": _init_from(
         lambda d: _checkpoint_folder(d, "lenet5"), "init_from", "lenet300"),
+    "init_from held out another validation split": _init_from(
+        lambda d: _checkpoint_folder(d, "lenet300", val_size=1000), "val_size=5000",
+        "val_size=1000"),
     # --out: the run folder
     "compress --out an existing file": _out_is_a_file("compress"),
     "compress --out the user's folder": _out_is_users_folder("compress"),

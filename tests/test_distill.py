@@ -180,6 +180,15 @@ def test_teacher_from_must_be_a_train_folder(mnist, tmp_path):
         distill.teacher_model(config, mnist)  # ... and the run refuses it before any work
 
 
+def test_a_teacher_that_trained_on_the_validation_split_is_refused(mnist, tmp_path):
+    from ucpjax.run_folder import RunFolder
+
+    RunFolder(tmp_path).write_json("metrics.json", {"model": "lenet300", "data": "mnist",
+                                                    "val_size": 5000, "seed": 1})
+    with pytest.raises(ConfigError, match=r"^distill.teacher_from=.*with seed 1.*--seed"):
+        distill.teacher_model(_teacher_recipe(tmp_path).distill, mnist)
+
+
 def _student_model(dataset):
     from ucpjax.model import Model
 

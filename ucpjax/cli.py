@@ -187,8 +187,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="zip (the zipped int8 .tflite, default) or packed")
     q.add_argument("--refinements", default="4", help="candidates after the first, at most "
                    "(default 4)")
-    q.add_argument("--seeds", default="1", help="seeds the chosen rules run under in all, "
-                   "for the test drop's mean and spread (default 1)")
+    q.add_argument("--seeds", default="1", help="seeds a candidate within budget runs "
+                   "under; it is judged by their mean validation drop (default 1)")
     q.add_argument("--smoke", action="store_true", help="seconds-long runs on a data slice")
     q.add_argument("overrides", nargs="*", help="e.g. val_size=10000")
     q.set_defaults(run=_search_command)

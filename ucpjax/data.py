@@ -62,6 +62,9 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    # (val_size, seed) that held ``val`` out of the training split; None when the
+    # user gave the splits. A model trained on another split has seen ``val``.
+    split: tuple[int, int] | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -103,7 +106,7 @@ def load(name_or_folder: str, *, val_size: int = 5000, seed: int = 0) -> Dataset
         x_train=normalise(x_train[train]), y_train=y_train[train],
         x_val=normalise(x_train[val]), y_val=y_train[val],
         x_test=normalise(x_test), y_test=y_test,
-        num_classes=int(max(y_train.max(), y_test.max())) + 1,
+        num_classes=int(max(y_train.max(), y_test.max())) + 1, split=(val_size, seed),
     )
 
 

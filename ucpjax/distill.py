@@ -67,6 +67,13 @@ def teacher_model(config: DistillConfig, dataset) -> Model | None:
     check(trained.get("data") == dataset.name, field, config.teacher_from,
           f"was trained on {trained.get('data')!r}, this run's data is {dataset.name!r}; "
           "train the teacher on the same data")
+    held_out = (trained.get("val_size"), trained.get("seed"))
+    if dataset.split is not None and None not in held_out and held_out != dataset.split:
+        raise ConfigError(
+            f"{field}={config.teacher_from!r}: held out {held_out[0]} validation examples "
+            f"with seed {held_out[1]}, this run {dataset.split[0]} with seed "
+            f"{dataset.split[1]}, so the teacher trained on this run's validation "
+            "examples; train it with the run's --seed and val_size")
     check(trained.get("model") in models.names(), field, config.teacher_from,
           f"its model {trained.get('model')!r} is not one of {models.names()}")
     module = models.create(trained["model"], dataset.num_classes)

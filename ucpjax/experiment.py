@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 import pathlib
 import platform
@@ -146,7 +147,8 @@ def machine() -> str:
 
 
 def load_dataset(experiment: Experiment) -> data_lib.Dataset:
-    dataset = data_lib.load(experiment.data, val_size=experiment.val_size, seed=experiment.seed)
+    dataset = data_lib.load(experiment.data, val_size=experiment.val_size,
+                            seed=split_seed(experiment))
     if experiment.subset:
         dataset = dataset.take(experiment.subset, max(experiment.subset // 4, 100))
     return dataset
@@ -157,9 +159,42 @@ def initial_model(experiment: Experiment, dataset: data_lib.Dataset) -> Model:
     return Model(module, models_lib.init(module, dataset.input_shape, experiment.seed))
 
 
+def split_seed(experiment: Experiment) -> int:
+    """The seed that holds out the validation split: the dense model's own.
+
+    A dense model read from ``init_from`` held its validation examples out with its
+    own seed. A run under another seed must hold out the same ones, or the dense
+    model's validation accuracy is measured on examples it trained on and the
+    compressed model trains on examples it is validated on; the run's seed then
+    varies only the compression (batches, k-means starts).
+    """
+    if not experiment.init_from:
+        return experiment.seed
+    metrics = _dense_metrics(experiment)
+    if metrics.get("data", experiment.data) == experiment.data and \
+            metrics.get("val_size", experiment.val_size) != experiment.val_size:
+        raise ConfigError(f"val_size={experiment.val_size}: the dense model in init_from="
+                          f"{experiment.init_from!r} held out {metrics['val_size']} examples; "
+                          f"set val_size={metrics['val_size']}")
+    return int(metrics.get("seed", experiment.seed))
+
+
+def _dense_metrics(experiment: Experiment) -> dict:
+    """The ``metrics.json`` of the ``ucpjax train`` folder an experiment starts from."""
+    path = pathlib.Path(experiment.init_from) / "metrics.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise ConfigError(f"init_from={experiment.init_from!r}: not a finished `ucpjax "
+                          "train` folder (no readable metrics.json)") from None
+
+
 def setup(experiment: Experiment) -> dict:
-    """The run-setup fields (all but the recipe), as recorded in a run's ``config.json``."""
-    return {k: v for k, v in to_dict(experiment).items() if k != "recipe"}
+    """The run-setup fields (all but the recipe), as recorded in a run's ``config.json``;
+    with the validation split's seed where it is not the run's own."""
+    fields = {k: v for k, v in to_dict(experiment).items() if k != "recipe"}
+    split = split_seed(experiment)
+    return {**fields, "split_seed": split} if split != experiment.seed else fields
 
 
 def run(experiment: Experiment, out: pathlib.Path | None, *, resume: bool = False,
@@ -184,9 +219,7 @@ def _start(experiment: Experiment, dataset: data_lib.Dataset, model: Model):
     if not experiment.init_from:
         return lambda m: train_dense(m, experiment.dense, dataset, experiment.seed)
     checkpoint = pathlib.Path(experiment.init_from) / "checkpoint"
-    if not (checkpoint.parent / "metrics.json").exists():
-        raise ConfigError(f"init_from={experiment.init_from!r}: not a finished "
-                          "`ucpjax train` folder (no metrics.json)")
+    _dense_metrics(experiment)
     try:
         variables = train_lib.restore_checkpoint(checkpoint, model.variables)
     except Exception as err:  # orbax raises many types for a damaged or foreign file
@@ -236,7 +269,7 @@ def train_to_folder(experiment: Experiment, out: pathlib.Path) -> dict:
     apply_fn = model.apply_fn()
     metrics = {
         "model": experiment.model, "data": experiment.data, "seed": experiment.seed,
-        "parameters": models_lib.param_count(model.params),
+        "val_size": experiment.val_size, "parameters": models_lib.param_count(model.params),
         **to_dict(experiment.dense),
         "val_accuracy": train_lib.accuracy(apply_fn, model.params, dataset.x_val,
                                            dataset.y_val),

@@ -36,9 +36,13 @@ The rule, stated once:
    validation drop is within ``D``; the pipeline has already exported it and
    measured its ``.tflite`` on the test set. ``DIR/best_experiment.py`` holds its
    rules as an experiment file, checked to load to the same config.
-6. *Repeat* (``seeds`` > 1). The chosen rules run again under more seeds, and the
-   test drop is stated as mean and spread: near the budget one seed's difference
-   is a few test images, which is no claim.
+With ``seeds`` > 1, a candidate within budget on its first seed runs again under
+``seeds - 1`` more, and its validation drop is their mean from then on, for the
+refinement and for the choice: near the budget two candidates differ by a few
+validation images, less than one seed's spread, so one seed cannot rank them.
+The seeds vary the compression only (batches, k-means starts); every run holds
+out the dense model's validation split. The chosen rules' test drop is stated as
+mean and spread.
 
 Each candidate is a run folder ``DIR/<name>`` named by its rules, so rerunning
 with the same arguments restores finished candidates instead of redoing them.
@@ -271,21 +275,25 @@ def run_candidate(config: Experiment, out: pathlib.Path, point: dict, context: d
     name = candidate_name(rules)
     candidate = with_rules(config, rules)
     study.reuse_stages(candidate, out / name, context["finished"], log)
-    result = experiment_lib.run(candidate, out / name, resume=True, log=log)
+    row = measured_run(candidate, out / name, context, log)
     context["finished"].update(dict.fromkeys(study.prefix_keys(candidate), out / name))
+    return {"name": name, "run": str(out / name),
+            "rules": [dataclasses.asdict(r) for r in rules],
+            "predicted_drop": point["predicted_drop"],
+            "predicted_bytes": point["predicted_bytes"], **row}
+
+
+def measured_run(config: Experiment, run: pathlib.Path, context: dict, log) -> dict:
+    """Runs (or restores) one pipeline; its validation and test drops and its sizes."""
+    result = experiment_lib.run(config, run, resume=True, log=log)
     final, dense_row = result.report["final"], result.report["rows"][0]
-    val = validation_accuracy(out / name, candidate, context["dense"], context["dataset"])
+    val = validation_accuracy(run, config, context["dense"], context["dataset"])
     test = final.get("tflite_accuracy", final["jax_accuracy"])
-    return {
-        "name": name, "run": str(out / name),
-        "rules": [dataclasses.asdict(r) for r in rules],
-        "predicted_drop": point["predicted_drop"], "predicted_bytes": point["predicted_bytes"],
-        "val_accuracy": val, "val_drop": 100 * (context["dense_val"] - val),
-        "test_accuracy": test, "test_drop": 100 * (dense_row["accuracy"] - test),
-        **{key: final.get(key) for key in ("tflite_zip_bytes", "packed_bytes",
-                                            "compression_tflite_zip", "compression_packed",
-                                            "sparsity")},
-    }
+    return {"val_accuracy": val, "val_drop": 100 * (context["dense_val"] - val),
+            "test_accuracy": test, "test_drop": 100 * (dense_row["accuracy"] - test),
+            **{key: final.get(key) for key in ("tflite_zip_bytes", "packed_bytes",
+                                                "compression_tflite_zip",
+                                                "compression_packed", "sparsity")}}
 
 
 # ---------------------------------------------------------------- the search
@@ -303,8 +311,9 @@ def search(config_path, out, *, max_drop: float, objective: str = "zip",
       max_drop: validation accuracy points the result may lose against the dense model.
       objective: ``"zip"`` (the zipped int8 ``.tflite``) or ``"packed"``.
       refinements: candidates after the first, at most.
-      seeds: seeds the chosen rules run under in all: the search's own and
-        ``seeds - 1`` more (``DIR/<name>-seed<N>``), for the test drop's spread.
+      seeds: seeds a candidate within budget runs under in all (the search's own
+        and ``seeds - 1`` more, ``DIR/<name>-seed<N>``); it is judged by their mean
+        validation drop.
       smoke: run the experiment's seconds-long smoke version.
       overrides: ``field=value`` strings, as ``ucpjax compress`` takes them.
       log: where progress lines go.
@@ -312,7 +321,7 @@ def search(config_path, out, *, max_drop: float, objective: str = "zip",
     Returns:
       ``{"rows": [...], "chosen": name or None, "closest": name, "seeds": {...} or
       None, ...}`` as written to ``search.json``; a row per candidate in the order
-      tried, and the chosen rules' repeats when ``seeds > 1``.
+      tried, and the chosen candidate's seed runs when ``seeds > 1``.
     """
     check_arguments(max_drop, objective, refinements, seeds)
     out = pathlib.Path(out)
@@ -324,25 +333,19 @@ def search(config_path, out, *, max_drop: float, objective: str = "zip",
     folder = RunFolder(out)
     folder.claim({"search": {"config": str(config_path), "smoke": smoke,
                              "overrides": list(overrides)}})
-    def write(rows: list[dict], repeats=None) -> dict:
+    def write(rows: list[dict]) -> dict:
         return _write_outputs(rows, config_path, config, out, max_drop=max_drop,
-                              objective=objective, smoke=smoke, overrides=list(overrides),
-                              repeats=repeats)
+                              objective=objective, smoke=smoke, overrides=list(overrides))
 
     with folder.lock():
-        rows, context = _candidates(config, out, max_drop, refinements, write, log)
-        chosen, _ = choose(rows, max_drop, objective)
-        repeats = (seed_repeats(context["config"], out, chosen, seeds, OBJECTIVES[objective],
-                                log) if chosen is not None and seeds > 1 else None)
-        summary = write(rows, repeats)
+        summary = write(_candidates(config, out, max_drop, refinements, seeds, write, log))
     log("\n" + markdown(summary))  # ends with the summary line
     return summary
 
 
 def _candidates(config: Experiment, out: pathlib.Path, max_drop: float, refinements: int,
-                write, log) -> tuple[list[dict], dict]:
-    """Runs the first candidate and up to ``refinements`` more: their rows in order, and
-    the context they ran in (``"config"``: the experiment on the shared dense model).
+                seeds: int, write, log) -> list[dict]:
+    """Runs the first candidate and up to ``refinements`` more: their rows in order.
 
     ``write(rows)`` is called after each candidate, so an interrupted search leaves
     its table so far.
@@ -354,7 +357,7 @@ def _candidates(config: Experiment, out: pathlib.Path, max_drop: float, refineme
     table = _sensitivity(out, config, dense, dataset, log)
     path = greedy_path(table)
     context = {"finished": {}, "dense": dense, "dataset": dataset,
-               "dense_val": table["val_accuracy"], "config": config}
+               "dense_val": table["val_accuracy"]}
     rows, index = [], index_for(path, start_target(table, config))
     bar = tqdm(total=refinements + 1, desc="search", unit="candidate")
     while index is not None and len(rows) <= refinements:
@@ -362,40 +365,45 @@ def _candidates(config: Experiment, out: pathlib.Path, max_drop: float, refineme
             f"{path[index]['predicted_bytes']:,.0f} B")
         row = {"candidate": len(rows), "index": index,
                **run_candidate(config, out, path[index], context, log)}
+        if seeds > 1 and within(row["val_drop"], max_drop):
+            row = with_seeds(row, config, out, seeds, context, log)
         rows.append(row)
         write(rows)
         bar.update()
         bar.set_postfix(val_drop=f"{row['val_drop']:.2f}")
         index = next_index(path, rows, max_drop)
     bar.close()
-    return rows, context
+    return rows
 
 
-def seed_repeats(config: Experiment, out: pathlib.Path, chosen: dict, seeds: int, key: str,
-                 log) -> dict:
-    """The chosen rules under ``seeds`` seeds (its own run first): each run's test drop
-    and bytes, with their mean and sample spread.
+# A seeded row's per-seed measurements, averaged into the row.
+_SEEDED = ("val_drop", "test_drop", "tflite_zip_bytes", "packed_bytes")
 
-    The seed draws the validation split, the batches and the k-means start; the
-    dense model stays the shared one, so the spread is the compression's own.
+
+def with_seeds(row: dict, config: Experiment, out: pathlib.Path, seeds: int, context: dict,
+               log) -> dict:
+    """``row`` judged over ``seeds`` seeds: its rules run under ``seeds - 1`` more, and
+    ``val_drop`` becomes the mean; ``row["seed_runs"]`` keeps each seed's figures and
+    their mean and sample spread.
+
+    The dense model and its validation split stay the shared ones, so the spread is
+    the compression's own.
     """
-    runs = [chosen]
+    runs = [row]
     for offset in range(1, seeds):
         seed = config.seed + offset
         seeded = dataclasses.replace(config, recipe=dataclasses.replace(
-            config.recipe, rules=rules_of(chosen), seed=seed))
-        log(f"=== {chosen['name']} under seed {seed}")
-        report = experiment_lib.run(seeded, out / f"{chosen['name']}-seed{seed}", resume=True,
-                                    log=log).report
-        final = report["final"]
-        test = final.get("tflite_accuracy", final["jax_accuracy"])
-        runs.append({"test_drop": 100 * (report["rows"][0]["accuracy"] - test),
-                     key: final.get(key)})
-    drops, sizes = [r["test_drop"] for r in runs], [r[key] for r in runs]
-    return {"seeds": [config.seed + i for i in range(seeds)], "test_drops": drops,
-            "bytes": sizes, "test_drop_mean": statistics.mean(drops),
-            "test_drop_sd": statistics.stdev(drops), "bytes_mean": statistics.mean(sizes),
-            "bytes_sd": statistics.stdev(sizes)}
+            config.recipe, rules=rules_of(row), seed=seed))
+        log(f"=== {row['name']} under seed {seed}")
+        runs.append(measured_run(seeded, out / f"{row['name']}-seed{seed}", context, log))
+    spread = {"seeds": [config.seed + i for i in range(seeds)]}
+    for key in _SEEDED:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        if len(values) == seeds:
+            spread.update({key: values, f"{key}_mean": statistics.mean(values),
+                           f"{key}_sd": statistics.stdev(values)})
+    return {**row, "first_val_drop": row["val_drop"], "val_drop": spread["val_drop_mean"],
+            "seed_runs": spread}
 
 
 def _sensitivity(out: pathlib.Path, config: Experiment, dense, dataset, log) -> dict:
@@ -432,7 +440,7 @@ def choose(rows: list[dict], max_drop: float, objective: str) -> tuple[dict | No
 
 
 def _write_outputs(rows, config_path, config, out: pathlib.Path, *, max_drop, objective,
-                   smoke, overrides, repeats=None) -> dict:
+                   smoke, overrides) -> dict:
     from ucpjax import plots
 
     chosen, closest = choose(rows, max_drop, objective)
@@ -448,7 +456,8 @@ def _write_outputs(rows, config_path, config, out: pathlib.Path, *, max_drop, ob
     summary = {"experiment": str(config_path), "smoke": smoke, "overrides": overrides,
                "max_drop": max_drop, "objective": objective,
                "chosen": chosen and chosen["name"], "closest": closest["name"],
-               "rows": rows, "seeds": repeats, "machine": experiment_lib.machine()}
+               "rows": rows, "seeds": chosen and chosen.get("seed_runs"),
+               "machine": experiment_lib.machine()}
     folder.write_json("search.json", summary)
     folder.write_bytes("search.md", markdown(summary).encode())
     key = OBJECTIVES[objective]
@@ -475,9 +484,11 @@ def summary_line(summary: dict) -> str:
                 f"{r[key]:,} B")
     r = rows[summary["chosen"]]
     rate = r["compression_tflite_zip" if key == "tflite_zip_bytes" else "compression_packed"]
-    return (f"chosen {r['name']}: validation drop {r['val_drop']:.2f} points (budget "
-            f"{summary['max_drop']:g}), test drop {r['test_drop']:.2f} points, {r[key]:,} B "
-            f"({rate:.1f}x); rules in best_experiment.py")
+    seeds = len(r["seed_runs"]["seeds"]) if "seed_runs" in r else 1
+    return (f"chosen {r['name']}: validation drop {r['val_drop']:.2f} points"
+            f"{f' (mean of {seeds} seeds)' if seeds > 1 else ''} (budget "
+            f"{summary['max_drop']:g}), test drop {r['test_drop']:.2f} points (its first "
+            f"seed), {r[key]:,} B ({rate:.1f}x); rules in best_experiment.py")
 
 
 _COLUMNS = (("candidate", "#", "{}"), ("name", "run", "{}"),
@@ -494,27 +505,36 @@ def markdown(summary: dict) -> str:
     """The candidates as a markdown table, each one's rules, and the summary line."""
     from ucpjax import report
 
-    body = [[fmt.format(row[key]) if row.get(key) is not None else "-"
-             for key, _, fmt in _COLUMNS] for row in summary["rows"]]
+    body = [[_cell(row, key, fmt) for key, _, fmt in _COLUMNS] for row in summary["rows"]]
     rules = [f"- {row['name']}: " + ", ".join(f"`{r['pattern']}` s={r['sparsity']:g} "
                                               f"k={r['clusters']}" for r in row["rules"])
              for row in summary["rows"]]
     return (f"search within {summary['max_drop']:g} validation points, objective "
             f"{summary['objective']} ({summary['experiment']}"
             f"{', smoke' if summary['smoke'] else ''}); drops in accuracy points against "
-            "the dense model, test columns from the int8 .tflite\n\n"
+            "the dense model, test columns from the int8 .tflite; a candidate within "
+            "budget on its first seed is judged by the mean ± sd of its seeds\n\n"
             + report.table([title for _, title, _ in _COLUMNS], body) + "\n\n"
             + "\n".join(rules) + "\n\n" + summary_line(summary) + "\n"
             + (seeds_line(summary) + "\n" if summary.get("seeds") else ""))
 
 
+def _cell(row: dict, key: str, fmt: str) -> str:
+    """One table cell: the value, or its seeds' mean ± sd where the row has seeds."""
+    seeded = row.get("seed_runs", {})
+    if f"{key}_mean" in seeded:
+        return (f"{fmt.format(seeded[f'{key}_mean'])} ± {fmt.format(seeded[f'{key}_sd'])} "
+                f"({len(seeded['seeds'])} seeds)")
+    return fmt.format(row[key]) if row.get(key) is not None else "-"
+
+
 def seeds_line(summary: dict) -> str:
-    """The chosen rules' repeats: test drop and bytes, mean ± sample spread."""
-    r = summary["seeds"]
-    drops = ", ".join(f"{d:.2f}" for d in r["test_drops"])
+    """The chosen rules under each seed: test drop and bytes, mean ± sample spread."""
+    r, key = summary["seeds"], OBJECTIVES[summary["objective"]]
+    drops = ", ".join(f"{d:.2f}" for d in r["test_drop"])
     return (f"chosen rules under seeds {', '.join(map(str, r['seeds']))}: test drop "
             f"{r['test_drop_mean']:.2f} ± {r['test_drop_sd']:.2f} points ({drops}), "
-            f"{r['bytes_mean']:,.0f} ± {r['bytes_sd']:,.0f} B")
+            f"{r[f'{key}_mean']:,.0f} ± {r[f'{key}_sd']:,.0f} B")
 
 
 def best_experiment_source(config_path, best: pathlib.Path, row: dict, *, smoke: bool,
