@@ -4,9 +4,10 @@
 
 The two smallest candidates of the doubled-fine-tuning search
 (results/search/table2_pcqat_long04: Conv_0 dense at k = 16, Dense_0 at s = 0.85 or
-0.88 with k = 4), each under seeds 0, 1 and 2. The seed draws the validation split,
-the batches and the k-means start; the dense model (runs/dense_pcqat, trained as
-RESULTS.md says) is the same for all. Seed 0 is the search's own run.
+0.88 with k = 4), each under seeds 0, 1 and 2. The seed draws the batches and the
+k-means start; the dense model (runs/dense_pcqat, trained as RESULTS.md says) and
+its validation split are the same for all. Seed 0 is the search's own run. (The
+figures in RESULTS.md were measured when a seed also drew its own validation split.)
 """
 
 import dataclasses
