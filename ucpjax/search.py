@@ -495,9 +495,9 @@ _COLUMNS = (("candidate", "#", "{}"), ("name", "run", "{}"),
             ("predicted_bytes", "predicted B", "{:,.0f}"),
             ("val_drop", "val drop", "{:.2f}"), ("test_drop", "test drop", "{:.2f}"),
             ("test_accuracy", "test acc", "{:.4f}"), ("sparsity", "sparsity", "{:.3f}"),
-            ("tflite_zip_bytes", "zipped B", "{:,}"),
+            ("tflite_zip_bytes", "zipped B", "{:,.0f}"),
             ("compression_tflite_zip", "zip rate", "{:.1f}x"),
-            ("packed_bytes", "packed B", "{:,}"),
+            ("packed_bytes", "packed B", "{:,.0f}"),
             ("compression_packed", "packed rate", "{:.1f}x"))
 
 
