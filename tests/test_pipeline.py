@@ -253,3 +253,18 @@ def test_a_dense_batch_larger_than_the_data_names_its_field(tmp_path):
     with pytest.raises(ConfigError, match=r"^dense\.batch_size=5000: larger than the 1000"):
         experiment.run(config, tmp_path / "r", log=lambda _: None)
     assert not (tmp_path / "r").exists()
+
+
+def test_a_run_from_init_from_holds_out_the_dense_models_split_under_any_seed(tmp_path):
+    tiny = dataclasses.replace(experiment.smoke(Experiment()),
+                               dense=train.TrainConfig(epochs=0.1, batch_size=100))
+    experiment.train_to_folder(tiny, tmp_path / "dense")  # seed 0
+    seeded = dataclasses.replace(tiny, init_from=str(tmp_path / "dense"),
+                                 recipe=dataclasses.replace(tiny.recipe, seed=1))
+    held_out = experiment.load_dataset(tiny).x_val
+    assert np.array_equal(experiment.load_dataset(seeded).x_val, held_out)
+    assert not np.array_equal(experiment.load_dataset(  # without init_from, the seed draws it
+        dataclasses.replace(seeded, init_from="")).x_val, held_out)
+    assert experiment.setup(seeded)["split_seed"] == 0  # recorded in the run's config.json
+    with pytest.raises(experiment.ConfigError, match=r"^val_size=4000: .*set val_size=5000$"):
+        experiment.load_dataset(dataclasses.replace(seeded, val_size=4000))
