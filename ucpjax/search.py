@@ -36,6 +36,7 @@ The rule, stated once:
    validation drop is within ``D``; the pipeline has already exported it and
    measured its ``.tflite`` on the test set. ``DIR/best_experiment.py`` holds its
    rules as an experiment file, checked to load to the same config.
+
 With ``seeds`` > 1, a candidate within budget on its first seed runs again under
 ``seeds - 1`` more, and its validation drop is their mean from then on, for the
 refinement and for the choice: near the budget two candidates differ by a few
