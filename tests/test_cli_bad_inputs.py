@@ -384,6 +384,7 @@ CASES = {
     "train --data without a train split": _bad_images(_no_train_split),
     "train --data smaller than val_size": _with_culprits(_train(data="images"), "val_size"),
     "train --epochs nan": _with_culprits(_train("--epochs", "nan"), "epochs=nan"),
+    "train --val-size -1": _with_culprits(_train("--val-size", "-1"), "val_size=-1"),
     "train --batch-size 0": _with_culprits(_train("--batch-size", "0"), "batch_size=0"),
     "train --batch-size larger than data": _with_culprits(
         _train("--batch-size", "100000"), "batch_size=100000"),

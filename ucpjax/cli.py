@@ -27,7 +27,7 @@ def _train_command(args) -> int:
 
     models.create(args.model)  # an unknown name fails before the data loads
     setup = experiment.Experiment(
-        model=args.model, data=args.data,
+        model=args.model, data=args.data, val_size=args.val_size,
         recipe=experiment.Recipe(seed=args.seed),
         dense=train.TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
                                 learning_rate=args.learning_rate, optimizer=args.optimizer,
@@ -135,7 +135,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--augment", default="none", choices=("none", "shift", "crop_flip"),
                    help="shift: translate digits by up to 2 px; crop_flip: natural images")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="draws the weights, the batches "
+                   "and the validation split; a run from this folder keeps that split")
+    t.add_argument("--val-size", type=int, default=5000,
+                   help="training examples held out for validation (default 5000)")
     t.set_defaults(run=_train_command)
 
     fields = "\n  ".join(describe(Experiment()))

@@ -73,7 +73,8 @@ def teacher_model(config: DistillConfig, dataset) -> Model | None:
             f"{field}={config.teacher_from!r}: held out {held_out[0]} validation examples "
             f"with seed {held_out[1]}, this run {dataset.split[0]} with seed "
             f"{dataset.split[1]}, so the teacher trained on this run's validation "
-            "examples; train it with the run's --seed and val_size")
+            "examples; train it with `ucpjax train --seed "
+            f"{dataset.split[1]} --val-size {dataset.split[0]}`")
     check(trained.get("model") in models.names(), field, config.teacher_from,
           f"its model {trained.get('model')!r} is not one of {models.names()}")
     module = models.create(trained["model"], dataset.num_classes)
