@@ -171,11 +171,12 @@ def split_seed(experiment: Experiment) -> int:
     if not experiment.init_from:
         return experiment.seed
     metrics = _dense_metrics(experiment)
-    if metrics.get("data", experiment.data) == experiment.data and \
-            metrics.get("val_size", experiment.val_size) != experiment.val_size:
+    same_data = metrics.get("data", experiment.data) == experiment.data
+    held_out = metrics.get("val_size", experiment.val_size)
+    if same_data and held_out != experiment.val_size:
         raise ConfigError(f"val_size={experiment.val_size}: the dense model in init_from="
-                          f"{experiment.init_from!r} held out {metrics['val_size']} examples; "
-                          f"set val_size={metrics['val_size']}")
+                          f"{experiment.init_from!r} held out {held_out} examples; "
+                          f"set val_size={held_out}")
     return int(metrics.get("seed", experiment.seed))
 
 
