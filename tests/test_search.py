@@ -179,3 +179,11 @@ def test_seeds_judge_candidates_by_their_mean_and_state_the_spread(searched):
     assert repeats["test_drop"][0] == row["test_drop"]
     text = (out / "search.md").read_text()
     assert "chosen rules under seeds 0, 1: test drop" in text and "(2 seeds)" in text
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "results" / "search").glob("*/best_experiment.py")),
+    ids=lambda p: p.parent.name)
+def test_every_published_best_experiment_loads(path):
+    config = experiment.load(path, smoke=True)  # finds its experiment wherever it lies
+    assert config.recipe.rules and all(r.pattern.startswith("^") for r in config.recipe.rules)

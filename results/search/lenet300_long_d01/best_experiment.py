@@ -1,6 +1,6 @@
 """The rules `ucpjax search` chose for experiments/lenet300_mnist.py.
 
-    .venv/bin/ucpjax compress --config runs/search_l300_long/best_experiment.py --out runs/best
+    .venv/bin/ucpjax compress --config results/search/lenet300_long_d01/best_experiment.py --out runs/best
 
 Found by `ucpjax search --config experiments/lenet300_mnist.py --max-drop 0.1
 --objective zip`: candidate cand-30ae639e5d, validation drop
@@ -14,7 +14,7 @@ import pathlib
 from ucpjax import experiment
 from ucpjax.rules import LayerRule
 
-EXPERIMENT = pathlib.Path(__file__).parent / '../../experiments/lenet300_mnist.py'
+EXPERIMENT = pathlib.Path(__file__).parent / '../../../experiments/lenet300_mnist.py'
 OVERRIDES = ['prune.train.epochs=40', 'prune.fine_tune.epochs=10', 'distill.train.epochs=30', 'cluster.fine_tune.epochs=8']
 RULES = (
     LayerRule(pattern='^Dense_0/kernel$', sparsity=0.8, clusters=4, bits=None),

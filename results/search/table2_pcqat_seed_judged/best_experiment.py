@@ -1,6 +1,6 @@
 """The rules `ucpjax search` chose for experiments/table2_pcqat.py.
 
-    .venv/bin/ucpjax compress --config runs/search_pcqat_seeds/best_experiment.py --out runs/best
+    .venv/bin/ucpjax compress --config results/search/table2_pcqat_seed_judged/best_experiment.py --out runs/best
 
 Found by `ucpjax search --config experiments/table2_pcqat.py --max-drop 0.5
 --objective zip`: candidate cand-3053d8279a, validation drop
@@ -14,7 +14,7 @@ import pathlib
 from ucpjax import experiment
 from ucpjax.rules import LayerRule
 
-EXPERIMENT = pathlib.Path(__file__).parent / '../../experiments/table2_pcqat.py'
+EXPERIMENT = pathlib.Path(__file__).parent / '../../../experiments/table2_pcqat.py'
 OVERRIDES = ['init_from=runs/dense_pcqat', 'recipe.prune.train.epochs=12', 'recipe.prune.fine_tune.epochs=4', 'recipe.distill.train.epochs=8', 'recipe.cluster.fine_tune.epochs=4']
 RULES = (
     LayerRule(pattern='^Conv_0/kernel$', sparsity=0.0, clusters=16, bits=None),
