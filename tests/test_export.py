@@ -198,6 +198,48 @@ def test_check_names_each_miss():
                  dataclasses.replace(config, accuracy_tolerance=0.01))
 
 
+def test_a_gap_of_one_image_is_within_any_tolerance():
+    """On 400 decided images one flip is a 0.0025 gap: the resolution, not a miss."""
+    one = {"tflite_agreement": 0.9975, "tflite_accuracy_gap": 1 / 400, "tflite_decided": 400,
+           "weights_faithful": True}
+    export.check(one, export.ExportConfig())
+    with pytest.raises(export.ToleranceError, match="export.accuracy_tolerance"):
+        export.check({**one, "tflite_accuracy_gap": 2 / 400}, export.ExportConfig())
+
+
+class SquashedLogits(nn.Module):
+    """tanh over tiny logits: TFLite stores its output on a 1/128 grid, so the
+    ten logits collapse to a few codes that the JAX int8 model does not round."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.Dense(32)(x.reshape((x.shape[0], -1))))
+        return 100 * jnp.tanh(0.01 * nn.Dense(10)(x))
+
+
+def test_preflight_refuses_an_export_that_cannot_follow_in_one_line(mnist):
+    from ucpjax.model import Model, check_quantizable
+
+    module = SquashedLogits()
+    variables = dict(module.init(jax.random.key(0), mnist.x_train[:1]))
+    unmodeled = check_quantizable(Model(module, variables), mnist.input_shape)
+    assert unmodeled == ["tanh"]
+    with pytest.raises(export.ToleranceError) as err:
+        export.preflight(train.inference_fn(module, {}), variables["params"], mnist.take(500),
+                         config=export.ExportConfig(), reason=", ".join(unmodeled),
+                         quantize_config=quantize.QuantizeConfig())
+    message = str(err.value)
+    assert "\n" not in message and "TANH" in message and "before any compression" in message
+
+
+def test_preflight_passes_a_relu_model(trained, mnist):
+    apply_fn, params = trained
+    measured = export.preflight(apply_fn, params, mnist.take(500, 300),
+                                config=export.ExportConfig(), reason="-",
+                                quantize_config=quantize.QuantizeConfig())
+    assert measured["tflite_agreement"] >= 0.995 and measured["tflite_ops"] == []
+
+
 def test_weights_check_reads_conv_layouts(mnist):
     """LeNet-5: Conv_0 (1 input channel) becomes DEPTHWISE_CONV_2D (1HWO), Conv_1 CONV_2D
     (OHWI); both must be found and equal the per-channel grid weights (untrained is fine)."""

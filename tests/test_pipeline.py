@@ -162,6 +162,36 @@ def test_python_api_with_batchnorm_and_dropout(mnist):
     assert len(np.unique(kernel[kernel != 0])) <= 16
 
 
+class GeluNet(nn.Module):
+    """A user's model with an activation QAT does not model (TFLite's int8 GELU)."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.gelu(nn.Dense(64)(x.reshape((x.shape[0], -1))))
+        return nn.Dense(10)(x)
+
+
+def test_an_activation_qat_does_not_model_is_checked_before_the_stages(mnist):
+    small = mnist.take(2000, 500)
+    module = GeluNet()
+    params = module.init(jax.random.key(0), small.x_train[:1])["params"]
+    cfg = train.TrainConfig(epochs=2, batch_size=100)
+    state, _ = train.fit(params, train.classification_loss(module),
+                         train.make_optimizer(cfg, 40), small.x_train, small.y_train,
+                         config=cfg, seed=0)
+    lines = []
+    result = ucpjax.compress(module, {"params": state.params},
+                             train=(small.x_train, small.y_train),
+                             test=(small.x_test, small.y_test),
+                             recipe=experiment.smoke(Experiment()).recipe, log=lines.append)
+    stages = result.report["stages"]
+    assert stages["preflight/tflite_ops"] == ["GELU"]
+    assert stages["preflight/tflite_agreement"] >= 0.995
+    first_stage = next(i for i, line in enumerate(lines) if line.startswith("[1] prune"))
+    assert any("int8 preflight passed" in line for line in lines[:first_stage])
+    assert result.report["final"]["tflite_within_tolerance"]
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.py")), ids=lambda p: p.stem)
 def test_every_experiment_resolves_and_has_a_smoke_switch(path):
     from ucpjax import study

@@ -1,6 +1,7 @@
 """Residual adds: a bare ``x + y`` of two activations is refused before any work, in
 one line naming the fix; ``ucpjax.residual.Add`` passes, and bias and BatchNorm adds
-(one operand from the params) are not mistaken for residual adds."""
+(one operand from the params) and adds inside an activation function are not
+mistaken for residual adds."""
 
 from __future__ import annotations
 
@@ -53,11 +54,27 @@ def test_bare_residual_add_is_refused_in_one_line(add):
     assert "\n" not in message and "ucpjax.residual.Add()" in message
 
 
+class Gelu(nn.Module):
+    """GELU (tanh form) adds ``x`` and ``0.044715 * x**3``: one tensor's activation."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.gelu(nn.Dense(16)(x.reshape((x.shape[0], -1))))
+        return nn.Dense(10)(x)
+
+
+def test_an_activation_function_is_not_a_residual_add():
+    """... but it is TFLite int8 arithmetic QAT does not model, for the preflight."""
+    module = Gelu()
+    variables = dict(module.init(jax.random.key(0), jnp.zeros((1, *SHAPE))))
+    assert "tanh" in check_quantizable(Model(module, variables), SHAPE)
+
+
 @pytest.mark.parametrize("name", ["resnet8", "mobilenet_cifar", "cifar_cnn", "lenet300"])
 def test_registry_models_pass(name):
     shape = (28, 28, 1) if name == "lenet300" else (32, 32, 3)
     module = models.create(name)
-    check_quantizable(Model(module, models.init(module, shape)), shape)
+    assert check_quantizable(Model(module, models.init(module, shape)), shape) == []
 
 
 def test_compress_refuses_a_bare_residual_add_before_any_work(mnist_small, tmp_path):

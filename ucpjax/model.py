@@ -125,7 +125,7 @@ def check_model(model: Model, input_shape: tuple[int, ...], num_classes: int) ->
                           "classes")
 
 
-def check_quantizable(model: Model, input_shape: tuple[int, ...]) -> None:
+def check_quantizable(model: Model, input_shape: tuple[int, ...]) -> list[str]:
     """Refuses, in one line, a model with an int8 tensor that QAT cannot see.
 
     The int8 .tflite rounds the input of a spatial mean and both inputs of a
@@ -133,6 +133,12 @@ def check_quantizable(model: Model, input_shape: tuple[int, ...]) -> None:
     it knows, so with a bare ``jnp.mean(x, axis=(1, 2))`` or ``x + y`` of two
     activations the exported model would compute what no QAT step trained.
     Traced without compute; ``GlobalAveragePool`` and ``Add`` calls are exempt.
+
+    Returns:
+      The other operations on activations QAT does not model (a sigmoid, GELU's
+      ``tanh``, LayerNorm's ``rsqrt``; empty for ReLU nets), sorted: whether
+      TFLite's int8 rounding inside them matters is for ``export.preflight`` to
+      measure.
     """
     def exempt(next_fun, args, kwargs, context):
         if context.method_name == "__call__" and isinstance(context.module, GlobalAveragePool):
@@ -145,7 +151,7 @@ def check_quantizable(model: Model, input_shape: tuple[int, ...]) -> None:
     with nn.intercept_methods(exempt):
         closed = jax.make_jaxpr(model.apply_fn())(model.params, x)
     jaxpr = closed.jaxpr
-    sums, adds = _hidden_int8_ops(jaxpr, {jaxpr.invars[-1]})
+    sums, adds, unmodeled = _hidden_int8_ops(jaxpr, {jaxpr.invars[-1]: frozenset({"input"})})
     if sums:
         raise ConfigError("the model averages over its spatial axes with a bare mean (e.g. "
                           "jnp.mean(x, axis=(1, 2))), whose int8 input QAT cannot see: use "
@@ -154,26 +160,63 @@ def check_quantizable(model: Model, input_shape: tuple[int, ...]) -> None:
         raise ConfigError(f"the model adds two activations with a bare + ({adds} residual "
                           "add(s), e.g. nn.relu(x + y)), whose int8 inputs QAT cannot see: "
                           "use nn.relu(ucpjax.residual.Add()(x, y)) instead")
+    return sorted(unmodeled)
 
 
-def _hidden_int8_ops(jaxpr, tainted: set) -> tuple[int, int]:
-    """``(spatial sums, adds of two input-dependent tensors)`` in ``jaxpr`` and its
-    sub-jaxprs; ``tainted`` holds the variables that depend on the input image
-    (bias and BatchNorm adds take one operand from the params, so do not count)."""
+# Primitives whose output is a new activation (a layer's output) rather than a
+# pointwise function of their input.
+_LAYER_PRIMITIVES = frozenset({"dot_general", "conv_general_dilated"})
+# Primitives on activations whose int8 result QAT reproduces (ReLU, ReLU6, pooling,
+# layout, a layer's bias or folded scale); any other one on an activation is
+# TFLite int8 arithmetic QAT does not model (``export.preflight`` measures it).
+_MODELED_PRIMITIVES = _LAYER_PRIMITIVES | frozenset({
+    "add", "sub", "mul", "div", "max", "min", "clamp", "reduce_max", "reduce_sum",
+    "reduce_window_max", "reduce_window_sum", "reshape", "transpose", "broadcast_in_dim",
+    "squeeze", "expand_dims", "concatenate", "slice", "dynamic_slice", "pad", "rev",
+    "convert_element_type", "copy", "copy_p", "stop_gradient", "select_n", "argmax",
+    "pjit", "jit", "closed_call", "custom_jvp_call", "custom_vjp_call",
+    "custom_vjp_call_jaxpr", "remat", "checkpoint"})
+# Of those, the ones that are unmodeled when both operands are activations (x * x).
+_BINARY_PRIMITIVES = frozenset({"sub", "mul", "div", "max", "min"})
+
+
+def _hidden_int8_ops(jaxpr, sources: dict) -> tuple[int, int, set[str]]:
+    """``(spatial sums, residual adds, unmodeled)`` in ``jaxpr`` and its sub-jaxprs;
+    ``unmodeled`` names the other operations on activations that QAT does not model.
+
+    ``sources`` maps each variable that depends on the input image to the layer
+    outputs it is a pointwise function of (updated in place). A residual add
+    takes two input-dependent tensors of different sources; bias and BatchNorm
+    adds take one operand from the params, and an add inside one tensor's
+    activation function (GELU's ``x + 0.044715 * x**3``) has one source, so
+    neither counts.
+    """
     sums = adds = 0
+    unmodeled = set()
     for eqn in jaxpr.eqns:
-        hot = [not isinstance(v, Literal) and v in tainted for v in eqn.invars]
-        if eqn.primitive.name == "reduce_sum":
+        known = [None if isinstance(v, Literal) else sources.get(v) for v in eqn.invars]
+        hot = [source for source in known if source is not None]
+        name = eqn.primitive.name
+        if hot and (name not in _MODELED_PRIMITIVES
+                    or name in _BINARY_PRIMITIVES and len(hot) == 2):
+            unmodeled.add(name if len(hot) == 1 else f"{name} of two activations")
+        if name == "reduce_sum":
             operand = eqn.invars[0].aval
             sums += operand.ndim == 4 and bool({1, 2} & set(eqn.params["axes"]))
-        if eqn.primitive.name == "add" and len(hot) == 2 and all(hot):
+        if name == "add" and len(hot) == 2 and hot[0] != hot[1]:
             adds += 1
         for sub in train.sub_jaxprs(eqn):
             # A jit's jaxpr takes the call's operands in order; where the counts
             # differ, nothing inside counts as input-dependent (never a false refusal).
-            same = len(sub.invars) == len(hot)
-            s, a = _hidden_int8_ops(sub, {v for v, h in zip(sub.invars, hot) if h and same})
-            sums, adds = sums + s, adds + a
-        if any(hot):
-            tainted.update(eqn.outvars)
-    return sums, adds
+            inner = dict(zip(sub.invars, known)) if len(sub.invars) == len(known) else {}
+            inner = {v: source for v, source in inner.items() if source is not None}
+            s, a, u = _hidden_int8_ops(sub, inner)
+            sums, adds, unmodeled = sums + s, adds + a, unmodeled | u
+            if len(sub.outvars) == len(eqn.outvars):
+                sources.update({out: inner[v] for out, v in zip(eqn.outvars, sub.outvars)
+                                if not isinstance(v, Literal) and v in inner})
+        if hot and not any(v in sources for v in eqn.outvars):
+            mixed = (frozenset({id(eqn)}) if name in _LAYER_PRIMITIVES
+                     else frozenset().union(*hot))
+            sources.update(dict.fromkeys(eqn.outvars, mixed))
+    return sums, adds, unmodeled

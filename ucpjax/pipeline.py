@@ -71,23 +71,26 @@ def run(model: Model, dataset: data_lib.Dataset, recipe: Recipe, out=None, *,
       A Result with the final variables, the .tflite bytes and the report.
     """
     recipe.check_budgets(len(dataset.x_train))
+    unmodeled = []
     if _qat(recipe) and recipe.export.enabled:
-        check_quantizable(model, dataset.input_shape)
+        unmodeled = check_quantizable(model, dataset.input_shape)
     # Another model that teaches is read (and checked) before any work.
     teacher = distill.teacher_model(recipe.distill, dataset) if "distill" in recipe.stages else None
     folder = None if out is None else RunFolder(out)
     if folder is None:
-        return _run(model, dataset, recipe, None, start, teacher, check_export, log)
+        return _run(model, dataset, recipe, None, start, teacher, check_export, unmodeled, log)
     with folder.lock():  # first: a second writer must not touch config.json either
         folder.claim({"recipe": to_dict(recipe), "setup": setup or {}})
         if not resume and (folder.root / "stages").exists() and not (
                 folder.root / "report.json").exists():
             raise ConfigError(f"{folder.root} holds an unfinished run: pass --resume "
                               "or choose a new --out")
-        return _run(model, dataset, recipe, folder, start, teacher, check_export, log)
+        return _run(model, dataset, recipe, folder, start, teacher, check_export, unmodeled,
+                    log)
 
 
-def _run(model, dataset, recipe, folder, start, teacher, check_export, log) -> Result:
+def _run(model, dataset, recipe, folder, start, teacher, check_export, unmodeled,
+         log) -> Result:
     finished = _finished_report(folder, log) if folder else None
     if finished is not None and _final_files_present(folder, recipe):
         log("\n" + report_lib.markdown(finished))  # a finished run only prints its report
@@ -100,6 +103,8 @@ def _run(model, dataset, recipe, folder, start, teacher, check_export, log) -> R
         if name == "cluster":
             before_cluster = model
         model, done = _stage(position, name, model, dataset, recipe, folder, start, teacher, log)
+        if position == 0 and unmodeled and check_export:
+            reports.update(_preflight(model, dataset, recipe, unmodeled, log))
         teacher = teacher or model  # by default the dense model teaches
         rows.append(done["row"])
         reports.update(done["report"])
@@ -114,6 +119,22 @@ def _run(model, dataset, recipe, folder, start, teacher, check_export, log) -> R
     if check_export and recipe.export.enabled:
         export_lib.check(final, recipe.export, qat=_qat(recipe))
     return Result(model.variables, tflite, report, model.module)
+
+
+def _preflight(model: Model, dataset, recipe: Recipe, unmodeled: list[str], log) -> dict:
+    """The uncompressed model's int8 export checked (``export.preflight``) when it has
+    operations QAT does not model: a model that would fail the final check fails
+    here, before the stages. Returns the report's ``preflight/`` entries."""
+    log(f"int8 preflight: the model applies {', '.join(unmodeled)} to activations; "
+        "checking its int8 .tflite before compressing ...")
+    folded = model.folded(dataset.input_shape)
+    measured = export_lib.preflight(folded.apply_fn(), folded.params, dataset,
+                                    config=recipe.export, quantize_config=recipe.quantize,
+                                    rules=recipe.rules, reason=", ".join(unmodeled))
+    log(f"int8 preflight passed: argmax agreement {measured['tflite_agreement']:.4f}, "
+        f"TFLite ops QAT does not model: {', '.join(measured['tflite_ops']) or 'none'}")
+    return {f"preflight/{key}": measured[key] for key in
+            ("tflite_agreement", "tflite_accuracy_gap", "tflite_ops")}
 
 
 def _slimmed(model: Model, dataset, recipe: Recipe, log) -> tuple[Model, dict]:
@@ -278,7 +299,7 @@ def weights_plot(model: Model, recipe: Recipe, path: pathlib.Path) -> None:
 
 def compress(module: nn.Module, variables, *, train, test, recipe: Recipe | None = None,
              val=None, out: str | os.PathLike | None = None, resume: bool = False,
-             check: bool = True) -> Result:
+             check: bool = True, log: Callable[[str], None] = print) -> Result:
     """Compresses a user's trained Flax model. The Python entry point.
 
     Args:
@@ -292,7 +313,10 @@ def compress(module: nn.Module, variables, *, train, test, recipe: Recipe | None
       out: optional run folder for checkpoints, reports and the .tflite.
       resume: continue a run in ``out``.
       check: raise ``export.ToleranceError`` when the .tflite is not faithful
-        (False: the report's ``tflite_within_tolerance`` says so instead).
+        (False: the report's ``tflite_within_tolerance`` says so instead). A model
+        with operations QAT does not model (a sigmoid, GELU, LayerNorm) is also
+        exported once before the stages and checked the same way (``export.preflight``).
+      log: where progress lines go.
 
     Returns:
       ``Result(variables, tflite, report)``.
@@ -300,4 +324,5 @@ def compress(module: nn.Module, variables, *, train, test, recipe: Recipe | None
     dataset = inputs.dataset_from_arrays(train, test, val)
     model = Model(module, dict(variables))
     check_model(model, dataset.input_shape, dataset.num_classes)
-    return run(model, dataset, recipe or Recipe(), out, resume=resume, check_export=check)
+    return run(model, dataset, recipe or Recipe(), out, resume=resume, check_export=check,
+               log=log)
