@@ -232,6 +232,27 @@ def test_preflight_refuses_an_export_that_cannot_follow_in_one_line(mnist):
     assert "\n" not in message and "TANH" in message and "before any compression" in message
 
 
+class Sorted(nn.Module):
+    """A sort, which TFLite's converter has no op for."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.Dense(16)(x.reshape((x.shape[0], -1))))
+        return nn.Dense(10)(jnp.sort(x, axis=-1))
+
+
+def test_preflight_refuses_a_model_that_does_not_convert_in_one_line(mnist):
+    from ucpjax.config import ConfigError
+
+    module = Sorted()
+    variables = dict(module.init(jax.random.key(0), mnist.x_train[:1]))
+    with pytest.raises(ConfigError) as err:
+        export.preflight(train.inference_fn(module, {}), variables["params"], mnist.take(300),
+                         config=export.ExportConfig(), reason="sort",
+                         quantize_config=quantize.QuantizeConfig())
+    assert "\n" not in str(err.value) and "does not convert" in str(err.value)
+
+
 def test_preflight_passes_a_relu_model(trained, mnist):
     apply_fn, params = trained
     measured = export.preflight(apply_fn, params, mnist.take(500, 300),

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from ucpjax import measure, quantize, train
+from ucpjax.config import ConfigError
 from ucpjax.config import check as check_field
 from ucpjax.rules import DEFAULT_RULES, Rules, path_name, selected
 
@@ -402,14 +403,25 @@ def preflight(apply_fn: Callable, params, dataset, *, config: ExportConfig,
       reason: what in the model QAT does not model, for the message.
 
     Returns:
-      The measurements (``faithfulness``'s keys and ``tflite_ops``).
+      The measurements (``faithfulness``'s keys and ``tflite_ops``, the converted
+      ops outside what QAT models).
+
+    Raises:
+      ToleranceError: the int8 ``.tflite`` misses ``check``'s tolerance.
+      ConfigError: the model does not convert to an int8 ``.tflite`` at all.
     """
     x, y = (dataset.x_val, dataset.y_val) if len(dataset.x_val) else (dataset.x_test,
                                                                        dataset.y_test)
     x, y = x[:PREFLIGHT_SAMPLES], y[:PREFLIGHT_SAMPLES]
     int8_weights = quantize.quantize_weights(params, quantize_config, rules)
-    tflite, measured = _int8_and_faithfulness(apply_fn, int8_weights, dataset, x, y, config,
-                                              quantize_config, rules)
+    try:
+        tflite, measured = _int8_and_faithfulness(apply_fn, int8_weights, dataset, x, y,
+                                                  config, quantize_config, rules)
+    except Exception as err:  # the converter's own errors are pages of MLIR
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise ConfigError(f"the model does not convert to an int8 TFLite model ({reason}: "
+                             f"{type(err).__name__}: {first}); use operations TFLite's int8 "
+                             "kernels have (ReLU, ReLU6, BatchNorm, pooling)") from None
     ops = sorted({op["op_name"] for op in interpreter(tflite, use_xnnpack=False)
                   ._get_ops_details()} - _MODELED_OPS)
     measured["tflite_ops"] = ops

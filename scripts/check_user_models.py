@@ -1,0 +1,278 @@
+"""Models written as users write them, none of them ours, through ``ucpjax.compress``.
+
+    .venv/bin/python scripts/check_user_models.py            # about 10 minutes on 2 cores
+    .venv/bin/python scripts/check_user_models.py --only GeluMlp,HardSwish
+
+Each model is trained for 6 epochs on 8,000 MNIST images (Adam 1e-3), then
+compressed with the smoke recipe (every stage, a short budget: this checks that
+a kind of model goes through end to end, not the accuracy it reaches) and its
+``.tflite`` measured in LiteRT on 1,000 test images. A row says what the run
+did: passed the final int8 check, refused before any work (with its one-line
+message), or failed. Covers what QAT models exactly (ReLU/ReLU6, BatchNorm,
+strides, dilation, avg/max/global pools, concatenation, depth multipliers) and
+what it does not (GELU, hard-swish, sigmoid, tanh, LayerNorm), which the int8
+preflight measures before the stages.
+Writes results/user_models.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+import ucpjax
+from ucpjax import data, experiment, train
+from ucpjax.config import ConfigError
+from ucpjax.experiment import Experiment
+from ucpjax.export import ToleranceError
+from ucpjax.pooling import GlobalAveragePool
+from ucpjax.residual import Add
+from ucpjax.run_folder import RunFolder
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import bench_baselines as bench  # noqa: E402
+
+
+def _conv_bn(x, train: bool, strides: int = 1):
+    x = nn.Conv(8, (3, 3), strides=strides, use_bias=False)(x)
+    return nn.BatchNorm(use_running_average=not train)(x)
+
+
+class LnMlp(nn.Module):
+    """Dense, LayerNorm, GELU, Dense."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = x.reshape((x.shape[0], -1))
+        x = nn.gelu(nn.LayerNorm()(nn.Dense(64)(x)))
+        return nn.Dense(10)(x)
+
+
+class BiasConvAvg(nn.Module):
+    """Convs with biases, VALID padding, stride 2, nn.avg_pool, flatten."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.relu(nn.Conv(8, (5, 5), padding="VALID")(x))
+        x = nn.avg_pool(x, (2, 2), (2, 2))
+        x = nn.relu(nn.Conv(16, (3, 3), strides=(2, 2))(x))
+        return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+
+class SeqNet(nn.Module):
+    """nn.Sequential of a flatten lambda, Dense, ReLU, Dense."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        return nn.Sequential([lambda y: y.reshape((y.shape[0], -1)), nn.Dense(32), nn.relu,
+                              nn.Dense(10)])(x)
+
+
+class DepthMult(nn.Module):
+    """Conv + BatchNorm, a grouped conv with depth multiplier 2 + BatchNorm, GlobalAveragePool."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.relu(_conv_bn(x, train))
+        x = nn.Conv(16, (3, 3), feature_group_count=8, use_bias=False)(x)  # depth multiplier 2
+        x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+        x = GlobalAveragePool()(x)
+        return nn.Dense(10)(x)
+
+
+class Swish(nn.Module):
+    """Strided convs with swish and sigmoid activations."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.swish(nn.Conv(8, (3, 3), strides=2)(x))
+        x = nn.sigmoid(nn.Conv(8, (3, 3), strides=2)(x))
+        return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+
+class GlobalMax(nn.Module):
+    """Conv, a global max pool written as jnp.max over H and W, Dense."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.relu(nn.Conv(16, (3, 3), strides=2)(x))
+        x = jnp.max(x, axis=(1, 2))
+        return nn.Dense(10)(x)
+
+
+class Concat(nn.Module):
+    """Two conv branches (3x3 and 1x1) concatenated on channels."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        a = nn.relu(nn.Conv(8, (3, 3), strides=2)(x))
+        b = nn.relu(nn.Conv(8, (1, 1), strides=2)(x))
+        x = jnp.concatenate([a, b], axis=-1)
+        return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+
+class ResBlock(nn.Module):
+    """Conv + BatchNorm stem, a residual block through ucpjax.residual.Add, nn.max_pool."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.relu(_conv_bn(x, train, strides=2))
+        y = _conv_bn(nn.relu(_conv_bn(x, train)), train)
+        x = nn.relu(Add()(x, y))
+        x = nn.max_pool(x, (2, 2), (2, 2))
+        return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+
+class DilatedConv(nn.Module):
+    """A dilated 3x3 conv (kernel_dilation=2), nn.max_pool."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.relu(nn.Conv(8, (3, 3), kernel_dilation=2)(x))
+        x = nn.max_pool(x, (2, 2), (2, 2))
+        return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+
+class BnFirst(nn.Module):
+    """BatchNorm on the input image, conv, Dense + BatchNorm (no conv before it)."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.BatchNorm(use_running_average=not train)(x)
+        x = nn.relu(nn.Conv(8, (3, 3), strides=2)(x))
+        x = nn.Dense(32)(x.reshape((x.shape[0], -1)))
+        x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+        return nn.Dense(10)(x)
+
+
+class PointwiseDense(nn.Module):
+    """A Dense applied over the channel axis of NHWC feature maps."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.relu(nn.Conv(8, (3, 3), strides=2)(x))
+        x = nn.relu(nn.Dense(8)(x))   # Dense over the channel axis of NHWC
+        return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+
+class Tanh(nn.Module):
+    """An MLP with tanh and ReLU6."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = x.reshape((x.shape[0], -1))
+        x = nn.tanh(nn.Dense(64)(x))
+        x = nn.relu6(nn.Dense(32)(x))
+        return nn.Dense(10)(x)
+
+
+class GeluMlp(nn.Module):
+    """An MLP with GELU."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = x.reshape((x.shape[0], -1))
+        return nn.Dense(10)(nn.gelu(nn.Dense(64)(x)))
+
+
+class LnReluMlp(nn.Module):
+    """Dense, LayerNorm, ReLU, Dense."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = x.reshape((x.shape[0], -1))
+        return nn.Dense(10)(nn.relu(nn.LayerNorm()(nn.Dense(64)(x))))
+
+
+class HardSwish(nn.Module):
+    """A strided conv with hard-swish."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.hard_swish(nn.Conv(8, (3, 3), strides=2)(x))
+        return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+
+MODELS = {cls.__name__: cls for cls in (
+    LnMlp, LnReluMlp, GeluMlp, BiasConvAvg, SeqNet, DepthMult, Swish, HardSwish, GlobalMax,
+    Concat, ResBlock, DilatedConv, BnFirst, PointwiseDense, Tanh)}
+
+
+def run_model(name: str, dataset) -> dict:
+    module = MODELS[name]()
+    begin = time.perf_counter()
+    variables = dict(module.init(jax.random.key(0), dataset.x_train[:1], train=False))
+    config = train.TrainConfig(epochs=6, batch_size=100)
+    steps = train.total_steps(config, len(dataset.x_train))
+    state, _ = train.fit(variables["params"], train.classification_loss(module),
+                         train.make_optimizer(config, steps), dataset.x_train, dataset.y_train,
+                         config=config, seed=0,
+                         extra={k: v for k, v in variables.items() if k != "params"})
+    trained = {"params": state.params, **state.extra}
+    row = {"model": name, "about": MODELS[name].__doc__.strip().splitlines()[0]}
+    try:
+        result = ucpjax.compress(module, trained, train=(dataset.x_train, dataset.y_train),
+                                 test=(dataset.x_test, dataset.y_test),
+                                 recipe=experiment.smoke(Experiment()).recipe)
+    except (ConfigError, ToleranceError) as err:
+        return {**row, "outcome": f"{type(err).__name__}: {err}",
+                "seconds": time.perf_counter() - begin}
+    final, stages = result.report["final"], result.report["stages"]
+    return {**row, "outcome": "passed", "dense_accuracy": result.report["rows"][0]["accuracy"],
+            **{key: final[key] for key in ("jax_accuracy", "tflite_accuracy",
+                                           "tflite_agreement", "tflite_max_logit_error_steps",
+                                           "weights_faithful")},
+            "preflight_ops": stages.get("preflight/tflite_ops"),
+            "seconds": time.perf_counter() - begin}
+
+
+def markdown(rows: list[dict], commands: list[str]) -> str:
+    lines = ["# Users' models through ucpjax.compress (smoke recipe)", "",
+             "| model | what it has | outcome | dense | JAX final | .tflite | agreement "
+             "| max logit error (steps) | preflight: TFLite ops QAT does not model |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["outcome"] != "passed":
+            lines.append(f"| {r['model']} | {r['about']} | {r['outcome']} | | | | | | |")
+            continue
+        ops = "not needed" if r["preflight_ops"] is None else ", ".join(r["preflight_ops"])
+        lines.append(f"| {r['model']} | {r['about']} | passed | {r['dense_accuracy']:.3f} "
+                     f"| {r['jax_accuracy']:.3f} | {r['tflite_accuracy']:.3f} "
+                     f"| {r['tflite_agreement']:.4f} | {r['tflite_max_logit_error_steps']:.0f} "
+                     f"| {ops} |")
+    lines += ["", *(f"Command: `{c}`" for c in commands), ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", default="", help="comma-separated models (default: all)")
+    args = parser.parse_args()
+    only = [m for m in args.only.split(",") if m]
+    unknown = sorted(set(only) - set(MODELS))
+    if unknown:
+        parser.error(f"--only {','.join(unknown)}: no such model; the models are "
+                     f"{', '.join(MODELS)}")
+    dataset = data.load("mnist").take(8000, 1000)
+    command = "python scripts/check_user_models.py" + (f" --only {args.only}" if only else "")
+    folder = RunFolder(ROOT / "results")
+    earlier = folder.read_json("user_models.json") or {}
+    commands = bench.commands_with(earlier, command)
+    rows = {r["model"]: r for r in earlier.get("rows", [])}
+    for name in only or MODELS:
+        rows[name] = run_model(name, dataset)
+        ordered = [rows[m] for m in MODELS if m in rows]
+        folder.write_json("user_models.json", {"commands": commands, "rows": ordered})
+        folder.write_bytes("user_models.md", markdown(ordered, commands).encode())
+    print(markdown([rows[m] for m in MODELS if m in rows], commands))
+
+
+if __name__ == "__main__":
+    main()
