@@ -7,12 +7,13 @@ defaulting to ``test``. Every problem is refused in one line that names the
 argument (``train``, ``test``, ``val``), the array (``x`` or ``y``) and the fix:
 
 * not an ``(x, y)`` pair, ``x`` and ``y`` of different lengths, an empty set;
-* ``x`` not 4-D NHWC (flat or 3-D images), non-numeric ``x``, NaN/Inf pixels;
+* ``x`` not 4-D NHWC (flat, 3-D or channels-first images), non-numeric ``x``,
+  NaN/Inf pixels;
 * integer images (uint8 included): the model expects the preprocessing it was
   trained with, so scaling or casting them here would give a silent wrong
   result; the user scales them, e.g. ``x.astype(np.float32) / 255``;
 * ``y`` not 1-D (one-hot labels), non-numeric ``y``, float labels that are not
-  whole numbers, negative labels;
+  whole numbers, negative labels, training labels that do not start at 0;
 * test/val labels outside the training classes, test/val images of another
   shape than the training images.
 
@@ -49,6 +50,9 @@ def dataset_from_arrays(train, test, val=None, *, name: str = "user") -> Dataset
       ConfigError: one line naming the argument and the fix (see the module docstring).
     """
     x_train, y_train = _checked_pair(train, "train")
+    if y_train.min() > 0:  # 1-based labels would add a class 0 that no image has
+        raise ConfigError(f"train y: the smallest label is {y_train.min()}, not 0; pass "
+                          f"class ids 0..K-1, e.g. y - {y_train.min()}")
     num_classes = int(y_train.max()) + 1
     x_test, y_test = _checked_pair(test, "test")
     _check_like_train(x_test, y_test, "test", x_train.shape[1:], num_classes)
@@ -118,6 +122,10 @@ def _checked_images(x: np.ndarray, where: str) -> np.ndarray:
     if x.ndim != 4 or 0 in x.shape[1:]:
         raise ConfigError(f"{where}: shape {x.shape} is not NHWC images; "
                           "reshape to (N, H, W, C)")
+    if x.shape[1] in (1, 3) and x.shape[3] >= 8:
+        # A model that flattens would train on transposed pixels without complaint.
+        raise ConfigError(f"{where}: images of shape {x.shape} look channels-first "
+                          "(N, C, H, W); pass NHWC, e.g. x.transpose(0, 2, 3, 1)")
     for start in range(0, len(x), _FINITE_CHUNK):
         bad = ~np.isfinite(x[start:start + _FINITE_CHUNK]).reshape(-1, np.prod(x.shape[1:]))
         if bad.any():
