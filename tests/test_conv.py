@@ -28,7 +28,8 @@ def test_random_convs_match_lax(case):
     k = int(rng.choice([1, 2, 3, 5]))
     depthwise = case % 3 == 0
     c = int(rng.integers(1, 6))
-    features = c if depthwise else int(rng.integers(1, 7))
+    # Depthwise with a depth multiplier of 1, 2 or 3 outputs per channel.
+    features = c * (case % 9 // 3 + 1) if depthwise else int(rng.integers(1, 7))
     strides = tuple(int(s) for s in rng.integers(1, 4, size=2))
     padding = [
         "SAME", "VALID", ((int(rng.integers(0, 3)), int(rng.integers(0, 3))),

@@ -44,12 +44,13 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     """``lax.conv_general_dilated`` with fast gradients for NHWC/HWIO 2-D convs.
 
     Takes the fast path for 4-D NHWC inputs, HWIO kernels, no dilation, and
-    ``feature_group_count`` 1 or equal to the channels with one output per
-    channel (depthwise); everything else goes to lax as given.
+    ``feature_group_count`` 1 or equal to the channels (depthwise, with any
+    depth multiplier: ``m`` outputs per channel); everything else goes to lax
+    as given.
 
     Args:
       lhs: NHWC input.
-      rhs: HWIO kernel (``(kh, kw, 1, C)`` for depthwise).
+      rhs: HWIO kernel (``(kh, kw, 1, C * m)`` for depthwise).
       window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
       feature_group_count, batch_group_count, precision, preferred_element_type:
         as in ``lax.conv_general_dilated``.
@@ -107,13 +108,14 @@ def _supported(lhs, rhs, strides, lhs_dilation, rhs_dilation, dimension_numbers,
     channels = lhs.shape[3]
     if feature_group_count == 1:
         return rhs.shape[2] == channels
-    return feature_group_count == channels and rhs.shape[2:] == (1, channels)
+    return (feature_group_count == channels and rhs.shape[2] == 1
+            and rhs.shape[3] % channels == 0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _conv(x, kernel, strides: tuple[int, int], pads: Pads, depthwise: bool, precision):
     if depthwise:
-        return _depthwise(x, kernel[:, :, 0], strides, pads)
+        return _depthwise(_repeated(x, kernel), kernel[:, :, 0], strides, pads)
     return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_NHWC,
                                     precision=precision)
 
@@ -125,9 +127,11 @@ def _conv_forward(x, kernel, strides, pads, depthwise, precision):
 def _conv_backward(strides, pads, depthwise, precision, residuals, dy):
     x, kernel = residuals
     if depthwise:
-        dx = _depthwise_input_grad(dy, kernel[:, :, 0], x.shape, strides, pads)
-        dk = _depthwise_kernel_grad(x, dy, kernel.shape[:2], strides, pads)[:, :, None]
-        return dx, dk
+        repeated = _repeated(x, kernel)
+        dx = _depthwise_input_grad(dy, kernel[:, :, 0], repeated.shape, strides, pads)
+        dx = dx.reshape(*x.shape, -1).sum(-1)  # each channel's m copies
+        dk = _depthwise_kernel_grad(repeated, dy, kernel.shape[:2], strides, pads)
+        return dx, dk[:, :, None]
     # XLA's input gradient is as fast as its forward pass: keep it.
     _, input_vjp = jax.vjp(lambda x: lax.conv_general_dilated(
         x, kernel, strides, pads, dimension_numbers=_NHWC, precision=precision), x)
@@ -136,6 +140,13 @@ def _conv_backward(strides, pads, depthwise, precision, residuals, dy):
 
 
 _conv.defvjp(_conv_forward, _conv_backward)
+
+
+def _repeated(x, kernel):
+    """``x`` with each channel repeated for its ``m`` outputs (the depth multiplier):
+    lax's output ``o`` of a depthwise conv reads input channel ``o // m``."""
+    multiplier = kernel.shape[3] // x.shape[3]
+    return x if multiplier == 1 else jnp.repeat(x, multiplier, axis=3)
 
 
 def _shifted_views(x, window: tuple[int, int], strides, pads, out_hw) -> list[jax.Array]:
