@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+import ucpjax
 from ucpjax import data, inputs, train
 from ucpjax.config import ConfigError
 
@@ -237,3 +238,45 @@ def test_a_normal_learning_rate_trains_without_complaint():
 def test_fit_refuses_a_batch_larger_than_the_training_set():
     _one_line_error(ConfigError, lambda: _fit(1e-3, batch_size=600),
                     "batch_size=600", "500 training examples")
+
+
+class _Softmaxed(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.softmax(_TinyMLP()(x))
+
+
+class _NoTrainArgument(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return _TinyMLP()(x)
+
+
+class _Pooled(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.Dense(10)(x)  # per pixel: (N, 28, 28, 10), not logits
+
+
+def _compress_module(module, variables=None):
+    x, y = _learnable_data(64)
+    variables = variables or dict(module.init(jax.random.key(0), x[:1]))
+    return lambda: ucpjax.compress(module, variables, train=(x, y), test=(x, y))
+
+
+BAD_MODULES = {
+    "softmax output": (lambda: _compress_module(_Softmaxed()),
+                       ["probabilities", "return the logits"]),
+    "no train argument": (lambda: _compress_module(_NoTrainArgument()),
+                          ["train=False", "__call__(x, train)"]),
+    "variables of another model": (
+        lambda: _compress_module(_TinyMLP(), {"params": {"Dense_9": {}}}),
+        ["module.apply(variables, x, train=False) fails"]),
+    "not logits": (lambda: _compress_module(_Pooled()), ["(1, 28, 28, 10)", "expected logits"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_MODULES, ids=str)
+def test_a_module_that_cannot_classify_is_refused_before_any_work(case):
+    make, culprits = BAD_MODULES[case]
+    _one_line_error(ConfigError, make(), *culprits)

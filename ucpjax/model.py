@@ -7,6 +7,7 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend.core import Literal
 
 from ucpjax import batchnorm, fold, train
@@ -99,13 +100,17 @@ def _merge(params: dict, fixed: dict) -> dict:
     return merged
 
 
-def check_model(model: Model, input_shape: tuple[int, ...], num_classes: int) -> None:
+def check_model(model: Model, input_shape: tuple[int, ...], num_classes: int,
+                sample=None) -> None:
     """Refuses, in one line, a module that cannot classify these inputs.
 
     Traces ``module.apply(variables, x, train=False)`` on one example's shape
     (no compute): a module without a ``train`` argument, a BatchNorm model
     without ``batch_stats``, variables of another model, or logits of the
-    wrong shape fail here rather than inside a stage.
+    wrong shape fail here rather than inside a stage. With ``sample`` (a few
+    inputs) it also refuses a module that returns probabilities: the losses
+    apply a softmax themselves, so training on a softmax's output would crawl
+    without any error.
     """
     if "params" not in model.variables:
         raise ConfigError(f"variables has {sorted(model.variables)}: expected the module's "
@@ -123,6 +128,12 @@ def check_model(model: Model, input_shape: tuple[int, ...], num_classes: int) ->
         raise ConfigError(f"module output has shape {getattr(out, 'shape', type(out))}: "
                           f"expected logits (batch, classes) with at least {num_classes} "
                           "classes")
+    if sample is not None:
+        out = np.asarray(model.apply_fn()(model.params, sample))
+        if np.all(out >= 0) and np.allclose(out.sum(-1), 1, atol=1e-3):
+            raise ConfigError("module output looks like probabilities (non-negative rows "
+                              "summing to 1): return the logits, without the softmax; the "
+                              "losses and distillation apply it themselves")
 
 
 def check_quantizable(model: Model, input_shape: tuple[int, ...]) -> list[str]:

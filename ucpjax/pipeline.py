@@ -323,6 +323,6 @@ def compress(module: nn.Module, variables, *, train, test, recipe: Recipe | None
     """
     dataset = inputs.dataset_from_arrays(train, test, val)
     model = Model(module, dict(variables))
-    check_model(model, dataset.input_shape, dataset.num_classes)
+    check_model(model, dataset.input_shape, dataset.num_classes, sample=dataset.x_train[:16])
     return run(model, dataset, recipe or Recipe(), out, resume=resume, check_export=check,
                log=log)
