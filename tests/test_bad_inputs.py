@@ -235,6 +235,14 @@ def test_a_normal_learning_rate_trains_without_complaint():
     assert history[-1]["accuracy"] > 0.3
 
 
+def test_a_batch_that_does_not_split_over_the_devices_is_refused_before_any_work(monkeypatch):
+    from ucpjax.recipe import Recipe
+
+    monkeypatch.setattr(jax, "device_count", lambda: 3)
+    _one_line_error(ConfigError, lambda: Recipe().check_budgets(60_000),
+                    "prune.train.batch_size=128", "3 JAX devices", "use 126 or 129")
+
+
 def test_fit_refuses_a_batch_larger_than_the_training_set():
     _one_line_error(ConfigError, lambda: _fit(1e-3, batch_size=600),
                     "batch_size=600", "500 training examples")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ucpjax import data, models, train
+from ucpjax.config import ConfigError
 
 # Trains a few steps and prints the final params' checksum; run with 1 and 4 devices.
 _DEVICES_SCRIPT = """
@@ -112,7 +113,7 @@ def test_nan_loss_is_caught(mnist_small):
 def test_batch_size_must_divide_over_devices(mnist_small, monkeypatch):
     m, v, _, opt = _setup(mnist_small)
     monkeypatch.setattr(jax, "devices", lambda: [jax.local_devices()[0]] * 3)
-    with pytest.raises(ValueError, match="multiple of the 3 JAX devices"):
+    with pytest.raises(ConfigError, match="not a multiple of the 3 JAX devices"):
         train.fit(v["params"], train.classification_loss(m), opt, mnist_small.x_train,
                   mnist_small.y_train, config=train.TrainConfig(batch_size=100), seed=0)
 

@@ -66,7 +66,8 @@ def dataset_from_arrays(train, test, val=None, *, name: str = "user") -> Dataset
 
 
 def check_batch_size(batch_size: int, num_examples: int, field: str) -> None:
-    """Refuses a batch larger than the training set (it would train zero steps).
+    """Refuses a batch larger than the training set (it would train zero steps) or
+    one that does not split evenly over the JAX devices (training is data-parallel).
 
     Args:
       batch_size: the configured batch size.
@@ -74,11 +75,20 @@ def check_batch_size(batch_size: int, num_examples: int, field: str) -> None:
       field: the config path named in the error, e.g. ``prune.train.batch_size``.
 
     Raises:
-      ConfigError: ``"<field>=<b>: larger than the <n> training examples; ..."``.
+      ConfigError: ``"<field>=<b>: larger than the <n> training examples; ..."``
+        or ``"<field>=<b>: not a multiple of the <d> JAX devices; ..."``.
     """
+    import jax
+
     if batch_size > num_examples:
         raise ConfigError(f"{field}={batch_size}: larger than the {num_examples} training "
                           f"examples; use a batch size <= {num_examples}")
+    devices = jax.device_count()
+    if batch_size % devices:
+        below = batch_size - batch_size % devices
+        raise ConfigError(f"{field}={batch_size}: not a multiple of the {devices} JAX devices "
+                          f"that share each batch; use {below or devices} or "
+                          f"{below + devices}")
 
 
 def _checked_pair(pair, arg: str) -> tuple[np.ndarray, np.ndarray]:

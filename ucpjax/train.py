@@ -307,15 +307,15 @@ def fit(
       ``(state, history)``; history has one dict of mean metrics per epoch.
 
     Raises:
-      ConfigError: ``batch_size`` larger than the training set.
+      ConfigError: ``batch_size`` larger than the training set, or not a multiple
+        of the devices.
       DivergenceError: (a FloatingPointError) the run diverged, as above.
     """
     check(config.batch_size <= len(x), "batch_size", config.batch_size,
           f"larger than the {len(x)} training examples; use a batch size <= {len(x)}")
     m = mesh()
-    if config.batch_size % m.size:
-        raise ValueError(f"batch_size={config.batch_size} must be a multiple of "
-                         f"the {m.size} JAX devices")
+    check(config.batch_size % m.size == 0, "batch_size", config.batch_size,
+          f"not a multiple of the {m.size} JAX devices that share each batch")
     replicated = NamedSharding(m, PartitionSpec())
     state = TrainState(jnp.zeros((), jnp.int32), params, {} if extra is None else extra,
                        optimizer.init(params))
