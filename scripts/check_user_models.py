@@ -200,9 +200,19 @@ class HardSwish(nn.Module):
         return nn.Dense(10)(x.reshape((x.shape[0], -1)))
 
 
+class BnAfterRelu(nn.Module):
+    """Conv, ReLU, then BatchNorm (not foldable into the conv), Dense."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.relu(nn.Conv(8, (3, 3), strides=2)(x))
+        x = nn.BatchNorm(use_running_average=not train)(x)
+        return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+
 MODELS = {cls.__name__: cls for cls in (
     LnMlp, LnReluMlp, GeluMlp, BiasConvAvg, SeqNet, DepthMult, Swish, HardSwish, GlobalMax,
-    Concat, ResBlock, DilatedConv, BnFirst, PointwiseDense, Tanh)}
+    Concat, ResBlock, DilatedConv, BnFirst, BnAfterRelu, PointwiseDense, Tanh)}
 
 
 def run_model(name: str, dataset) -> dict:

@@ -70,6 +70,22 @@ def test_an_activation_function_is_not_a_residual_add():
     assert "tanh" in check_quantizable(Model(module, variables), SHAPE)
 
 
+class NormAfterRelu(nn.Module):
+    """A BatchNorm after the ReLU: no Conv/Dense right before it to fold into."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.BatchNorm(use_running_average=not train)(nn.relu(nn.Conv(4, (3, 3))(x)))
+        return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+
+def test_an_unfoldable_batchnorm_is_int8_arithmetic_qat_does_not_model():
+    module = NormAfterRelu()
+    variables = dict(module.init(jax.random.key(0), jnp.zeros((1, *SHAPE))))
+    unmodeled = check_quantizable(Model(module, variables), SHAPE)
+    assert any(item.startswith("BatchNorm_0 (") for item in unmodeled), unmodeled
+
+
 @pytest.mark.parametrize("name", ["resnet8", "mobilenet_cifar", "cifar_cnn", "lenet300"])
 def test_registry_models_pass(name):
     shape = (28, 28, 1) if name == "lenet300" else (32, 32, 3)

@@ -431,8 +431,9 @@ def preflight(apply_fn: Callable, params, dataset, *, config: ExportConfig,
             f"the model's int8 .tflite does not follow its JAX int8 model before any "
             f"compression ({'; '.join(misses)}, on {len(x)} images): TFLite rounds to int8 "
             f"inside ops QAT does not model ({', '.join(ops) or '-'}; in JAX: {reason}); use "
-            "ReLU or ReLU6 activations and BatchNorm, or pass check=False (or loosen "
-            "export.min_agreement / export.accuracy_tolerance) to accept it")
+            "ReLU or ReLU6 activations and put each BatchNorm right after its Conv/Dense, "
+            "or pass check=False (or loosen export.min_agreement / "
+            "export.accuracy_tolerance) to accept it")
     return measured
 
 

@@ -147,15 +147,19 @@ def check_quantizable(model: Model, input_shape: tuple[int, ...]) -> list[str]:
 
     Returns:
       The other operations on activations QAT does not model (a sigmoid, GELU's
-      ``tanh``, LayerNorm's ``rsqrt``; empty for ReLU nets), sorted: whether
-      TFLite's int8 rounding inside them matters is for ``export.preflight`` to
-      measure.
+      ``tanh``, LayerNorm's ``rsqrt``, a BatchNorm with no Conv/Dense right
+      before it to fold into; empty for ReLU nets), sorted: whether TFLite's
+      int8 rounding inside them matters is for ``export.preflight`` to measure.
     """
+    batchnorms = []
+
     def exempt(next_fun, args, kwargs, context):
         if context.method_name == "__call__" and isinstance(context.module, GlobalAveragePool):
             return args[0][:, 0, 0, :]  # same shape, no reduction to find
         if context.method_name == "__call__" and isinstance(context.module, Add):
             return args[0]  # same shape, no add to find
+        if context.method_name == "__call__" and isinstance(context.module, nn.BatchNorm):
+            batchnorms.append(context.module.path)
         return next_fun(*args, **kwargs)
 
     x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
@@ -163,6 +167,11 @@ def check_quantizable(model: Model, input_shape: tuple[int, ...]) -> list[str]:
         closed = jax.make_jaxpr(model.apply_fn())(model.params, x)
     jaxpr = closed.jaxpr
     sums, adds, unmodeled = _hidden_int8_ops(jaxpr, {jaxpr.invars[-1]: frozenset({"input"})})
+    if batchnorms and "batch_stats" in model.variables:
+        folded = {bn for _, bn, _ in fold.find_batchnorm_pairs(model.module, model.variables,
+                                                                input_shape)}
+        unmodeled |= {f"{'/'.join(path)} (a BatchNorm with no Conv/Dense right before it)"
+                      for path in batchnorms if path not in folded}
     if sums:
         raise ConfigError("the model averages over its spatial axes with a bare mean (e.g. "
                           "jnp.mean(x, axis=(1, 2))), whose int8 input QAT cannot see: use "
