@@ -193,7 +193,7 @@ _MODELED_PRIMITIVES = _LAYER_PRIMITIVES | frozenset({
     "add", "sub", "mul", "div", "max", "min", "clamp", "reduce_max", "reduce_sum",
     "reduce_window_max", "reduce_window_sum", "reshape", "transpose", "broadcast_in_dim",
     "squeeze", "expand_dims", "concatenate", "slice", "dynamic_slice", "pad", "rev",
-    "convert_element_type", "copy", "copy_p", "stop_gradient", "select_n", "argmax",
+    "convert_element_type", "copy", "stop_gradient", "select_n",
     "pjit", "jit", "closed_call", "custom_jvp_call", "custom_vjp_call",
     "custom_vjp_call_jaxpr", "remat", "checkpoint"})
 # Of those, the ones that are unmodeled when both operands are activations (x * x).
