@@ -1,0 +1,41 @@
+"""Models written as users write them (``scripts/check_user_models.py``) pass the
+checks before compression: none is refused by mistake, and exactly those with
+int8 arithmetic QAT does not model are sent to the int8 preflight."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from ucpjax.model import Model, check_model, check_quantizable
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHAPE = (28, 28, 1)
+# The models whose every operation on activations QAT reproduces.
+MODELED = {"BiasConvAvg", "SeqNet", "DepthMult", "GlobalMax", "Concat", "ResBlock",
+           "DilatedConv", "PointwiseDense"}
+
+
+def _zoo():
+    spec = importlib.util.spec_from_file_location("check_user_models",
+                                                  ROOT / "scripts" / "check_user_models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.MODELS
+
+
+ZOO = _zoo()
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_a_users_model_passes_the_checks_and_is_sent_to_the_preflight_if_needed(name):
+    module = ZOO[name]()
+    sample = np.random.default_rng(0).random((4, *SHAPE), np.float32)
+    model = Model(module, dict(module.init(jax.random.key(0), sample[:1], train=False)))
+    check_model(model, SHAPE, 10, sample=sample)
+    unmodeled = check_quantizable(model, SHAPE)
+    assert (unmodeled == []) == (name in MODELED), unmodeled
