@@ -69,6 +69,8 @@ BAD_ARRAYS = {
     "val not a pair": (_with(val=[X_TEST]), ["val:", "pair"]),
     "test images of another shape": (_with(x_test=X_TEST[:, :3]), ["test x", "(3, 4, 1)"]),
     "val images of another shape": (_with(val=(X_TEST[..., [0, 0]], Y_TEST)), ["val x"]),
+    "test not scaled like train": (_with(x_test=X_TEST * 255), ["test x", "but train's span",
+                                                                  "exactly like train"]),
     "uint8 images": (_with(x=(X * 255).astype(np.uint8)),
                      ["train x", "uint8 images: scale them as in training, "
                       "e.g. x.astype(np.float32) / 255"]),

@@ -15,7 +15,8 @@ argument (``train``, ``test``, ``val``), the array (``x`` or ``y``) and the fix:
 * ``y`` not 1-D (one-hot labels), non-numeric ``y``, float labels that are not
   whole numbers, negative labels, training labels that do not start at 0;
 * test/val labels outside the training classes, test/val images of another
-  shape than the training images.
+  shape than the training images or with pixel ranges 20x wider or narrower
+  (e.g. train scaled to [0, 1], test left in [0, 255]).
 
 Float images of other widths are cast to float32 and whole-number float labels
 to int32: both casts keep every value.
@@ -55,12 +56,12 @@ def dataset_from_arrays(train, test, val=None, *, name: str = "user") -> Dataset
                           f"class ids 0..K-1, e.g. y - {y_train.min()}")
     num_classes = int(y_train.max()) + 1
     x_test, y_test = _checked_pair(test, "test")
-    _check_like_train(x_test, y_test, "test", x_train.shape[1:], num_classes)
+    _check_like_train(x_test, y_test, "test", x_train, num_classes)
     if val is None:
         x_val, y_val = x_test, y_test
     else:
         x_val, y_val = _checked_pair(val, "val")
-        _check_like_train(x_val, y_val, "val", x_train.shape[1:], num_classes)
+        _check_like_train(x_val, y_val, "val", x_train, num_classes)
     return Dataset(name=name, x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val,
                    x_test=x_test, y_test=y_test, num_classes=num_classes)
 
@@ -89,6 +90,17 @@ def check_batch_size(batch_size: int, num_examples: int, field: str) -> None:
         raise ConfigError(f"{field}={batch_size}: not a multiple of the {devices} JAX devices "
                           f"that share each batch; use {below or devices} or "
                           f"{below + devices}")
+
+
+# Pixel ranges of train and test/val further apart than this factor mean the two
+# were preprocessed differently.
+_RANGE_RATIO = 20
+
+
+def _pixel_range(x: np.ndarray) -> tuple[float, float]:
+    """Min and max pixel over (at most) the first ``_FINITE_CHUNK`` images."""
+    head = x[:_FINITE_CHUNK]
+    return float(head.min()), float(head.max())
 
 
 def _checked_pair(pair, arg: str) -> tuple[np.ndarray, np.ndarray]:
@@ -167,11 +179,19 @@ def _checked_labels(y: np.ndarray, where: str) -> np.ndarray:
     return y.astype(np.int32)
 
 
-def _check_like_train(x: np.ndarray, y: np.ndarray, arg: str, image_shape: tuple,
+def _check_like_train(x: np.ndarray, y: np.ndarray, arg: str, x_train: np.ndarray,
                       num_classes: int) -> None:
-    if x.shape[1:] != image_shape:
+    if x.shape[1:] != x_train.shape[1:]:
         raise ConfigError(f"{arg} x: images of shape {x.shape[1:]} but train images are "
-                          f"{image_shape}; preprocess {arg} exactly like train")
+                          f"{x_train.shape[1:]}; preprocess {arg} exactly like train")
+    (lo, hi), (train_lo, train_hi) = _pixel_range(x), _pixel_range(x_train)
+    spread, train_spread = hi - lo, train_hi - train_lo
+    if min(spread, train_spread) > 0 and (  # constant images have no range to compare
+            max(spread, train_spread) > _RANGE_RATIO * min(spread, train_spread)):
+        # e.g. train scaled to [0, 1] and test left in [0, 255]: a silent wrong accuracy.
+        raise ConfigError(f"{arg} x: pixel values span [{lo:.3g}, {hi:.3g}] but train's span "
+                          f"[{train_lo:.3g}, {train_hi:.3g}]; preprocess {arg} exactly "
+                          "like train")
     if y.max() >= num_classes:
         index = int(np.argmax(y))
         raise ConfigError(f"{arg} y: label {y[index]} at index {index} is not a training "
