@@ -61,14 +61,20 @@ def fold_batchnorm(model: nn.Module, variables, input_shape) -> tuple[dict, tupl
     params = jax.tree.map(np.asarray, variables["params"])
     stats = jax.tree.map(np.asarray, variables["batch_stats"])
     for layer_path, bn_path, eps in pairs:
-        _fold_one(_node(params, layer_path), _node(params, bn_path), _node(stats, bn_path), eps)
+        _fold_one(_node(params, layer_path), _node(params, bn_path, missing={}),
+                  _node(stats, bn_path), eps)
     as_jnp = lambda tree: jax.tree.map(jnp.asarray, tree)
-    frozen = tuple((*bn, "scale") for _, bn, _ in pairs if "scale" in _node(params, bn))
+    frozen = tuple((*bn, "scale") for _, bn, _ in pairs
+                   if "scale" in _node(params, bn, missing={}))
     return {**variables, "params": as_jnp(params), "batch_stats": as_jnp(stats)}, frozen
 
 
-def _node(tree: dict, path: tuple) -> dict:
+def _node(tree: dict, path: tuple, missing=None) -> dict:
+    """``tree[path[0]][path[1]]...``; ``missing`` where a BatchNorm without scale and
+    offset has no params at all (when given)."""
     for name in path:
+        if missing is not None and name not in tree:
+            return missing
         tree = tree[name]
     return tree
 
@@ -87,7 +93,9 @@ def _fold_one(layer: dict, bn: dict, bn_stats: dict, eps: float) -> None:
         shift = np.zeros_like(shift)
     # Identity BatchNorm: (x - 0) * 1 / sqrt(var + eps) * 1 + shift with var + eps
     # rounding to exactly 1.0 in float32, so nothing rescales the folded kernel.
-    bn_stats["mean"] = np.zeros_like(mean)
+    # Without an offset to hold the shift (use_bias=False), the mean holds it:
+    # x - (-shift) = x + shift.
+    bn_stats["mean"] = np.zeros_like(mean) if "bias" in bn else -shift
     bn_stats["var"] = np.full_like(var, _unit_variance(eps))
     if "scale" in bn:
         bn["scale"] = np.ones_like(gamma)
