@@ -377,7 +377,7 @@ def _int8_and_faithfulness(apply_fn, params, dataset, x, y, config: ExportConfig
 _MODELED_OPS = frozenset({
     "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "MEAN", "MAX_POOL_2D",
     "AVERAGE_POOL_2D", "RESHAPE", "SQUEEZE", "CONCATENATION", "PAD", "QUANTIZE",
-    "DEQUANTIZE", "RELU", "RELU6", "STRIDED_SLICE", "TRANSPOSE"})
+    "DEQUANTIZE", "RELU", "RELU6", "SLICE", "STRIDED_SLICE", "TRANSPOSE"})
 PREFLIGHT_SAMPLES = 1000
 
 
