@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,3 +151,37 @@ def test_prune_refuses_channel_pruning_of_weight_shared_layers(mnist_small):
     with pytest.raises(ConfigError, match="channel_sparsity"):
         prune.prune(params, PruneConfig(channel_sparsity=0.5), apply_fn=train.inference_fn(
             module, {}), data=mnist_small, seed=0)
+
+
+class _BareNorm(nn.Module):
+    """Conv + a BatchNorm with its optional scale and offset switched off."""
+
+    scale: bool
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Conv(16, (3, 3), strides=2, use_bias=False)(x)
+        x = nn.BatchNorm(use_running_average=not train, use_scale=self.scale, use_bias=False)(x)
+        return nn.Dense(10)(nn.relu(x).reshape((x.shape[0], -1)))
+
+
+@pytest.mark.parametrize("scale", [True, False], ids=["no offset", "no scale or offset"])
+def test_batchnorm_without_optional_params_is_cut_and_folded(mnist_small, scale):
+    """A param-less BatchNorm still has statistics to cut, and a scale-only one is
+    left with no trainable params once its scale is frozen by the fold."""
+    small = mnist_small.take(1000, 200)
+    module = _BareNorm(scale)
+    variables = dict(module.init(jax.random.key(0), small.x_train[:1]))
+    budget = train.TrainConfig(epochs=1, batch_size=50, learning_rate=1e-3)
+    recipe = Recipe(stages=("prune", "quantize"),
+                    prune=PruneConfig(target_sparsity=0.5, channel_sparsity=0.25, frequency=5,
+                                      train=budget, fine_tune=None),
+                    quantize=QuantizeConfig(train=dataclasses.replace(budget, epochs=0.2)),
+                    export=ExportConfig(latency_repeats=1))
+    result = ucpjax.compress(module, variables, train=(small.x_train, small.y_train),
+                             test=(small.x_test, small.y_test), recipe=recipe, check=False,
+                             log=lambda _: None)
+    final = result.report["final"]
+    assert final["channel_groups_removed"] == 4
+    assert result.variables["batch_stats"]["BatchNorm_0"]["mean"].shape == (12,)
+    assert final["weights_faithful"] and final["tflite_agreement"] >= 0.97

@@ -133,7 +133,9 @@ class _Probe:
 
     def __call__(self, next_fun, args, kwargs, context):
         module = context.module
-        if context.method_name != "__call__" or not args or not _leaf_params(module):
+        # A BatchNorm without scale and offset has no params, only statistics to cut.
+        tracked = _leaf_params(module) or isinstance(module, nn.BatchNorm)
+        if context.method_name != "__call__" or not args or not tracked:
             return next_fun(*args, **kwargs)
         x = args[0]
         layer = _Layer(module.path, _kind(module, x))

@@ -95,7 +95,9 @@ def _merge(params: dict, fixed: dict) -> dict:
     for path, value in fixed.items():
         node = merged
         for name in path[:-1]:
-            node = node[name]
+            # A module whose only param is fixed (a BatchNorm without offset) may have
+            # lost its emptied dict on the way (checkpoints keep no empty subtrees).
+            node = node.setdefault(name, {})
         node[path[-1]] = value
     return merged
 
