@@ -95,7 +95,7 @@ def _run(model, dataset, recipe, folder, start, teacher, check_export, unmodeled
     if finished is not None and _final_files_present(folder, recipe):
         log("\n" + report_lib.markdown(finished))  # a finished run only prints its report
         if check_export and recipe.export.enabled:
-            export_lib.check(finished["final"], recipe.export, qat=_qat(recipe))
+            export_lib.check(finished["final"], recipe.export, qat=_on_int8_grid(recipe))
         return Result(model.variables, _read(folder.root / "model.tflite"), finished,
                       model.module)
     rows, reports, before_cluster = [], {}, None
@@ -117,7 +117,7 @@ def _run(model, dataset, recipe, folder, start, teacher, check_export, unmodeled
         _write_report(folder, report, before_cluster or model, recipe)
     log("\n" + report_lib.markdown(report))
     if check_export and recipe.export.enabled:
-        export_lib.check(final, recipe.export, qat=_qat(recipe))
+        export_lib.check(final, recipe.export, qat=_on_int8_grid(recipe))
     return Result(model.variables, tflite, report, model.module)
 
 
@@ -277,6 +277,13 @@ def _final_files_present(folder: RunFolder, recipe: Recipe) -> bool:
 
 def _qat(recipe: Recipe) -> bool:
     return "quantize" in recipe.stages
+
+
+def _on_int8_grid(recipe: Recipe) -> bool:
+    """Whether the final weights sit on the int8 grid the .tflite holds: QAT is the
+    last stage. A stage after it (an ablation order) moves them off the grid, so the
+    export is post-training quantization and only its accuracy is checked."""
+    return bool(recipe.stages) and recipe.stages[-1] == "quantize"
 
 
 def _read(path: pathlib.Path) -> bytes | None:
