@@ -420,8 +420,8 @@ def preflight(apply_fn: Callable, params, dataset, *, config: ExportConfig,
     except Exception as err:  # the converter's own errors are pages of MLIR
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         raise ConfigError(f"the model does not convert to an int8 TFLite model ({reason}: "
-                             f"{type(err).__name__}: {first}); use operations TFLite's int8 "
-                             "kernels have (ReLU, ReLU6, BatchNorm, pooling)") from None
+                          f"{type(err).__name__}: {first}); use operations TFLite's int8 "
+                          "kernels have (ReLU, ReLU6, BatchNorm, pooling)") from None
     ops = sorted({op["op_name"] for op in interpreter(tflite, use_xnnpack=False)
                   ._get_ops_details()} - _MODELED_OPS)
     measured["tflite_ops"] = ops
