@@ -9,7 +9,10 @@ quantizes tensors: the inputs of every Dense/Conv call, of
 ``ucpjax.pooling.GlobalAveragePool`` and of ``ucpjax.residual.Add`` (both), and
 the model output (ReLU is fused into the op before it, max pooling and reshapes
 keep the scale). ``ucpjax.model.check_quantizable`` refuses the bare spatial
-means and residual adds that would hide an int8 tensor from QAT.
+means and residual adds that would hide an int8 tensor from QAT, and names the
+other operations it does not model (a sigmoid, LayerNorm, a BatchNorm with
+nothing to fold into), whose effect ``export.preflight`` measures before the
+stages.
 Their ranges are exponential moving averages kept in the ``extra`` state of the
 training loss (see ``ucpjax.train``), keyed by layer path.
 
