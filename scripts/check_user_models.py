@@ -10,8 +10,8 @@ a kind of model goes through end to end, not the accuracy it reaches) and its
 did: passed the final int8 check, refused before any work (with its one-line
 message), or failed. Covers what QAT models exactly (ReLU/ReLU6, BatchNorm,
 strides, dilation, avg/max/global pools, concatenation, depth multipliers) and
-what it does not (GELU, hard-swish, sigmoid, tanh, LayerNorm), which the int8
-preflight measures before the stages.
+what it does not (GELU, hard-swish, sigmoid, tanh, LayerNorm, a BatchNorm after a
+ReLU), which the int8 preflight measures before the stages.
 Writes results/user_models.{json,md}.
 """
 
