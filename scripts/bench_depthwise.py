@@ -12,8 +12,9 @@ epochs), then compressed with ``Recipe(prune=PruneConfig(target_sparsity=0.75))`
 and every other setting at its default, and the ``.tflite`` is measured in
 LiteRT on the full test set. Variants: the pool written as a flatten, as
 ``ucpjax.pooling.GlobalAveragePool`` and as a bare ``jnp.mean`` (refused before
-any training: the message is recorded), and, as the control, the module pool
-pruned with the former default ``scope="layer"`` (uniform 75% per layer).
+any training: the message is recorded), and, as controls, the module pool
+pruned with the former default ``scope="layer"`` (uniform 75% per layer) and
+without equalising the depthwise conv's input channels (``QuantizeConfig.equalize``).
 A seed draws the dense model's initialisation, its batches and the compression's;
 rows of earlier calls (other seeds, other variants) stay in the table, and a variant
 run under several seeds gets its mean and sample spread.
@@ -35,6 +36,7 @@ from ucpjax import data, experiment, models, train
 from ucpjax.config import ConfigError
 from ucpjax.model import Model, check_quantizable
 from ucpjax.prune import PruneConfig
+from ucpjax.quantize import QuantizeConfig
 from ucpjax.recipe import Recipe
 from ucpjax.run_folder import RunFolder
 
@@ -46,11 +48,12 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 
-VARIANTS = {  # name: (pool, prune scope)
-    "flatten": ("flatten", "erk"),
-    "GlobalAveragePool": ("module", "erk"),
-    "bare jnp.mean": ("mean", "erk"),
-    "GlobalAveragePool, scope=layer (former default)": ("module", "layer"),
+VARIANTS = {  # name: (pool, prune scope, equalize the depthwise conv's input channels)
+    "flatten": ("flatten", "erk", True),
+    "GlobalAveragePool": ("module", "erk", True),
+    "bare jnp.mean": ("mean", "erk", True),
+    "GlobalAveragePool with scope=layer (former default)": ("module", "layer", True),
+    "GlobalAveragePool without equalization (former default)": ("module", "erk", False),
 }
 
 
@@ -67,10 +70,12 @@ def dense(module, dataset, epochs: float, seed: int) -> tuple[dict, float]:
                                            dataset.y_test)
 
 
-def run_variant(name: str, pool: str, scope: str, dataset, epochs: float,
+def run_variant(name: str, variant: tuple[str, str, bool], dataset, epochs: float,
                 smoke: bool, seed: int) -> dict:
+    pool, scope, equalize = variant
     module = models.DepthwiseCnn(pool=pool)
-    recipe = Recipe(prune=PruneConfig(target_sparsity=0.75, scope=scope), seed=seed)
+    recipe = Recipe(prune=PruneConfig(target_sparsity=0.75, scope=scope),
+                    quantize=QuantizeConfig(equalize=equalize), seed=seed)
     if smoke:
         recipe = experiment.smoke(experiment.Experiment(recipe=recipe)).recipe
     began = time.perf_counter()
@@ -87,6 +92,7 @@ def run_variant(name: str, pool: str, scope: str, dataset, epochs: float,
     final = result.report["final"]
     row = {"variant": name, "seed": seed, "dense_accuracy": dense_accuracy,
            "prune_accuracy": result.report["rows"][1]["accuracy"],
+           "stage_accuracies": {r["stage"]: r["accuracy"] for r in result.report["rows"]},
            "drop_points": 100 * (dense_accuracy - final["tflite_accuracy"]),
            "seconds": time.perf_counter() - began,
            **{key: final[key] for key in (
@@ -164,10 +170,10 @@ def main() -> None:
     commands = bench.commands_with(earlier, command)
     rows = {(r["variant"], r.get("seed", 0)): r for r in earlier.get("rows", [])}
     for seed in seeds:
-        for name, (pool, scope) in VARIANTS.items():
+        for name, variant in VARIANTS.items():
             if only and name not in only:
                 continue
-            rows[name, seed] = run_variant(name, pool, scope, dataset, epochs, args.smoke, seed)
+            rows[name, seed] = run_variant(name, variant, dataset, epochs, args.smoke, seed)
             # Written after every variant, so a long run shows its rows as they come.
             folder.write_json(f"{stem}.json", {"commands": commands, "rows": in_order(rows)})
             folder.write_bytes(f"{stem}.md", markdown(in_order(rows), commands).encode())

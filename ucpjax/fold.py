@@ -61,15 +61,15 @@ def fold_batchnorm(model: nn.Module, variables, input_shape) -> tuple[dict, tupl
     params = jax.tree.map(np.asarray, variables["params"])
     stats = jax.tree.map(np.asarray, variables["batch_stats"])
     for layer_path, bn_path, eps in pairs:
-        _fold_one(_node(params, layer_path), _node(params, bn_path, missing={}),
-                  _node(stats, bn_path), eps)
+        _fold_one(node(params, layer_path), node(params, bn_path, missing={}),
+                  node(stats, bn_path), eps)
     as_jnp = lambda tree: jax.tree.map(jnp.asarray, tree)
     frozen = tuple((*bn, "scale") for _, bn, _ in pairs
-                   if "scale" in _node(params, bn, missing={}))
+                   if "scale" in node(params, bn, missing={}))
     return {**variables, "params": as_jnp(params), "batch_stats": as_jnp(stats)}, frozen
 
 
-def _node(tree: dict, path: tuple, missing=None) -> dict:
+def node(tree: dict, path: tuple, missing=None) -> dict:
     """``tree[path[0]][path[1]]...``; ``missing`` where a BatchNorm without scale and
     offset has no params at all (when given)."""
     for name in path:

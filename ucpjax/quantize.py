@@ -14,7 +14,9 @@ other operations it does not model (a sigmoid, LayerNorm, a BatchNorm with
 nothing to fold into), whose effect ``export.preflight`` measures before the
 stages.
 Their ranges are exponential moving averages kept in the ``extra`` state of the
-training loss (see ``ucpjax.train``), keyed by layer path.
+training loss (see ``ucpjax.train``), keyed by layer path. Before training, the
+channels feeding each depthwise conv are equalised (``ucpjax.equalize``): TFLite
+gives that input one scale, and a depthwise channel cannot average its error away.
 
 Which kernels are quantized, and with how many bits, come from the recipe's
 ``LayerRule``s (``ucpjax.rules``); the int8 ``.tflite`` holds every kernel in
@@ -45,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ucpjax import batchnorm, constraints
+from ucpjax import batchnorm, constraints, equalize
 from ucpjax import rules as rules_lib
 from ucpjax import train as train_lib
 from ucpjax.config import ConfigError, check
@@ -79,6 +81,8 @@ class QuantizeConfig:
       per_channel: one scale per output channel for Dense kernels; False gives
         one per tensor (Conv kernels stay per channel: the converter has no switch).
       ema_decay: decay of the moving averages of the activation ranges.
+      equalize: first rescale the channels that feed each depthwise conv so that
+        they share its int8 input range (``ucpjax.equalize``; the same function).
       train: the fine-tuning budget.
     """
 
@@ -86,6 +90,7 @@ class QuantizeConfig:
     activation_bits: int = 8
     per_channel: bool = True
     ema_decay: float = 0.99
+    equalize: bool = True
     train: TrainConfig = dataclasses.field(
         default_factory=lambda: TrainConfig(epochs=1, learning_rate=1e-4))
 
@@ -425,16 +430,21 @@ def quantize(params, config: QuantizeConfig, *, apply_fn, data, seed: int,
     if isinstance(apply_fn, batchnorm.LiveBatchNorm):
         raise ConfigError("quantize: the model's BatchNorm is not folded; the int8 model holds "
                           "folded kernels, so fold first (ucpjax.model.Model.folded)")
+    calibration = data.x_train[:CALIBRATION_SIZE]
+    equalized = {}
+    if config.equalize:
+        params, equalized = equalize.equalize(apply_fn, params, calibration,
+                                              prefix="quantize/equalize")
     modes, bits = weight_modes(params, config, rules), weight_bits(params, config, rules)
     ranges = calibrate(apply_fn, fake_quant_weights(params, modes, bits),
-                       data.x_train[:CALIBRATION_SIZE])
+                       calibration)
     trained, state, history = constraints.fit_preserving(
         params, qat_loss(apply_fn, modes, bits, config),
         x=data.x_train, y=data.y_train, config=config.train, seed=seed, rules=rules,
         extra=ranges, per_channel=True, desc="quantize")
     ranges = jax.device_get(state.extra)
     quantized = fake_quant_weights(trained, modes, bits)
-    report = _report(quantized, modes, bits, config, ranges)
+    report = {**equalized, **_report(quantized, modes, bits, config, ranges)}
     report["quantize/train_loss"] = history[-1]["loss"]
     report["quantize/val_accuracy"] = train_lib.accuracy(
         quantized_apply(apply_fn, ranges, config.activation_bits), quantized,
