@@ -14,7 +14,8 @@ LiteRT on the full test set. Variants: the pool written as a flatten, as
 ``ucpjax.pooling.GlobalAveragePool`` and as a bare ``jnp.mean`` (refused before
 any training: the message is recorded), and, as controls, the module pool
 pruned with the former default ``scope="layer"`` (uniform 75% per layer) and
-without equalising the depthwise conv's input channels (``QuantizeConfig.equalize``).
+without equalising the depthwise conv's input channels (``QuantizeConfig.equalize``),
+and the per-layer sparsities chosen from measured pruning curves (``scope="sensitivity"``).
 A seed draws the dense model's initialisation, its batches and the compression's;
 rows of earlier calls (other seeds, other variants) stay in the table, and a variant
 run under several seeds gets its mean and sample spread.
@@ -54,6 +55,7 @@ VARIANTS = {  # name: (pool, prune scope, equalize the depthwise conv's input ch
     "bare jnp.mean": ("mean", "erk", True),
     "GlobalAveragePool with scope=layer (former default)": ("module", "layer", True),
     "GlobalAveragePool without equalization (former default)": ("module", "erk", False),
+    "GlobalAveragePool with scope=sensitivity": ("module", "sensitivity", True),
 }
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from ucpjax import constraints, data, models, prune, rules, train
 from ucpjax.config import ConfigError
+from ucpjax.recipe import STAGES, Recipe, StageInputs
 from ucpjax.train import TrainConfig
 
 TINY = TrainConfig(epochs=1, batch_size=128, learning_rate=1e-3)
@@ -309,3 +310,46 @@ def test_erk_scope_gives_leaf_targets_and_keeps_own_rules(lenet):
     kept = sum((1 - targets[name]["kernel"]) * n for name, n in sizes.items())
     assert kept == pytest.approx(0.1 * sum(sizes.values()))
     assert targets["Dense_1"]["kernel"] < targets["Dense_0"]["kernel"]
+
+
+# --- sensitivity scope ---------------------------------------------------------------
+
+def test_sensitivity_sparsities_put_zeros_where_they_cost_least():
+    flat_big = {0.5: 0.0, 0.9: 0.2, 0.98: 1.0}  # a robust 64x64 dense
+    steep_small = {0.5: 3.0, 0.9: 40.0, 0.98: 60.0}  # a depthwise kernel
+    noisy = {0.5: 2.0, 0.7: 1.0, 0.9: 9.0, 0.98: 20.0}  # a dip at 0.7 is read as 2.0
+    sizes = [4096, 288, 640]
+    shares = prune.sensitivity_sparsities([flat_big, steep_small, noisy], sizes, 0.8)
+    zeros = sum(s * n for s, n in zip(shares, sizes, strict=True))
+    assert zeros == pytest.approx(0.8 * sum(sizes), abs=0.5)
+    assert shares[1] < shares[2] < shares[0] <= 0.98
+    assert shares[1] == 0.0  # cheaper zeros exist everywhere else
+    # Out of reach: every layer ends at its curve's last point.
+    assert prune.sensitivity_sparsities([flat_big, steep_small], [100, 100], 0.99) == [0.98, 0.98]
+
+
+def test_sensitivity_scope_needs_curves_and_uses_them(lenet):
+    params, _ = lenet
+    config = prune.PruneConfig(target_sparsity=0.9, scope="sensitivity")
+    with pytest.raises(ConfigError, match="scope"):
+        prune.leaf_targets(params, config)
+    curves = {"Dense_0/kernel": {0.5: 0.0, 0.98: 0.5}, "Dense_1/kernel": {0.5: 1.0, 0.98: 9.0},
+              "Dense_2/kernel": {0.5: 5.0, 0.98: 50.0}}
+    targets = prune.leaf_targets(params, config, curves=curves)
+    layers = [name.split("/")[0] for name in curves]
+    sizes = {layer: params[layer]["kernel"].size for layer in layers}
+    kept = sum((1 - targets[layer]["kernel"]) * sizes[layer] for layer in layers)
+    assert kept == pytest.approx(0.1 * sum(sizes.values()), abs=1)
+    assert targets["Dense_0"]["kernel"] > targets["Dense_1"]["kernel"] > targets["Dense_2"][
+        "kernel"]
+
+
+def test_sensitivity_scope_through_the_prune_stage(mnist, lenet):
+    params, apply_fn = lenet
+    recipe = Recipe(prune=prune.PruneConfig(target_sparsity=0.8, scope="sensitivity",
+                                            train=TINY, fine_tune=None))
+    shared = StageInputs(apply_fn, mnist, seed=0, rules=recipe.rules, teacher=None)
+    _, report = STAGES["prune"](params, recipe, shared)
+    assert report["prune/sparsity"] == pytest.approx(0.8, abs=1e-3)
+    layers = [report[f"prune/Dense_{i}/kernel/sparsity"] for i in range(3)]
+    assert layers[0] > layers[2]  # the 784x300 kernel takes more zeros than the last

@@ -30,7 +30,7 @@ from ucpjax.config import ConfigError, check
 from ucpjax.rules import DEFAULT_RULES, Rules
 from ucpjax.train import TrainConfig
 
-SCOPES = ("erk", "layer", "global")
+SCOPES = ("erk", "sensitivity", "layer", "global")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -48,6 +48,9 @@ class PruneConfig:
         sparsity of its own. ``erk`` (the default) gives each its own target
         by the Erdos-Renyi-Kernel rule (``erk_sparsities``): small layers, such
         as a first conv, a depthwise conv or a last dense, stay denser;
+        ``sensitivity`` gives each the share that costs least by its measured
+        one-shot pruning curve (``sensitivity_sparsities``; ``ucpjax.recipe``
+        measures the curves on the validation split before the stage);
         ``layer`` prunes each to ``target_sparsity``; ``global`` ranks them all
         by one magnitude threshold (weight-shared leaves are pruned one-shot
         to their own target in every scope).
@@ -283,22 +286,33 @@ def magnitude_pruning(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def leaf_targets(params, config: PruneConfig, rules: Rules = DEFAULT_RULES) -> Any:
+def leaf_targets(params, config: PruneConfig, rules: Rules = DEFAULT_RULES,
+                 curves: dict[str, dict[float, float]] | None = None) -> Any:
     """Per leaf: its final sparsity, None if not pruned.
 
     A leaf's rule's sparsity if it sets one; else ``target_sparsity``, or in
-    ``erk`` scope its share of it (``erk_sparsities``).
+    ``erk`` scope its share of it (``erk_sparsities``), or in ``sensitivity``
+    scope its share by ``curves`` (``{leaf name: {sparsity: drop}}``, from
+    ``ucpjax.sensitivity.measure``; ``sensitivity_sparsities``).
     """
     targets = rules_lib.setting(params, rules, "sparsity", config.target_sparsity)
     targets = jax.tree.map(lambda t: float(t) if t else None, targets, is_leaf=_is_none)
-    if config.scope != "erk":
+    if config.scope not in ("erk", "sensitivity"):
         return targets
+    check(config.scope == "erk" or curves is not None, "scope", config.scope,
+          "needs the measured pruning curves: run it through ucpjax.compress, or pass "
+          "curves= (ucpjax.sensitivity.measure)")
     flat, treedef = jax.tree.flatten(targets, is_leaf=_is_none)
     own = jax.tree.leaves(_own_target(params, rules))
-    shapes = [np.shape(w) for w in jax.tree.leaves(params)]
+    leaves = jax.tree_util.tree_leaves_with_path(params)
     shared = [i for i, (t, o) in enumerate(zip(flat, own, strict=True)) if t is not None and not o]
-    for i, sparsity in zip(shared, erk_sparsities([shapes[i] for i in shared],
-                                                   config.target_sparsity), strict=True):
+    if config.scope == "erk":
+        shares = erk_sparsities([np.shape(leaves[i][1]) for i in shared], config.target_sparsity)
+    else:
+        shares = sensitivity_sparsities(
+            [curves[rules_lib.path_name(leaves[i][0])] for i in shared],
+            [np.size(leaves[i][1]) for i in shared], config.target_sparsity)
+    for i, sparsity in zip(shared, shares, strict=True):
         flat[i] = sparsity
     return jax.tree.unflatten(treedef, flat)
 
@@ -322,6 +336,43 @@ def erk_sparsities(shapes: list[tuple[int, ...]], target: float) -> list[float]:
         if not np.any(density[~dense] > 1):
             return [float(1 - d) for d in np.clip(density, 0, 1)]
         dense |= density > 1
+
+
+def sensitivity_sparsities(curves: list[dict[float, float]], sizes: list[int],
+                           target: float, step: float = 0.01) -> list[float]:
+    """Per-layer sparsities that reach ``target`` over all layers at the least
+    predicted accuracy cost.
+
+    Each layer's cost is its curve (accuracy drop in points when that layer alone
+    is pruned to each sparsity, ``ucpjax.sensitivity.measure``), read as its running
+    maximum (so noise cannot make more zeros look free), linearly interpolated from
+    0 at sparsity 0, and not extended past its last point. Greedy: the layer whose
+    next ``step`` costs the least drop per weight zeroed goes first, until the
+    layers hold ``target`` of their weights as zeros (the last step is cut to land
+    on it). A large robust layer (a 64x64 dense) thus takes many zeros and a small
+    steep one (a depthwise conv) few; the sum of one-shot drops over-states what
+    fine-tuning leaves, but it ranks the layers.
+    """
+    grids = [np.array([0.0, *sorted(c)]) for c in curves]
+    costs = [np.maximum.accumulate(np.array([0.0, *(c[k] for k in sorted(c))]))
+             for c in curves]
+    sizes_ = np.asarray(sizes, np.float64)
+    sparsity = np.zeros(len(curves))
+    needed = target * sizes_.sum()
+    while (sparsity * sizes_).sum() < needed - 0.5:
+        ceiling = np.array([g[-1] for g in grids])
+        nxt = np.minimum(sparsity + step, ceiling)
+        open_ = nxt > sparsity
+        if not open_.any():
+            break  # every layer at the end of its curve: the target is out of reach
+        rise = np.array([np.interp(n, g, c) - np.interp(s, g, c)
+                         for n, s, g, c in zip(nxt, sparsity, grids, costs, strict=True)])
+        per_weight = np.where(open_, rise / np.maximum((nxt - sparsity) * sizes_, 1e-12),
+                              np.inf)
+        i = int(np.argmin(per_weight))
+        missing = (needed - (sparsity * sizes_).sum()) / sizes_[i]
+        sparsity[i] = min(nxt[i], sparsity[i] + missing)
+    return [float(x) for x in sparsity]
 
 
 def _own_target(params, rules: Rules) -> Any:
@@ -364,7 +415,7 @@ def sparsity_report(params, rules: Rules = DEFAULT_RULES, prefix: str = "prune")
 
 
 def prune(params, config: PruneConfig, *, apply_fn, data, seed: int,
-          rules: Rules = DEFAULT_RULES) -> tuple[Any, dict]:
+          rules: Rules = DEFAULT_RULES, curves=None) -> tuple[Any, dict]:
     """Gradual magnitude pruning, then fine-tuning with the final zeros fixed.
 
     Args:
@@ -375,13 +426,14 @@ def prune(params, config: PruneConfig, *, apply_fn, data, seed: int,
       data: a ``ucpjax.data.Dataset``.
       seed: training seed.
       rules: which leaves are pruned, and per-leaf targets.
+      curves: per-leaf pruning curves, for ``sensitivity`` scope (``leaf_targets``).
 
     Returns:
       ``(params, report)``: report has ``prune/sparsity`` (over the selected
       leaves), ``prune/nonzero``, ``prune/<Layer>/<name>/sparsity``,
       ``prune/val_accuracy`` and ``prune/loss`` (last epoch's training loss).
     """
-    targets = leaf_targets(params, config, rules)
+    targets = leaf_targets(params, config, rules, curves)
     books = constraints.codebooks(params, rules)
     shared = jax.tree.map(lambda b: b is not None, books,
                           is_leaf=lambda b: b is None or isinstance(b, constraints.Codebook))

@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from ucpjax import cluster, distill, inputs, prune, quantize
+from ucpjax import cluster, distill, inputs, prune, quantize, sensitivity
 from ucpjax import data as data_lib
 from ucpjax import export as export_lib
 from ucpjax import rules as rules_lib
@@ -33,8 +33,16 @@ class StageInputs:
 
 
 def _prune(params, recipe, shared: StageInputs):
+    curves = None
+    if recipe.prune.scope == "sensitivity":
+        table = sensitivity.measure(params, apply_fn=shared.apply_fn, data=shared.data,
+                                    rules=shared.rules, clusters=(),
+                                    min_per_channel=recipe.prune.min_per_channel,
+                                    seed=shared.seed)
+        curves = {name: {float(s): drop for s, drop in entry["prune"].items()}
+                  for name, entry in table["layers"].items()}
     return prune.prune(params, recipe.prune, apply_fn=shared.apply_fn, data=shared.data,
-                       seed=shared.seed, rules=shared.rules)
+                       seed=shared.seed, rules=shared.rules, curves=curves)
 
 
 def _distill(params, recipe, shared: StageInputs):

@@ -67,13 +67,13 @@ def measure(params, *, apply_fn, data, rules: Rules = DEFAULT_RULES,
             return 100.0 * (base - train.accuracy(trial_fn, trial, data.x_val, data.y_val))
 
         w = np.asarray(w)
-        config = cluster.ClusterConfig(num_clusters=max(clusters), fine_tune=None)
         key = jax.random.fold_in(jax.random.key(seed), i)
         layers[name] = {
             "size": int(w.size),
             "prune": {str(s): drop(prune.prune_once(w, s, min_per_channel)) for s in sparsities},
-            "cluster": {str(k): drop(cluster.share_leaf(w, k, config, key)[0])
-                        for k in clusters},
+            "cluster": {str(k): drop(cluster.share_leaf(
+                w, k, cluster.ClusterConfig(num_clusters=k, fine_tune=None), key)[0])
+                for k in clusters},
         }
     return {"val_accuracy": base, "layers": layers}
 
