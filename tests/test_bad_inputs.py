@@ -10,6 +10,8 @@ import pytest
 import ucpjax
 from ucpjax import data, inputs, train
 from ucpjax.config import ConfigError
+from ucpjax.experiment import Experiment
+from ucpjax.prune import PruneConfig
 
 RNG = np.random.default_rng(0)
 X = RNG.random((12, 4, 4, 1), np.float32)
@@ -92,6 +94,26 @@ def test_good_arrays_are_cast_and_val_defaults_to_test():
     np.testing.assert_array_equal(ds.y_train, Y)
     assert ds.num_classes == 3 and ds.input_shape == (4, 4, 1)
     assert ds.x_val is ds.x_test and ds.y_val is ds.y_test
+
+
+def test_sensitivity_scope_without_a_validation_split_is_refused():
+    class Tiny(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            return nn.Dense(3)(x.reshape((x.shape[0], -1)))
+
+    module = Tiny()
+    variables = module.init(jax.random.key(0), X[:1])
+    recipe = ucpjax.Recipe(prune=PruneConfig(scope="sensitivity"))
+    _one_line_error(ConfigError, lambda: ucpjax.compress(
+        module, variables, train=(X, Y), test=(X_TEST, Y_TEST), recipe=recipe),
+        "val:", "test set", "val=(x, y)")
+
+
+def test_sensitivity_scope_with_no_validation_split_is_refused():
+    recipe = ucpjax.Recipe(prune=PruneConfig(scope="sensitivity"))
+    _one_line_error(ConfigError, lambda: Experiment(val_size=0, recipe=recipe),
+                    "val_size=0", "val_size=5000")
 
 
 def test_batch_size_larger_than_the_training_set():

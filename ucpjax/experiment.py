@@ -50,6 +50,9 @@ class Experiment:
         check(self.subset >= 0, "subset", self.subset, "must be >= 0")
         check(isinstance(self.recipe, Recipe), "recipe", type(self.recipe).__name__,
               "must be a ucpjax.recipe.Recipe")
+        check(self.val_size > 0 or self.recipe.prune.scope != "sensitivity", "val_size",
+              self.val_size, "prune.scope='sensitivity' chooses per-layer sparsities on the "
+              "validation split: hold some out (e.g. val_size=5000)")
 
     @property
     def seed(self) -> int:

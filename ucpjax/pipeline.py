@@ -328,8 +328,13 @@ def compress(module: nn.Module, variables, *, train, test, recipe: Recipe | None
     Returns:
       ``Result(variables, tflite, report)``.
     """
+    recipe = recipe or Recipe()
+    if val is None and "prune" in recipe.stages and recipe.prune.scope == "sensitivity":
+        raise ConfigError("val: prune.scope='sensitivity' chooses per-layer sparsities on "
+                          "the validation split, and without val= that is the test set; "
+                          "pass val=(x, y) held out from train")
     dataset = inputs.dataset_from_arrays(train, test, val)
     model = Model(module, dict(variables))
     check_model(model, dataset.input_shape, dataset.num_classes, sample=dataset.x_train[:16])
-    return run(model, dataset, recipe or Recipe(), out, resume=resume, check_export=check,
+    return run(model, dataset, recipe, out, resume=resume, check_export=check,
                log=log)
