@@ -38,7 +38,9 @@ def _prune(params, recipe, shared: StageInputs):
         table = sensitivity.measure(params, apply_fn=shared.apply_fn, data=shared.data,
                                     rules=shared.rules, clusters=(),
                                     min_per_channel=recipe.prune.min_per_channel,
-                                    seed=shared.seed)
+                                    seed=shared.seed, progress=lambda name: print(
+                                        f"prune: measuring the sensitivity of {name} ...",
+                                        flush=True))
         curves = {name: {float(s): drop for s, drop in entry["prune"].items()}
                   for name, entry in table["layers"].items()}
     return prune.prune(params, recipe.prune, apply_fn=shared.apply_fn, data=shared.data,
