@@ -28,6 +28,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ucpjax.quiet_tf import import_tensorflow
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 CACHE_DIR = pathlib.Path(
     os.environ.get("UCPJAX_CACHE", pathlib.Path.home() / ".cache" / "ucpjax")
@@ -262,8 +264,15 @@ def _tfds_dir() -> pathlib.Path:
     return CACHE_DIR / "tensorflow_datasets"
 
 
+def _tfds():
+    import_tensorflow()
+    import tensorflow_datasets
+
+    return tensorflow_datasets
+
+
 def _from_tfds(name: str, *, hint: str) -> dict[str, np.ndarray]:
-    import tensorflow_datasets as tfds  # imports TensorFlow: first load only
+    tfds = _tfds()  # imports TensorFlow: first load only
 
     try:
         builder = tfds.builder(name, data_dir=str(_tfds_dir()))
@@ -281,7 +290,7 @@ def _from_tfds(name: str, *, hint: str) -> dict[str, np.ndarray]:
 
 def _seed_tfds_downloads(name: str, raw_dir: pathlib.Path) -> None:
     """Puts original raw files where tfds's download manager finds them cached."""
-    import tensorflow_datasets as tfds
+    tfds = _tfds()
     from tensorflow_datasets.core.download import resource
 
     downloads = _tfds_dir() / "downloads"
@@ -303,8 +312,7 @@ def _from_image_folder(root: pathlib.Path) -> dict[str, np.ndarray]:
             f"and {root}/test/<label>/<image>")
     for split in ("train", "test"):
         _check_label_folders(root / split)
-    import tensorflow_datasets as tfds
-
+    tfds = _tfds()
     builder = tfds.ImageFolder(str(root))
     arrays = {}
     for split in ("train", "test"):
@@ -344,8 +352,7 @@ def _check_label_folders(split_dir: pathlib.Path) -> None:
 
 def _undecodable(split_dir: pathlib.Path, err: Exception) -> DatasetError:
     """The error for a split tfds could not decode, naming the first bad file."""
-    import tensorflow as tf
-
+    tf = import_tensorflow()
     for folder in sorted(p for p in split_dir.iterdir() if p.is_dir()):
         for path in _image_files(folder):
             try:

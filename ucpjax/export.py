@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from collections.abc import Callable
 
@@ -28,6 +27,7 @@ import numpy as np
 from ucpjax import measure, quantize, train
 from ucpjax.config import ConfigError
 from ucpjax.config import check as check_field
+from ucpjax.quiet_tf import import_tensorflow
 from ucpjax.rules import DEFAULT_RULES, Rules, path_name, selected
 
 # Ops whose input 1 is a weight tensor and input 2 a bias.
@@ -74,11 +74,6 @@ class ExportConfig:
                     "must be in [0, 1000)")
 
 
-def _tf():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
-
-    return tf
 
 
 def to_tflite(
@@ -104,7 +99,7 @@ def to_tflite(
     Returns:
       The .tflite file contents.
     """
-    tf = _tf()
+    tf = import_tensorflow()
     from jax.experimental import jax2tf
 
     params = jax.tree.map(np.asarray, params)
