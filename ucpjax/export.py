@@ -74,8 +74,6 @@ class ExportConfig:
                     "must be in [0, 1000)")
 
 
-
-
 def to_tflite(
     apply_fn: Callable, params, input_shape: tuple[int, ...], representative_x: np.ndarray,
     *, int8: bool = True, per_tensor_dense: bool = False, sparse: bool = False,

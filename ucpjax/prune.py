@@ -356,22 +356,22 @@ def sensitivity_sparsities(curves: list[dict[float, float]], sizes: list[int],
     grids = [np.array([0.0, *sorted(c)]) for c in curves]
     costs = [np.maximum.accumulate(np.array([0.0, *(c[k] for k in sorted(c))]))
              for c in curves]
-    sizes_ = np.asarray(sizes, np.float64)
+    counts = np.asarray(sizes, np.float64)
+    ceiling = np.array([g[-1] for g in grids])
     sparsity = np.zeros(len(curves))
-    needed = target * sizes_.sum()
-    while (sparsity * sizes_).sum() < needed - 0.5:
-        ceiling = np.array([g[-1] for g in grids])
-        nxt = np.minimum(sparsity + step, ceiling)
-        open_ = nxt > sparsity
-        if not open_.any():
+    needed = target * counts.sum()  # zeros, over all layers
+    while (sparsity * counts).sum() < needed - 0.5:
+        after = np.minimum(sparsity + step, ceiling)
+        movable = after > sparsity
+        if not movable.any():
             break  # every layer at the end of its curve: the target is out of reach
-        rise = np.array([np.interp(n, g, c) - np.interp(s, g, c)
-                         for n, s, g, c in zip(nxt, sparsity, grids, costs, strict=True)])
-        per_weight = np.where(open_, rise / np.maximum((nxt - sparsity) * sizes_, 1e-12),
+        rise = np.array([np.interp(a, g, c) - np.interp(s, g, c)
+                         for a, s, g, c in zip(after, sparsity, grids, costs, strict=True)])
+        per_weight = np.where(movable, rise / np.maximum((after - sparsity) * counts, 1e-12),
                               np.inf)
         i = int(np.argmin(per_weight))
-        missing = (needed - (sparsity * sizes_).sum()) / sizes_[i]
-        sparsity[i] = min(nxt[i], sparsity[i] + missing)
+        missing = (needed - (sparsity * counts).sum()) / counts[i]
+        sparsity[i] = min(after[i], sparsity[i] + missing)
     return [float(x) for x in sparsity]
 
 
