@@ -14,8 +14,9 @@ LiteRT on the full test set. Variants: the pool written as a flatten, as
 ``ucpjax.pooling.GlobalAveragePool`` and as a bare ``jnp.mean`` (refused before
 any training: the message is recorded), and, as controls, the module pool
 pruned with the former default ``scope="layer"`` (uniform 75% per layer) and
-without equalising the depthwise conv's input channels (``QuantizeConfig.equalize``),
-and the per-layer sparsities chosen from measured pruning curves (``scope="sensitivity"``).
+without equalising the depthwise conv's input channels (``QuantizeConfig.equalize``);
+and, as the alternative allocation, per-layer sparsities chosen from measured
+pruning curves (``scope="sensitivity"``).
 A seed draws the dense model's initialisation, its batches and the compression's;
 rows of earlier calls (other seeds, other variants) stay in the table, and a variant
 run under several seeds gets its mean and sample spread.
