@@ -188,3 +188,21 @@ def test_per_channel_books_round_trip_bit_exact_and_beat_the_value_book(
     value_book = packing._best_coding(packing._value_book(packing._as_bits(kernel)))[0]
     stored = packing.size_breakdown(tree)["layers"]["Conv_0/kernel"]["total"]
     assert stored <= len(packing._string("Conv_0/kernel")) + 16 + value_book
+
+
+def test_channel_grid_takes_a_scale_an_ulp_from_numpys_quotient():
+    # A model trained on a GPU: XLA divides to within an ulp, so a channel's codes *
+    # scale can hold a peak whose quotient peak / 127 is a float next to that scale.
+    rng = np.random.default_rng(0)
+    candidates = np.float32(1e-3) * rng.uniform(1, 4, 20_000).astype(np.float32)
+    peaks = candidates * np.float32(127)
+    odd = candidates[peaks / np.float32(127) != candidates][:8]
+    assert len(odd) == 8  # such scales exist (a few in a thousand)
+    codes = rng.integers(-126, 127, (3, 3, 4, 8))
+    codes[0, 0, 0] = 127  # each channel's peak on the grid's end, as QAT puts it
+    kernel = codes.astype(np.float32) * odd
+    bits, scales, found = packing.channel_grid(kernel)
+    assert bits == 8 and np.array_equal(found.reshape(codes.shape), codes)
+    assert np.array_equal(scales, odd)
+    tree = {"Conv_0": {"kernel": kernel}}
+    _assert_same(tree, packing.decode(packing.encode(tree)))

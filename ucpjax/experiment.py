@@ -144,9 +144,10 @@ def machine() -> str:
     """The machine and versions, for reports."""
     import flax
 
-    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, {len(jax.devices())} JAX "
-            f"device(s), Python {platform.python_version()}, jax {jax.__version__}, "
-            f"flax {flax.__version__}")
+    devices = jax.devices()
+    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, {len(devices)} JAX "
+            f"device(s) ({devices[0].device_kind}), Python {platform.python_version()}, "
+            f"jax {jax.__version__}, flax {flax.__version__}")
 
 
 def load_dataset(experiment: Experiment) -> data_lib.Dataset:

@@ -199,10 +199,33 @@ def channel_grid(array: np.ndarray) -> tuple[int, np.ndarray, np.ndarray] | None
     peak = np.abs(w).max(axis=0)
     for bits in range(8, 1, -1):
         qmax = np.float32(2 ** (bits - 1) - 1)
-        scales = np.where(peak > 0, peak / qmax, np.float32(1)).astype(np.float32)
-        codes = np.round(w / scales)
-        if np.array_equal(_as_bits(codes.astype(np.float32) * scales), _as_bits(w)):
-            return bits, scales, codes.astype(np.int8)
+        found = _exact_scales(w, np.where(peak > 0, peak / qmax, np.float32(1)))
+        if found is not None:
+            return bits, *found
+    return None
+
+
+def _exact_scales(w: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(scales, codes)`` with ``codes * scales`` equal to ``w`` bit for bit, each
+    channel's scale the one given or a float up to 2 ulps from it, else None.
+
+    The neighbours matter because the producer's ``max|w| / qmax`` may round the
+    other way: XLA on a GPU divides to within an ulp, so a few channels of a
+    model trained there sit on a scale one ulp from NumPy's quotient.
+    """
+    scales = scales.astype(np.float32)
+    best, codes = scales.copy(), np.round(w / scales)
+    exact = np.zeros(w.shape[1], bool)
+    for ulps in (0, 1, -1, 2, -2):
+        # Scales are positive, so the float ``ulps`` steps away is that many bit patterns away.
+        candidate = (scales.view(np.int32) + ulps).view(np.float32)
+        q = np.round(w / candidate)
+        same = _as_bits(q.astype(np.float32) * candidate) == _as_bits(w)
+        hit = ~exact & same.reshape(w.shape).all(axis=0)
+        best[hit], codes[:, hit] = candidate[hit], q[:, hit]
+        exact |= hit
+        if exact.all():
+            return best, codes.astype(np.int8)
     return None
 
 
