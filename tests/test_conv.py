@@ -136,6 +136,16 @@ def test_fast_convs_reaches_every_plain_conv_and_restores_the_module():
     assert "custom_vjp_call" not in str(jaxpr)
 
 
+def test_fast_convs_leaves_convs_to_xla_off_cpu(monkeypatch):
+    # A GPU's own conv gradients are the fast ones: there the context changes nothing.
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    model = _Net()
+    variables = models.init(model, (13, 11, 3))
+    with fast_convs():
+        jaxpr = jax.make_jaxpr(lambda v: model.apply(v, jnp.ones((1, 13, 11, 3))))(variables)
+    assert "custom_vjp_call" not in str(jaxpr)
+
+
 def test_composes_with_an_inner_interceptor_that_rewrites_inputs():
     # The quantize stage enters its interceptor inside the step (so inside ours)
     # and replaces a Conv's input: that rewrite must still reach the conv.
