@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ucpjax import data, export, measure, models, pooling, quantize, residual, train
+from ucpjax import data, export, measure, models, packing, pooling, quantize, residual, train
 
 NUM_CLUSTERS = 16
 CALIBRATION = 300  # representative examples given to the converter
@@ -275,6 +275,24 @@ def test_weights_check_reads_conv_layouts(mnist):
     assert report["faithful"] and report["unmatched"] == 0 and report["all_int8"]
     assert report["Conv_0/kernel/max_error_steps"] <= 0.01
     assert report["Conv_1/kernel/max_error_steps"] <= 0.01
+
+
+def test_dead_channels_take_the_converters_smallest_step(mnist):
+    """A channel whose weights all lie below 5e-7 (BatchNorm's scale decayed to ~0)
+    gets the converter's step 5e-7 / 127, not max|w| / 127: QAT's grid must be the
+    same or the .tflite holds other codes (found on a resnet8 after 240 epochs)."""
+    model = models.create("lenet5")
+    params = models.init(model, mnist.input_shape)["params"]
+    for name, peak in (("Conv_0", 3e-10), ("Conv_1", 4e-8)):
+        kernel = params[name]["kernel"]
+        params[name]["kernel"] = kernel.at[..., 0].multiply(peak / abs(kernel[..., 0]).max())
+        params[name]["kernel"] = params[name]["kernel"].at[..., 1].set(0.0)
+    params = quantize.quantize_weights(params, quantize.QuantizeConfig())
+    model_bytes = export.to_tflite(train.inference_fn(model, {}), params, mnist.input_shape,
+                                   mnist.x_train[:50])
+    report = export.weights_check(model_bytes, params)
+    assert report["faithful"], {k: v for k, v in report.items() if "Conv" in k}
+    assert packing.channel_grid(np.asarray(params["Conv_1"]["kernel"])) is not None
 
 
 class PooledNet(nn.Module):

@@ -187,10 +187,18 @@ def _value_book(bit_patterns: np.ndarray) -> _Book:
     return _Book(CODED, positions, index, len(codebook), payload)
 
 
+# TFLite's converter widens a range narrower than 1e-6 to [-5e-7, 5e-7]
+# (ExpandVerySmallRange in TensorFlow's MLIR quantizer): a weight channel whose
+# largest magnitude is below this (a dead channel, its BatchNorm scale decayed to
+# ~0) gets the step MIN_PEAK / qmax in the .tflite, not max|w| / qmax.
+MIN_PEAK = np.float32(5e-7)
+
+
 def channel_grid(array: np.ndarray) -> tuple[int, np.ndarray, np.ndarray] | None:
     """``(bits, scales, codes)`` if float32 ``array`` is exactly ``codes * scales`` with
-    TFLite's per-output-channel symmetric grid (``scale = max|w| / (2^(b-1) - 1)``,
-    as ``ucpjax.quantize`` puts it), else None. ``codes`` is int8, shaped (-1, channels).
+    TFLite's per-output-channel symmetric grid (``scale = max(max|w|, MIN_PEAK) /
+    (2^(b-1) - 1)``, as ``ucpjax.quantize`` puts it), else None. ``codes`` is int8,
+    shaped (-1, channels).
     """
     if (array.dtype != np.float32 or array.ndim < 2 or not array.size
             or not np.all(np.isfinite(array))):
@@ -199,7 +207,7 @@ def channel_grid(array: np.ndarray) -> tuple[int, np.ndarray, np.ndarray] | None
     peak = np.abs(w).max(axis=0)
     for bits in range(8, 1, -1):
         qmax = np.float32(2 ** (bits - 1) - 1)
-        found = _exact_scales(w, np.where(peak > 0, peak / qmax, np.float32(1)))
+        found = _exact_scales(w, np.maximum(peak, MIN_PEAK) / qmax)
         if found is not None:
             return bits, *found
     return None

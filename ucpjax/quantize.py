@@ -51,6 +51,7 @@ from ucpjax import batchnorm, constraints, equalize
 from ucpjax import rules as rules_lib
 from ucpjax import train as train_lib
 from ucpjax.config import ConfigError, check
+from ucpjax.packing import MIN_PEAK
 from ucpjax.pooling import GlobalAveragePool
 from ucpjax.residual import Add
 from ucpjax.rules import DEFAULT_RULES, Rules
@@ -137,19 +138,19 @@ def fake_quant(x: jax.Array, scale, zero_point, *, qmin: int, qmax: int) -> jax.
 
 
 def weight_scale(w: jax.Array, mode: str, bits: int) -> jax.Array:
-    """``max|w| / qmax`` over the tensor or per output (last) axis, as TFLite computes it.
+    """``max(max|w|, packing.MIN_PEAK) / qmax`` over the tensor or per output (last)
+    axis, as TFLite's converter computes it (it widens ranges below 1e-6).
 
     Returns:
-      A scalar (per tensor) or an array of shape ``(1, ..., 1, channels)``. A channel
-      of zeros gets scale 1: its codes are 0 whatever the scale.
+      A scalar (per tensor) or an array of shape ``(1, ..., 1, channels)``.
     """
     axes = tuple(range(w.ndim - 1)) if mode == PER_CHANNEL else None
-    m = jnp.max(jnp.abs(w), axis=axes, keepdims=mode == PER_CHANNEL)
+    m = jnp.maximum(jnp.max(jnp.abs(w), axis=axes, keepdims=mode == PER_CHANNEL), MIN_PEAK)
     # XLA turns a division by a broadcast scalar into a multiplication by its
     # reciprocal (1 ulp off in ~5% of cases); dividing by an opaque full-shape
     # array keeps the correctly rounded quotient that the converter computes.
     qmax = jax.lax.optimization_barrier(jnp.full(m.shape, weight_qmax(bits), m.dtype))
-    return jnp.where(m > 0, m / qmax, jnp.ones_like(m))
+    return m / qmax
 
 
 def _quantize_leaf(w, mode: str, bits: int):
