@@ -197,10 +197,10 @@ def window_steps(step_fn, state, x, y, key, batch_bytes: int) -> int:
     """Steps per jitted call for ``step_fn``: ``_WINDOW``, fewer for large batches, 1
     for a step with convolutions on CPU. XLA on CPU runs a convolution inside a loop
     body far slower than at top level (one step of cifar_cnn: 3.1 s in ``lax.scan``,
-    0.11 s alone; lenet5 5.5x, fashion_cnn 8x), while an MLP gains from the loop; on
-    a GPU, where a small conv net's step is dispatch-bound, every model gains."""
-    on_cpu = jax.default_backend() == "cpu"
-    if on_cpu and _has_conv(jax.make_jaxpr(step_fn)(state, x, y, key).jaxpr):
+    0.11 s alone; lenet5 5.5x, fashion_cnn 8x), while an MLP gains from the loop.
+    Elsewhere (a GPU) conv steps go in windows too: one host round trip per window."""
+    if (jax.default_backend() == "cpu"
+            and _has_conv(jax.make_jaxpr(step_fn)(state, x, y, key).jaxpr)):
         return 1
     return max(1, min(_WINDOW, _WINDOW_BYTES // max(batch_bytes, 1)))
 
