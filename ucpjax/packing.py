@@ -222,7 +222,7 @@ def _exact_scales(w: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.nda
     model trained there sit on a scale one ulp from NumPy's quotient.
     """
     scales = scales.astype(np.float32)
-    best, codes = scales.copy(), np.round(w / scales)
+    best, codes = np.empty_like(scales), np.empty_like(w)
     exact = np.zeros(w.shape[1], bool)
     for ulps in (0, 1, -1, 2, -2):
         # Scales are positive, so the float ``ulps`` steps away is that many bit patterns away.
