@@ -31,7 +31,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 COMMAND = " ".join([".venv/bin/python", *sys.argv])
 
 SETTINGS = {
-    "default": "",
+    "default": "",  # the caller's XLA_FLAGS alone
     "oneDNN custom calls": "--xla_cpu_experimental_onednn_custom_call=true",
     "XNNPACK graph fusion": ("--xla_cpu_experimental_xnn_graph_fusion_mode="
                              "XNN_GRAPH_FUSION_MODE_GREEDY"),
@@ -40,13 +40,17 @@ SETTINGS = {
 }
 
 
-def step_medians(flags: str, only: str, repeats: int) -> dict[str, float]:
-    """Median seconds of each model's step ("ours") with ``XLA_FLAGS=flags``."""
+def step_medians(name: str, flags: str, only: str, repeats: int) -> dict[str, float]:
+    """Median seconds of each model's step ("ours") with ``flags`` added to ``XLA_FLAGS``."""
+    # The caller's own flags (e.g. a host device count) stay, in every setting alike.
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()}
     with tempfile.TemporaryDirectory() as out:
-        env = {**os.environ, "XLA_FLAGS": flags}
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_train_step.py"),
-                        "--only", only, "--repeats", str(repeats), "--out", out],
-                       env=env, check=True, stdout=subprocess.DEVNULL)
+        done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_train_step.py"),
+                               "--only", only, "--repeats", str(repeats), "--out", out],
+                              env=env, stdout=subprocess.DEVNULL)
+        if done.returncode != 0:
+            sys.exit(f"setting {name!r} failed (exit {done.returncode}; its error is above): "
+                     f"this jaxlib may not know XLA_FLAGS={flags}; remove it from SETTINGS")
         rows = json.loads(pathlib.Path(out, "bench_train_step.json").read_text())["rows"]
     return {name: statistics.median(row["ours_s"]) for name, row in rows.items()}
 
@@ -76,7 +80,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "results")
     args = parser.parse_args()
-    medians = {name: step_medians(flags, args.only, args.repeats)
+    medians = {name: step_medians(name, flags, args.only, args.repeats)
                for name, flags in SETTINGS.items()}
     load = os.getloadavg()
     md = markdown(medians, load)
