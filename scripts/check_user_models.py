@@ -210,22 +210,180 @@ class BnAfterRelu(nn.Module):
         return nn.Dense(10)(x.reshape((x.shape[0], -1)))
 
 
+class SqueezeExcite(nn.Module):
+    """Conv + BatchNorm, a squeeze-and-excitation gate of 1x1 convs (sigmoid, multiply)."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.relu(_conv_bn(x, train, strides=2))
+        gate = GlobalAveragePool(keepdims=True)(x)
+        gate = nn.sigmoid(nn.Conv(8, (1, 1))(nn.relu(nn.Conv(4, (1, 1))(gate))))
+        x = nn.max_pool(x * gate, (2, 2), (2, 2))
+        return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+
+class SqueezeExciteDense(nn.Module):
+    """SqueezeExcite with Dense layers on the (N, 1, 1, C) pool, as some code writes it."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.relu(_conv_bn(x, train, strides=2))
+        gate = GlobalAveragePool(keepdims=True)(x)
+        gate = nn.sigmoid(nn.Dense(8)(nn.relu(nn.Dense(4)(gate))))
+        x = nn.max_pool(x * gate, (2, 2), (2, 2))
+        return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+
+class GroupNormConv(nn.Module):
+    """Convs each followed by GroupNorm and ReLU, flatten."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.relu(nn.GroupNorm(num_groups=4)(nn.Conv(8, (3, 3), strides=2)(x)))
+        x = nn.relu(nn.GroupNorm(num_groups=4)(nn.Conv(16, (3, 3), strides=2)(x)))
+        return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+
+class BareResidual(nn.Module):
+    """Inverted residual blocks (expand, depthwise, project; BatchNorm, ReLU6), a bare `+`."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        def bn(y):
+            return nn.BatchNorm(use_running_average=not train)(y)
+        x = nn.relu6(bn(nn.Conv(8, (3, 3), strides=2, use_bias=False)(x)))
+        for _ in range(2):
+            y = nn.relu6(bn(nn.Conv(24, (1, 1), use_bias=False)(x)))
+            y = nn.relu6(bn(nn.Conv(24, (3, 3), feature_group_count=24, use_bias=False)(y)))
+            x = x + bn(nn.Conv(8, (1, 1), use_bias=False)(y))
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(10)(x)
+
+
+class SetupBlocks(nn.Module):
+    """Layers made in setup() under names of their own, a block module used twice, avg-pool GAP."""
+
+    def setup(self):
+        self.stem = nn.Conv(8, (3, 3), strides=(2, 2), name="stem")
+        self.blocks = [ConvBlock(16), ConvBlock(16)]
+        self.head = nn.Dense(10, use_bias=False)
+
+    def __call__(self, x, train=False):
+        x = nn.relu(self.stem(x))
+        for block in self.blocks:
+            x = block(x, train)
+        x = nn.avg_pool(x, x.shape[1:3])
+        return self.head(x.reshape((x.shape[0], -1)))
+
+
+class ConvBlock(nn.Module):
+    features: int
+
+    @nn.compact
+    def __call__(self, x, train):
+        x = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False)(x)
+        return nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+
+
+class TiedDense(nn.Module):
+    """One Dense layer applied twice (shared weights), leaky ReLU."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.leaky_relu(nn.Dense(64)(x.reshape((x.shape[0], -1))))
+        shared = nn.Dense(64)
+        x = nn.leaky_relu(shared(nn.leaky_relu(shared(x))))
+        return nn.Dense(10)(x)
+
+
+class GroupedConv(nn.Module):
+    """A grouped conv (4 groups, not depthwise) and a channel shuffle, as ShuffleNet has."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.relu(nn.Conv(16, (3, 3), strides=2)(x))
+        x = nn.relu(nn.Conv(16, (3, 3), feature_group_count=4)(x))
+        n, h, w, c = x.shape
+        x = x.reshape((n, h, w, 4, c // 4)).swapaxes(3, 4).reshape((n, h, w, c))
+        x = nn.max_pool(x, (2, 2), (2, 2))
+        return nn.Dense(10)(x.reshape((n, -1)))
+
+
+class EinsumDense(nn.Module):
+    """Hand-written layers: params made with self.param, an einsum matmul, ELU."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = x.reshape((x.shape[0], -1))
+        w = self.param("w", nn.initializers.lecun_normal(), (x.shape[-1], 64))
+        b = self.param("b", nn.initializers.zeros, (64,))
+        x = nn.elu(jnp.einsum("bi,io->bo", x, w) + b)
+        return nn.Dense(10)(x)
+
+
+class Bf16Compute(nn.Module):
+    """Convs and Dense computing in bfloat16 (float32 params), cast back to float32 logits."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.relu(nn.Conv(8, (3, 3), strides=2, dtype=jnp.bfloat16)(x))
+        x = nn.Dense(10, dtype=jnp.bfloat16)(x.reshape((x.shape[0], -1)))
+        return x.astype(jnp.float32)
+
+
+class Bf16Params(nn.Module):
+    """A conv and a Dense with bfloat16 params (param_dtype), computing in float32."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.relu(nn.Conv(8, (3, 3), strides=2, param_dtype=jnp.bfloat16)(x))
+        return nn.Dense(10, param_dtype=jnp.bfloat16)(x.reshape((x.shape[0], -1)))
+
+
+class DropoutMlp(nn.Module):
+    """Dense, ReLU, Dropout(0.3) when training, Dense; flatten with reshape(-1, ...)."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = x.reshape((-1, 28 * 28))
+        x = nn.Dropout(0.3, deterministic=not train)(nn.relu(nn.Dense(64)(x)))
+        return nn.Dense(10)(x)
+
+
+class TrainingKwarg(nn.Module):
+    """A `training` argument instead of `train`."""
+
+    @nn.compact
+    def __call__(self, x, training=False):
+        return nn.Dense(10)(nn.relu(nn.Dense(32)(x.reshape((x.shape[0], -1)))))
+
+
+class TupleOut(nn.Module):
+    """Returns (logits, features)."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        features = nn.relu(nn.Dense(32)(x.reshape((x.shape[0], -1))))
+        return nn.Dense(10)(features), features
+
+
 MODELS = {cls.__name__: cls for cls in (
     LnMlp, LnReluMlp, GeluMlp, BiasConvAvg, SeqNet, DepthMult, Swish, HardSwish, GlobalMax,
-    Concat, ResBlock, DilatedConv, BnFirst, BnAfterRelu, PointwiseDense, Tanh)}
+    Concat, ResBlock, DilatedConv, BnFirst, BnAfterRelu, PointwiseDense, Tanh,
+    SqueezeExcite, SqueezeExciteDense, GroupNormConv, BareResidual, SetupBlocks, TiedDense,
+    GroupedConv, EinsumDense, Bf16Compute, Bf16Params, DropoutMlp, TrainingKwarg, TupleOut)}
+
+
+# Modules ucpjax.train cannot drive either (no `train` argument, a tuple output): they
+# keep their initial variables, as compress must refuse them before any work.
+UNTRAINED = {"TrainingKwarg", "TupleOut"}
 
 
 def run_model(name: str, dataset) -> dict:
     module = MODELS[name]()
     begin = time.perf_counter()
-    variables = dict(module.init(jax.random.key(0), dataset.x_train[:1], train=False))
-    config = train.TrainConfig(epochs=6, batch_size=100)
-    steps = train.total_steps(config, len(dataset.x_train))
-    state, _ = train.fit(variables["params"], train.classification_loss(module),
-                         train.make_optimizer(config, steps), dataset.x_train, dataset.y_train,
-                         config=config, seed=0,
-                         extra={k: v for k, v in variables.items() if k != "params"})
-    trained = {"params": state.params, **state.extra}
+    variables = dict(module.init(jax.random.key(0), dataset.x_train[:1]))
+    trained = variables if name in UNTRAINED else _fit(module, variables, dataset)
     row = {"model": name, "about": MODELS[name].__doc__.strip().splitlines()[0]}
     try:
         result = ucpjax.compress(module, trained, train=(dataset.x_train, dataset.y_train),
@@ -234,6 +392,10 @@ def run_model(name: str, dataset) -> dict:
     except (ConfigError, ToleranceError) as err:
         return {**row, "outcome": f"{type(err).__name__}: {err}",
                 "seconds": time.perf_counter() - begin}
+    except Exception as err:  # a crash is a finding: record it and go on to the next model
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        return {**row, "outcome": f"crashed ({type(err).__name__}: {first})",
+                "seconds": time.perf_counter() - begin}
     final, stages = result.report["final"], result.report["stages"]
     return {**row, "outcome": "passed", "dense_accuracy": result.report["rows"][0]["accuracy"],
             **{key: final[key] for key in ("jax_accuracy", "tflite_accuracy",
@@ -241,6 +403,16 @@ def run_model(name: str, dataset) -> dict:
                                            "weights_faithful")},
             "preflight_ops": stages.get("preflight/tflite_ops"),
             "seconds": time.perf_counter() - begin}
+
+
+def _fit(module, variables: dict, dataset) -> dict:
+    config = train.TrainConfig(epochs=6, batch_size=100)
+    steps = train.total_steps(config, len(dataset.x_train))
+    state, _ = train.fit(variables["params"], train.classification_loss(module),
+                         train.make_optimizer(config, steps), dataset.x_train, dataset.y_train,
+                         config=config, seed=0,
+                         extra={k: v for k, v in variables.items() if k != "params"})
+    return {"params": state.params, **state.extra}
 
 
 def markdown(rows: list[dict], commands: list[str]) -> str:

@@ -230,6 +230,11 @@ def test_preflight_refuses_an_export_that_cannot_follow_in_one_line(mnist):
                          quantize_config=quantize.QuantizeConfig())
     message = str(err.value)
     assert "\n" not in message and "TANH" in message and "before any compression" in message
+    # The pipeline checks again after each stage; the message then names the stage.
+    with pytest.raises(export.ToleranceError, match="after the prune stage"):
+        export.preflight(train.inference_fn(module, {}), variables["params"], mnist.take(500),
+                         config=export.ExportConfig(), reason=", ".join(unmodeled),
+                         quantize_config=quantize.QuantizeConfig(), when="after the prune stage")
 
 
 class Sorted(nn.Module):

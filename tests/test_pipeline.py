@@ -187,7 +187,7 @@ class GeluNet(nn.Module):
         return nn.Dense(10)(x)
 
 
-def test_an_activation_qat_does_not_model_is_checked_before_the_stages(mnist):
+def test_an_activation_qat_does_not_model_is_checked_before_and_between_the_stages(mnist):
     small = mnist.take(2000, 500)
     module = GeluNet()
     params = module.init(jax.random.key(0), small.x_train[:1])["params"]
@@ -204,7 +204,13 @@ def test_an_activation_qat_does_not_model_is_checked_before_the_stages(mnist):
     assert stages["preflight/tflite_ops"] == ["GELU"]
     assert stages["preflight/tflite_agreement"] >= 0.995
     first_stage = next(i for i, line in enumerate(lines) if line.startswith("[1] prune"))
-    assert any("int8 preflight passed" in line for line in lines[:first_stage])
+    assert any("int8 check before any compression passed" in line
+               for line in lines[:first_stage])
+    # ... and again after every stage but the last, whose export the final check measures.
+    recipe = experiment.smoke(Experiment()).recipe
+    for name in recipe.stages[:-1]:
+        assert stages[f"{name}/int8_agreement"] >= 0.995
+    assert f"{recipe.stages[-1]}/int8_agreement" not in stages
     assert result.report["final"]["tflite_within_tolerance"]
 
 

@@ -376,7 +376,7 @@ PREFLIGHT_SAMPLES = 1000
 
 def preflight(apply_fn: Callable, params, dataset, *, config: ExportConfig,
               quantize_config: quantize.QuantizeConfig, rules: Rules = DEFAULT_RULES,
-              reason: str) -> dict:
+              reason: str, when: str = "before any compression") -> dict:
     """Refuses, before any compression, a model whose int8 ``.tflite`` the JAX int8
     model does not follow.
 
@@ -394,6 +394,8 @@ def preflight(apply_fn: Callable, params, dataset, *, config: ExportConfig,
       dataset: its data; the validation split is used (the test split if empty).
       config, quantize_config, rules: the recipe's, as the final export uses them.
       reason: what in the model QAT does not model, for the message.
+      when: where in the run the model is, for the message (the pipeline checks
+        again after each stage, as compression moves the int8 tensors' ranges).
 
     Returns:
       The measurements (``faithfulness``'s keys and ``tflite_ops``, the converted
@@ -421,8 +423,8 @@ def preflight(apply_fn: Callable, params, dataset, *, config: ExportConfig,
     misses = _tolerance_misses(measured, config)
     if misses:
         raise ToleranceError(
-            f"the model's int8 .tflite does not follow its JAX int8 model before any "
-            f"compression ({'; '.join(misses)}, on {len(x)} images): TFLite rounds to int8 "
+            f"the model's int8 .tflite does not follow its JAX int8 model {when} "
+            f"({'; '.join(misses)}, on {len(x)} images): TFLite rounds to int8 "
             f"inside ops QAT does not model ({', '.join(ops) or '-'}; in JAX: {reason}); use "
             "ReLU or ReLU6 activations and put each BatchNorm right after its Conv/Dense, "
             "or pass check=False (or loosen export.min_agreement / "

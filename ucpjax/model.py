@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import flax.linen as nn
 import jax
@@ -117,6 +118,11 @@ def check_model(model: Model, input_shape: tuple[int, ...], num_classes: int,
     if "params" not in model.variables:
         raise ConfigError(f"variables has {sorted(model.variables)}: expected the module's "
                           "variables dict with 'params' (and 'batch_stats' with BatchNorm)")
+    arguments = _call_arguments(model.module)
+    if arguments is not None and "train" not in arguments:
+        raise ConfigError(f"module.__call__({', '.join(arguments)}) has no train argument: "
+                          "ucpjax calls module.apply(variables, x, train=...); name the "
+                          "argument that switches Dropout/BatchNorm to training `train`")
     x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
     try:
         out = jax.eval_shape(model.apply_fn(), model.params, x)
@@ -126,6 +132,10 @@ def check_model(model: Model, input_shape: tuple[int, ...], num_classes: int,
                           f"{x.shape} ({type(err).__name__}: {first}); pass the module and "
                           "its trained variables ('params', and 'batch_stats' with "
                           "BatchNorm), with __call__(x, train)") from None
+    if isinstance(out, (tuple, list, dict)):
+        raise ConfigError(f"module returns a {type(out).__name__} of {len(out)} outputs: "
+                          "ucpjax needs the logits alone, (batch, classes); return them "
+                          "alone (e.g. a wrapper module whose __call__ returns out[0])")
     if getattr(out, "ndim", 0) != 2 or out.shape[-1] < num_classes:
         raise ConfigError(f"module output has shape {getattr(out, 'shape', type(out))}: "
                           f"expected logits (batch, classes) with at least {num_classes} "
@@ -136,6 +146,18 @@ def check_model(model: Model, input_shape: tuple[int, ...], num_classes: int,
             raise ConfigError("module output looks like probabilities (non-negative rows "
                               "summing to 1): return the logits, without the softmax; the "
                               "losses and distillation apply it themselves")
+
+
+def _call_arguments(module: nn.Module) -> list[str] | None:
+    """The names ``module.__call__`` takes after ``self`` (None when it takes ``**kwargs``
+    or cannot be inspected, so no false refusal)."""
+    try:
+        parameters = inspect.signature(type(module).__call__).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return [p.name for p in parameters][1:]
 
 
 def check_quantizable(model: Model, input_shape: tuple[int, ...]) -> list[str]:
@@ -157,7 +179,8 @@ def check_quantizable(model: Model, input_shape: tuple[int, ...]) -> list[str]:
 
     def exempt(next_fun, args, kwargs, context):
         if context.method_name == "__call__" and isinstance(context.module, GlobalAveragePool):
-            return args[0][:, 0, 0, :]  # same shape, no reduction to find
+            x = args[0][:, :1, :1, :]  # same shape, no reduction to find
+            return x if context.module.keepdims else x[:, 0, 0, :]
         if context.method_name == "__call__" and isinstance(context.module, Add):
             return args[0]  # same shape, no add to find
         if context.method_name == "__call__" and isinstance(context.module, nn.BatchNorm):
@@ -168,6 +191,12 @@ def check_quantizable(model: Model, input_shape: tuple[int, ...]) -> list[str]:
     with nn.intercept_methods(exempt):
         closed = jax.make_jaxpr(model.apply_fn())(model.params, x)
     jaxpr = closed.jaxpr
+    narrow = _narrow_floats(jaxpr)
+    if narrow:
+        raise ConfigError(f"the model computes in {', '.join(sorted(narrow))} (a layer built "
+                          "with dtype=jnp.bfloat16 or a cast): QAT and the int8 export follow "
+                          "float32 arithmetic; build its layers with the default float32 "
+                          "dtype for compression")
     sums, adds, unmodeled = _hidden_int8_ops(jaxpr, {jaxpr.invars[-1]: frozenset({"input"})})
     if batchnorms and "batch_stats" in model.variables:
         folded = {bn for _, bn, _ in fold.find_batchnorm_pairs(model.module, model.variables,
@@ -177,12 +206,29 @@ def check_quantizable(model: Model, input_shape: tuple[int, ...]) -> list[str]:
     if sums:
         raise ConfigError("the model averages over its spatial axes with a bare mean (e.g. "
                           "jnp.mean(x, axis=(1, 2))), whose int8 input QAT cannot see: use "
-                          "ucpjax.pooling.GlobalAveragePool() instead")
+                          "ucpjax.pooling.GlobalAveragePool() instead (keepdims=True for a gate)")
     if adds:
         raise ConfigError(f"the model adds two activations with a bare + ({adds} residual "
                           "add(s), e.g. nn.relu(x + y)), whose int8 inputs QAT cannot see: "
                           "use nn.relu(ucpjax.residual.Add()(x, y)) instead")
     return sorted(unmodeled)
+
+
+def _narrow_floats(jaxpr) -> set[str]:
+    """The float dtypes narrower than float32 that ``jaxpr`` (or a sub-jaxpr) casts to.
+
+    The converter cannot lower such casts into an int8 model (it fails with pages
+    of MLIR after the whole pipeline), and QAT's ranges would be another model's.
+    """
+    found = set()
+    for eqn in jaxpr.eqns:
+        cast = eqn.primitive.name == "convert_element_type"
+        dtype = eqn.params["new_dtype"] if cast else None
+        if cast and jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+            found.add(jnp.dtype(dtype).name)
+        for sub in train.sub_jaxprs(eqn):
+            found |= _narrow_floats(sub)
+    return found
 
 
 # Primitives whose output is a new activation (a layer's output) rather than a

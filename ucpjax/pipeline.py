@@ -103,8 +103,11 @@ def _run(model, dataset, recipe, folder, start, teacher, check_export, unmodeled
         if name == "cluster":
             before_cluster = model
         model, done = _stage(position, name, model, dataset, recipe, folder, start, teacher, log)
-        if position == 0 and unmodeled and check_export:
-            reports.update(_preflight(model, dataset, recipe, unmodeled, log))
+        if unmodeled and check_export and position < len(recipe.stages):
+            # Compression moves the ranges inside those ops: a stage that breaks the
+            # int8 export stops the run there, not after the remaining stages.
+            reports.update(_preflight(model, dataset, recipe, unmodeled, log,
+                                      after=name if position else None))
         teacher = teacher or model  # by default the dense model teaches
         rows.append(done["row"])
         reports.update(done["report"])
@@ -121,20 +124,28 @@ def _run(model, dataset, recipe, folder, start, teacher, check_export, unmodeled
     return Result(model.variables, tflite, report, model.module)
 
 
-def _preflight(model: Model, dataset, recipe: Recipe, unmodeled: list[str], log) -> dict:
-    """The uncompressed model's int8 export checked (``export.preflight``) when it has
-    operations QAT does not model: a model that would fail the final check fails
-    here, before the stages. Returns the report's ``preflight/`` entries."""
-    log(f"int8 preflight: the model applies {', '.join(unmodeled)} to activations; "
-        "checking its int8 .tflite before compressing ...")
+def _preflight(model: Model, dataset, recipe: Recipe, unmodeled: list[str], log,
+               after: str | None = None) -> dict:
+    """The model's int8 export checked (``export.preflight``) when it has operations
+    QAT does not model: before the stages (``after`` None), then after each stage
+    but the last (whose export the final check measures), so a model that would
+    fail the final check fails as soon as it can. Returns the report's entries
+    (``preflight/*``, then ``<stage>/int8_*``)."""
+    when = "before any compression" if after is None else f"after the {after} stage"
+    if after is None:
+        log(f"int8 preflight: the model applies {', '.join(unmodeled)} to activations; "
+            "checking its int8 .tflite before compressing ...")
     folded = model.folded(dataset.input_shape)
     measured = export_lib.preflight(folded.apply_fn(), folded.params, dataset,
                                     config=recipe.export, quantize_config=recipe.quantize,
-                                    rules=recipe.rules, reason=", ".join(unmodeled))
-    log(f"int8 preflight passed: argmax agreement {measured['tflite_agreement']:.4f}, "
+                                    rules=recipe.rules, reason=", ".join(unmodeled), when=when)
+    log(f"int8 check {when} passed: argmax agreement {measured['tflite_agreement']:.4f}, "
         f"TFLite ops QAT does not model: {', '.join(measured['tflite_ops']) or 'none'}")
-    return {f"preflight/{key}": measured[key] for key in
-            ("tflite_agreement", "tflite_accuracy_gap", "tflite_ops")}
+    if after is None:
+        return {f"preflight/{key}": measured[key] for key in
+                ("tflite_agreement", "tflite_accuracy_gap", "tflite_ops")}
+    return {f"{after}/int8_{key}": measured[f"tflite_{key}"] for key in
+            ("agreement", "accuracy_gap")}
 
 
 def _slimmed(model: Model, dataset, recipe: Recipe, log) -> tuple[Model, dict]:

@@ -56,6 +56,8 @@ class GlobalAveragePool(nn.Module):
     quantizes. Without it the JAX model would skip one int8 rounding the .tflite does.
     """
 
+    keepdims: bool = False  # (N, 1, 1, C), as a squeeze-and-excitation gate wants
+
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jnp.mean(x, axis=(1, 2))
+        return jnp.mean(x, axis=(1, 2), keepdims=self.keepdims)
