@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/check_user_models.py            # about 10 minutes on 2 cores
     .venv/bin/python scripts/check_user_models.py --only GeluMlp,HardSwish
+    .venv/bin/python scripts/check_user_models.py --recipe default --only SqueezeExcite
 
 Each model is trained for 6 epochs on 8,000 MNIST images (Adam 1e-3), then
 compressed with the smoke recipe (every stage, a short budget: this checks that
@@ -12,7 +13,10 @@ message), or failed. Covers what QAT models exactly (ReLU/ReLU6, BatchNorm,
 strides, dilation, avg/max/global pools, concatenation, depth multipliers) and
 what it does not (GELU, hard-swish, sigmoid, tanh, LayerNorm, a BatchNorm after a
 ReLU), which the int8 preflight measures before the stages.
-Writes results/user_models.{json,md}.
+``--recipe default`` compresses with the default stage settings instead, as a
+user who passes no recipe does (minutes per model), to show what accuracy a kind
+of model keeps. Writes results/user_models.{json,md} (user_models_default.* with
+the default recipe).
 """
 
 from __future__ import annotations
@@ -261,19 +265,19 @@ class BareResidual(nn.Module):
 
 
 class SetupBlocks(nn.Module):
-    """Layers made in setup() under names of their own, a block module used twice, avg-pool GAP."""
+    """Layers made in setup() under names of their own, a block module used twice, GAP."""
 
     def setup(self):
         self.stem = nn.Conv(8, (3, 3), strides=(2, 2), name="stem")
         self.blocks = [ConvBlock(16), ConvBlock(16)]
+        self.pool = GlobalAveragePool()
         self.head = nn.Dense(10, use_bias=False)
 
     def __call__(self, x, train=False):
         x = nn.relu(self.stem(x))
         for block in self.blocks:
             x = block(x, train)
-        x = nn.avg_pool(x, x.shape[1:3])
-        return self.head(x.reshape((x.shape[0], -1)))
+        return self.head(self.pool(x))
 
 
 class ConvBlock(nn.Module):
@@ -283,6 +287,16 @@ class ConvBlock(nn.Module):
     def __call__(self, x, train):
         x = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False)(x)
         return nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+
+
+class AvgPoolGap(nn.Module):
+    """Conv + BatchNorm, a global average pool written as nn.avg_pool over the whole map."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.relu(_conv_bn(x, train, strides=2))
+        x = nn.avg_pool(x, x.shape[1:3])
+        return nn.Dense(10)(x.reshape((x.shape[0], -1)))
 
 
 class TiedDense(nn.Module):
@@ -370,8 +384,9 @@ class TupleOut(nn.Module):
 MODELS = {cls.__name__: cls for cls in (
     LnMlp, LnReluMlp, GeluMlp, BiasConvAvg, SeqNet, DepthMult, Swish, HardSwish, GlobalMax,
     Concat, ResBlock, DilatedConv, BnFirst, BnAfterRelu, PointwiseDense, Tanh,
-    SqueezeExcite, SqueezeExciteDense, GroupNormConv, BareResidual, SetupBlocks, TiedDense,
-    GroupedConv, EinsumDense, Bf16Compute, Bf16Params, DropoutMlp, TrainingKwarg, TupleOut)}
+    SqueezeExcite, SqueezeExciteDense, GroupNormConv, BareResidual, SetupBlocks, AvgPoolGap,
+    TiedDense, GroupedConv, EinsumDense, Bf16Compute, Bf16Params, DropoutMlp, TrainingKwarg,
+    TupleOut)}
 
 
 # Modules ucpjax.train cannot drive either (no `train` argument, a tuple output): they
@@ -379,7 +394,7 @@ MODELS = {cls.__name__: cls for cls in (
 UNTRAINED = {"TrainingKwarg", "TupleOut"}
 
 
-def run_model(name: str, dataset) -> dict:
+def run_model(name: str, dataset, recipe) -> dict:
     module = MODELS[name]()
     begin = time.perf_counter()
     variables = dict(module.init(jax.random.key(0), dataset.x_train[:1]))
@@ -388,7 +403,7 @@ def run_model(name: str, dataset) -> dict:
     try:
         result = ucpjax.compress(module, trained, train=(dataset.x_train, dataset.y_train),
                                  test=(dataset.x_test, dataset.y_test),
-                                 recipe=experiment.smoke(Experiment()).recipe)
+                                 recipe=recipe)
     except (ConfigError, ToleranceError) as err:
         return {**row, "outcome": f"{type(err).__name__}: {err}",
                 "seconds": time.perf_counter() - begin}
@@ -415,8 +430,8 @@ def _fit(module, variables: dict, dataset) -> dict:
     return {"params": state.params, **state.extra}
 
 
-def markdown(rows: list[dict], commands: list[str]) -> str:
-    lines = ["# Users' models through ucpjax.compress (smoke recipe)", "",
+def markdown(rows: list[dict], commands: list[str], recipe: str) -> str:
+    lines = [f"# Users' models through ucpjax.compress ({recipe} recipe)", "",
              "| model | what it has | outcome | dense | JAX final | .tflite | agreement "
              "| max logit error (steps) | preflight: TFLite ops QAT does not model |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -436,6 +451,8 @@ def markdown(rows: list[dict], commands: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", default="", help="comma-separated models (default: all)")
+    parser.add_argument("--recipe", choices=("smoke", "default"), default="smoke",
+                        help="the smoke recipe (seconds) or the default one (minutes)")
     args = parser.parse_args()
     only = [m for m in args.only.split(",") if m]
     unknown = sorted(set(only) - set(MODELS))
@@ -443,17 +460,22 @@ def main() -> None:
         parser.error(f"--only {','.join(unknown)}: no such model; the models are "
                      f"{', '.join(MODELS)}")
     dataset = data.load("mnist").take(8000, 1000)
-    command = "python scripts/check_user_models.py" + (f" --only {args.only}" if only else "")
+    recipe = Experiment().recipe
+    recipe = experiment.smoke(Experiment()).recipe if args.recipe == "smoke" else recipe
+    stem = "user_models" + ("" if args.recipe == "smoke" else f"_{args.recipe}")
+    command = "python scripts/check_user_models.py" + (
+        "" if args.recipe == "smoke" else f" --recipe {args.recipe}") + (
+        f" --only {args.only}" if only else "")
     folder = RunFolder(ROOT / "results")
-    earlier = folder.read_json("user_models.json") or {}
+    earlier = folder.read_json(f"{stem}.json") or {}
     commands = bench.commands_with(earlier, command)
     rows = {r["model"]: r for r in earlier.get("rows", [])}
     for name in only or MODELS:
-        rows[name] = run_model(name, dataset)
+        rows[name] = run_model(name, dataset, recipe)
         ordered = [rows[m] for m in MODELS if m in rows]
-        folder.write_json("user_models.json", {"commands": commands, "rows": ordered})
-        folder.write_bytes("user_models.md", markdown(ordered, commands).encode())
-    print(markdown([rows[m] for m in MODELS if m in rows], commands))
+        folder.write_json(f"{stem}.json", {"commands": commands, "rows": ordered})
+        folder.write_bytes(f"{stem}.md", markdown(ordered, commands, args.recipe).encode())
+    print(markdown([rows[m] for m in MODELS if m in rows], commands, args.recipe))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import ucpjax
-from ucpjax import experiment, models, train
+from ucpjax import experiment, models, pipeline, train
 from ucpjax.experiment import Experiment
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -208,8 +208,8 @@ def test_an_activation_qat_does_not_model_is_checked_before_and_between_the_stag
                for line in lines[:first_stage])
     # ... and again after every stage but the last, whose export the final check measures.
     recipe = experiment.smoke(Experiment()).recipe
-    for name in recipe.stages[:-1]:
-        assert stages[f"{name}/int8_agreement"] >= 0.995
+    for name in recipe.stages[:-1]:  # with the between-stage allowance
+        assert stages[f"{name}/int8_agreement"] >= 1 - pipeline.STAGE_SLACK * 0.005
     assert f"{recipe.stages[-1]}/int8_agreement" not in stages
     assert result.report["final"]["tflite_within_tolerance"]
 

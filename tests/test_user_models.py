@@ -23,7 +23,8 @@ MODELED = {"BiasConvAvg", "SeqNet", "DepthMult", "GlobalMax", "Concat", "ResBloc
            "DilatedConv", "PointwiseDense", "SetupBlocks", "GroupedConv", "DropoutMlp",
            "Bf16Params"}
 # The models refused before any work, and what their one line says.
-REFUSED = {"BareResidual": "bare mean", "Bf16Compute": "computes in bfloat16",
+REFUSED = {"BareResidual": "bare mean", "AvgPoolGap": "whole-map pool",
+           "Bf16Compute": "computes in bfloat16",
            "TrainingKwarg": r"__call__\(x, training\) has no train argument",
            "TupleOut": "returns a tuple of 2 outputs"}
 

@@ -204,8 +204,9 @@ def check_quantizable(model: Model, input_shape: tuple[int, ...]) -> list[str]:
         unmodeled |= {f"{'/'.join(path)} (a BatchNorm with no Conv/Dense right before it)"
                       for path in batchnorms if path not in folded}
     if sums:
-        raise ConfigError("the model averages over its spatial axes with a bare mean (e.g. "
-                          "jnp.mean(x, axis=(1, 2))), whose int8 input QAT cannot see: use "
+        raise ConfigError("the model averages over its spatial axes with a bare mean or a "
+                          "whole-map pool (jnp.mean(x, axis=(1, 2)), nn.avg_pool(x, "
+                          "x.shape[1:3])), whose int8 input QAT cannot see: use "
                           "ucpjax.pooling.GlobalAveragePool() instead (keepdims=True for a gate)")
     if adds:
         raise ConfigError(f"the model adds two activations with a bare + ({adds} residual "
@@ -249,7 +250,8 @@ _BINARY_PRIMITIVES = frozenset({"sub", "mul", "div", "max", "min"})
 
 
 def _hidden_int8_ops(jaxpr, sources: dict) -> tuple[int, int, set[str]]:
-    """``(spatial sums, residual adds, unmodeled)`` in ``jaxpr`` and its sub-jaxprs;
+    """``(spatial sums or whole-map average pools, residual adds, unmodeled)`` in
+    ``jaxpr`` and its sub-jaxprs;
     ``unmodeled`` names the other operations on activations that QAT does not model.
 
     ``sources`` maps each variable that depends on the input image to the layer
@@ -271,6 +273,12 @@ def _hidden_int8_ops(jaxpr, sources: dict) -> tuple[int, int, set[str]]:
         if name == "reduce_sum":
             operand = eqn.invars[0].aval
             sums += operand.ndim == 4 and bool({1, 2} & set(eqn.params["axes"]))
+        if name == "reduce_window_sum" and hot:
+            # An average pool whose window covers the whole map is a spatial mean too:
+            # TFLite's AVERAGE_POOL_2D rounds its input and keeps that scale.
+            operand = eqn.invars[0].aval
+            sums += operand.ndim == 4 and (
+                tuple(eqn.params["window_dimensions"][1:3]) == operand.shape[1:3])
         if name == "add" and len(hot) == 2 and hot[0] != hot[1]:
             adds += 1
         for sub in train.sub_jaxprs(eqn):

@@ -45,6 +45,9 @@ class Result:
 
 
 Start = Callable[[Model], tuple[Model, dict]]
+# Between stages the int8 check allows this many times the final check's
+# disagreement and accuracy gap (QAT, still to come, recovers small misses).
+STAGE_SLACK = 4.0
 FINAL_FILES = ("model.ucpj", "report.md", "accuracy_vs_size.png", "weights.png")
 
 
@@ -106,6 +109,8 @@ def _run(model, dataset, recipe, folder, start, teacher, check_export, unmodeled
         if unmodeled and check_export and position < len(recipe.stages):
             # Compression moves the ranges inside those ops: a stage that breaks the
             # int8 export stops the run there, not after the remaining stages.
+            # Between stages only a wide miss stops it, as QAT recovers small ones
+            # (a LayerNorm MLP: 0.9949 after distillation, 0.9990 after QAT).
             reports.update(_preflight(model, dataset, recipe, unmodeled, log,
                                       after=name if position else None))
         teacher = teacher or model  # by default the dense model teaches
@@ -138,7 +143,8 @@ def _preflight(model: Model, dataset, recipe: Recipe, unmodeled: list[str], log,
     folded = model.folded(dataset.input_shape)
     measured = export_lib.preflight(folded.apply_fn(), folded.params, dataset,
                                     config=recipe.export, quantize_config=recipe.quantize,
-                                    rules=recipe.rules, reason=", ".join(unmodeled), when=when)
+                                    rules=recipe.rules, reason=", ".join(unmodeled), when=when,
+                                    slack=1.0 if after is None else STAGE_SLACK)
     log(f"int8 check {when} passed: argmax agreement {measured['tflite_agreement']:.4f}, "
         f"TFLite ops QAT does not model: {', '.join(measured['tflite_ops']) or 'none'}")
     if after is None:
