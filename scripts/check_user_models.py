@@ -16,12 +16,13 @@ ReLU), which the int8 preflight measures before the stages.
 ``--recipe default`` compresses with the default stage settings instead, as a
 user who passes no recipe does (minutes per model), to show what accuracy a kind
 of model keeps. Writes results/user_models.{json,md} (user_models_default.* with
-the default recipe).
+the default recipe, user_models_default_s0.75.* with ``--sparsity 0.75``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import sys
 import time
@@ -432,16 +433,17 @@ def _fit(module, variables: dict, dataset) -> dict:
 
 def markdown(rows: list[dict], commands: list[str], recipe: str) -> str:
     lines = [f"# Users' models through ucpjax.compress ({recipe} recipe)", "",
-             "| model | what it has | outcome | dense | JAX final | .tflite | agreement "
-             "| max logit error (steps) | preflight: TFLite ops QAT does not model |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model | what it has | outcome | dense | JAX final | .tflite | drop (points) "
+             "| agreement | max logit error (steps) | preflight: TFLite ops QAT does not model |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["outcome"] != "passed":
-            lines.append(f"| {r['model']} | {r['about']} | {r['outcome']} | | | | | | |")
+            lines.append(f"| {r['model']} | {r['about']} | {r['outcome']} | | | | | | | |")
             continue
         ops = "not needed" if r["preflight_ops"] is None else ", ".join(r["preflight_ops"])
+        drop = 100 * (r["dense_accuracy"] - r["tflite_accuracy"])
         lines.append(f"| {r['model']} | {r['about']} | passed | {r['dense_accuracy']:.3f} "
-                     f"| {r['jax_accuracy']:.3f} | {r['tflite_accuracy']:.3f} "
+                     f"| {r['jax_accuracy']:.3f} | {r['tflite_accuracy']:.3f} | {drop:.1f} "
                      f"| {r['tflite_agreement']:.4f} | {r['tflite_max_logit_error_steps']:.0f} "
                      f"| {ops} |")
     lines += ["", *(f"Command: `{c}`" for c in commands), ""]
@@ -453,6 +455,8 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated models (default: all)")
     parser.add_argument("--recipe", choices=("smoke", "default"), default="smoke",
                         help="the smoke recipe (seconds) or the default one (minutes)")
+    parser.add_argument("--sparsity", type=float, default=None,
+                        help="prune.target_sparsity (default: the recipe's)")
     args = parser.parse_args()
     only = [m for m in args.only.split(",") if m]
     unknown = sorted(set(only) - set(MODELS))
@@ -462,9 +466,15 @@ def main() -> None:
     dataset = data.load("mnist").take(8000, 1000)
     recipe = Experiment().recipe
     recipe = experiment.smoke(Experiment()).recipe if args.recipe == "smoke" else recipe
-    stem = "user_models" + ("" if args.recipe == "smoke" else f"_{args.recipe}")
+    label = args.recipe
+    if args.sparsity is not None:
+        recipe = dataclasses.replace(recipe, prune=dataclasses.replace(
+            recipe.prune, target_sparsity=args.sparsity))
+        label += f"_s{args.sparsity:g}"
+    stem = "user_models" + ("" if label == "smoke" else f"_{label}")
     command = "python scripts/check_user_models.py" + (
         "" if args.recipe == "smoke" else f" --recipe {args.recipe}") + (
+        "" if args.sparsity is None else f" --sparsity {args.sparsity:g}") + (
         f" --only {args.only}" if only else "")
     folder = RunFolder(ROOT / "results")
     earlier = folder.read_json(f"{stem}.json") or {}
@@ -474,8 +484,8 @@ def main() -> None:
         rows[name] = run_model(name, dataset, recipe)
         ordered = [rows[m] for m in MODELS if m in rows]
         folder.write_json(f"{stem}.json", {"commands": commands, "rows": ordered})
-        folder.write_bytes(f"{stem}.md", markdown(ordered, commands, args.recipe).encode())
-    print(markdown([rows[m] for m in MODELS if m in rows], commands, args.recipe))
+        folder.write_bytes(f"{stem}.md", markdown(ordered, commands, label).encode())
+    print(markdown([rows[m] for m in MODELS if m in rows], commands, label))
 
 
 if __name__ == "__main__":

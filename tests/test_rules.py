@@ -67,3 +67,10 @@ def test_jax_side_never_imports_tensorflow():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_weight_matrices_no_rule_selects_are_named():
+    params = {"Dense_0": {"kernel": jnp.ones((4, 3)), "bias": jnp.ones(3)},
+              "w": jnp.ones((5, 2)), "BatchNorm_0": {"scale": jnp.ones(3)}}
+    assert rules.unselected_matrices(params, rules.DEFAULT_RULES) == {"w": 10}
+    assert rules.unselected_matrices(params, (LayerRule(pattern=r"kernel$|^w$"),)) == {}

@@ -74,6 +74,7 @@ def run(model: Model, dataset: data_lib.Dataset, recipe: Recipe, out=None, *,
       A Result with the final variables, the .tflite bytes and the report.
     """
     recipe.check_budgets(len(dataset.x_train))
+    _note_unselected(model, recipe, log)
     unmodeled = []
     if _qat(recipe) and recipe.export.enabled:
         unmodeled = check_quantizable(model, dataset.input_shape)
@@ -90,6 +91,17 @@ def run(model: Model, dataset: data_lib.Dataset, recipe: Recipe, out=None, *,
                               "or choose a new --out")
         return _run(model, dataset, recipe, folder, start, teacher, check_export, unmodeled,
                     log)
+
+
+def _note_unselected(model: Model, recipe: Recipe, log) -> None:
+    """Names the weight matrices no rule selects, which would stay uncompressed
+    without a word (a user's ``self.param("w", ...)``)."""
+    left = rules_lib.unselected_matrices(model.params, recipe.rules)
+    if left:
+        share = sum(left.values()) / sum(x.size for x in jax.tree.leaves(model.params))
+        log(f"note: no rule selects {', '.join(left)} ({sum(left.values()):,} weights, "
+            f"{share:.0%} of the params), so no stage compresses them; add a "
+            "LayerRule whose pattern matches them to recipe.rules to compress them")
 
 
 def _run(model, dataset, recipe, folder, start, teacher, check_export, unmodeled,

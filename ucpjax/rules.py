@@ -109,6 +109,15 @@ def selected(params, rules: Rules = DEFAULT_RULES):
         lambda path, _: rule_for(path_name(path), rules) is not None, params)
 
 
+def unselected_matrices(params, rules: Rules) -> dict[str, int]:
+    """``{'Layer/name': size}`` of the leaves of 2 or more dimensions that no rule
+    matches: weight matrices under names of their own (``self.param("w", ...)``),
+    which every stage leaves uncompressed."""
+    return {path_name(path): int(leaf.size)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+            if getattr(leaf, "ndim", 0) >= 2 and rule_for(path_name(path), rules) is None}
+
+
 def setting(params, rules: Rules, field: str, default):
     """Pytree like ``params``: each matched leaf's ``field`` (``default`` when None).
 
