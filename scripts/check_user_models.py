@@ -218,25 +218,25 @@ class BnAfterRelu(nn.Module):
 class SqueezeExcite(nn.Module):
     """Conv + BatchNorm, a squeeze-and-excitation gate of 1x1 convs (sigmoid, multiply)."""
 
+    @staticmethod
+    def gate_layer(features: int) -> nn.Module:
+        return nn.Conv(features, (1, 1))
+
     @nn.compact
     def __call__(self, x, train=False):
         x = nn.relu(_conv_bn(x, train, strides=2))
         gate = GlobalAveragePool(keepdims=True)(x)
-        gate = nn.sigmoid(nn.Conv(8, (1, 1))(nn.relu(nn.Conv(4, (1, 1))(gate))))
+        gate = nn.sigmoid(self.gate_layer(8)(nn.relu(self.gate_layer(4)(gate))))
         x = nn.max_pool(x * gate, (2, 2), (2, 2))
         return nn.Dense(10)(x.reshape((x.shape[0], -1)))
 
 
-class SqueezeExciteDense(nn.Module):
+class SqueezeExciteDense(SqueezeExcite):
     """SqueezeExcite with Dense layers on the (N, 1, 1, C) pool, as some code writes it."""
 
-    @nn.compact
-    def __call__(self, x, train=False):
-        x = nn.relu(_conv_bn(x, train, strides=2))
-        gate = GlobalAveragePool(keepdims=True)(x)
-        gate = nn.sigmoid(nn.Dense(8)(nn.relu(nn.Dense(4)(gate))))
-        x = nn.max_pool(x * gate, (2, 2), (2, 2))
-        return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+    @staticmethod
+    def gate_layer(features: int) -> nn.Module:
+        return nn.Dense(features)
 
 
 class GroupNormConv(nn.Module):

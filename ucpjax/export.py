@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from collections.abc import Callable
 
@@ -416,7 +417,9 @@ def preflight(apply_fn: Callable, params, dataset, *, config: ExportConfig,
         tflite, measured = _int8_and_faithfulness(apply_fn, int8_weights, dataset, x, y,
                                                   config, quantize_config, rules)
     except Exception as err:  # the converter's own errors are pages of MLIR
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        # The converter names source locations by paths of this machine: drop them.
+        first = re.sub(r"(?:[A-Za-z]:)?[/\\]\S*?:\d+:\d+: (?:error: )?", " ", first).strip()[:300]
         raise ConfigError(f"the model does not convert to an int8 TFLite model ({reason}: "
                           f"{type(err).__name__}: {first}); use operations TFLite's int8 "
                           "kernels have (ReLU, ReLU6, BatchNorm, pooling)") from None
