@@ -36,6 +36,7 @@ from ucpjax import data, experiment, train
 from ucpjax.config import ConfigError
 from ucpjax.experiment import Experiment
 from ucpjax.export import ToleranceError
+from ucpjax.model import with_train_argument
 from ucpjax.pooling import GlobalAveragePool
 from ucpjax.residual import Add
 from ucpjax.run_folder import RunFolder
@@ -366,11 +367,30 @@ class DropoutMlp(nn.Module):
 
 
 class TrainingKwarg(nn.Module):
-    """A `training` argument instead of `train`."""
+    """A `training` argument instead of `train`, switching Dropout."""
 
     @nn.compact
     def __call__(self, x, training=False):
-        return nn.Dense(10)(nn.relu(nn.Dense(32)(x.reshape((x.shape[0], -1)))))
+        x = nn.relu(nn.Dense(32)(x.reshape((x.shape[0], -1))))
+        return nn.Dense(10)(nn.Dropout(0.3, deterministic=not training)(x))
+
+
+class DeterministicKwarg(nn.Module):
+    """Dropout switched by a `deterministic` argument, as Flax's own layers are."""
+
+    @nn.compact
+    def __call__(self, x, deterministic=True):
+        x = nn.relu(nn.Dense(32)(x.reshape((x.shape[0], -1))))
+        return nn.Dense(10)(nn.Dropout(0.3, deterministic=deterministic)(x))
+
+
+class PlainCall(nn.Module):
+    """A conv net called as `__call__(x)` alone (no Dropout, no BatchNorm)."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.max_pool(nn.relu(nn.Conv(8, (3, 3))(x)), (2, 2), strides=(2, 2))
+        return nn.Dense(10)(x.reshape((x.shape[0], -1)))
 
 
 class TupleOut(nn.Module):
@@ -387,12 +407,12 @@ MODELS = {cls.__name__: cls for cls in (
     Concat, ResBlock, DilatedConv, BnFirst, BnAfterRelu, PointwiseDense, Tanh,
     SqueezeExcite, SqueezeExciteDense, GroupNormConv, BareResidual, SetupBlocks, AvgPoolGap,
     TiedDense, GroupedConv, EinsumDense, Bf16Compute, Bf16Params, DropoutMlp, TrainingKwarg,
-    TupleOut)}
+    DeterministicKwarg, PlainCall, TupleOut)}
 
 
-# Modules ucpjax.train cannot drive either (no `train` argument, a tuple output): they
-# keep their initial variables, as compress must refuse them before any work.
-UNTRAINED = {"TrainingKwarg", "TupleOut"}
+# Modules ucpjax.train cannot drive either (a tuple output): they keep their initial
+# variables, as compress must refuse them before any work.
+UNTRAINED = {"TupleOut"}
 
 
 def run_model(name: str, dataset, recipe) -> dict:
@@ -424,7 +444,8 @@ def run_model(name: str, dataset, recipe) -> dict:
 def _fit(module, variables: dict, dataset) -> dict:
     config = train.TrainConfig(epochs=6, batch_size=100)
     steps = train.total_steps(config, len(dataset.x_train))
-    state, _ = train.fit(variables["params"], train.classification_loss(module),
+    loss = train.classification_loss(with_train_argument(module)[0])  # the user's own switch
+    state, _ = train.fit(variables["params"], loss,
                          train.make_optimizer(config, steps), dataset.x_train, dataset.y_train,
                          config=config, seed=0,
                          extra={k: v for k, v in variables.items() if k != "params"})

@@ -278,10 +278,10 @@ class _Softmaxed(nn.Module):
         return nn.softmax(_TinyMLP()(x))
 
 
-class _NoTrainArgument(nn.Module):
+class _NeedsMask(nn.Module):
     @nn.compact
-    def __call__(self, x):
-        return _TinyMLP()(x)
+    def __call__(self, x, mask):
+        return _TinyMLP()(x * mask)
 
 
 class _Pooled(nn.Module):
@@ -299,8 +299,8 @@ def _compress_module(module, variables=None):
 BAD_MODULES = {
     "softmax output": (lambda: _compress_module(_Softmaxed()),
                        ["probabilities", "return the logits"]),
-    "no train argument": (lambda: _compress_module(_NoTrainArgument()),
-                          ["__call__(x) has no train argument", "train=..."]),
+    "a required argument besides x": (lambda: _compress_module(_NeedsMask(), {"params": {}}),
+                                      ["__call__(x, mask) needs mask", "train=..."]),
     "variables of another model": (
         lambda: _compress_module(_TinyMLP(), {"params": {"Dense_9": {}}}),
         ["module.apply(variables, x, train=False) fails"]),

@@ -14,18 +14,17 @@ import numpy as np
 import pytest
 
 from ucpjax.config import ConfigError
-from ucpjax.model import Model, check_model, check_quantizable
+from ucpjax.model import Model, check_model, check_quantizable, with_train_argument
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHAPE = (28, 28, 1)
 # The models whose every operation on activations QAT reproduces.
 MODELED = {"BiasConvAvg", "SeqNet", "DepthMult", "GlobalMax", "Concat", "ResBlock",
            "DilatedConv", "PointwiseDense", "SetupBlocks", "GroupedConv", "DropoutMlp",
-           "Bf16Params"}
+           "Bf16Params", "TrainingKwarg", "DeterministicKwarg", "PlainCall"}
 # The models refused before any work, and what their one line says.
 REFUSED = {"BareResidual": "bare mean", "AvgPoolGap": "whole-map pool",
            "Bf16Compute": "computes in bfloat16",
-           "TrainingKwarg": r"__call__\(x, training\) has no train argument",
            "TupleOut": "returns a tuple of 2 outputs"}
 
 
@@ -43,7 +42,7 @@ ZOO = _zoo()
 
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_a_users_model_passes_the_checks_and_is_sent_to_the_preflight_if_needed(name):
-    module = ZOO[name]()
+    module = with_train_argument(ZOO[name]())[0]  # as compress adapts it
     sample = np.random.default_rng(0).random((4, *SHAPE), np.float32)
     model = Model(module, dict(module.init(jax.random.key(0), sample[:1])))
     if name in REFUSED:
@@ -55,3 +54,20 @@ def test_a_users_model_passes_the_checks_and_is_sent_to_the_preflight_if_needed(
     check_model(model, SHAPE, 10, sample=sample)
     unmodeled = check_quantizable(model, SHAPE)
     assert (unmodeled == []) == (name in MODELED), unmodeled
+
+
+@pytest.mark.parametrize("name", ["TrainingKwarg", "DeterministicKwarg", "PlainCall"])
+def test_a_module_with_another_train_switch_is_adapted_with_the_same_variables(name):
+    module = ZOO[name]()
+    x = np.random.default_rng(0).random((8, *SHAPE), np.float32)
+    variables = module.init(jax.random.key(0), x[:1])
+    adapted, switch = with_train_argument(module)
+    assert switch == {"TrainingKwarg": "training", "DeterministicKwarg": "deterministic",
+                      "PlainCall": None}[name]
+    assert jax.tree.structure(adapted.init(jax.random.key(0), x[:1])) == \
+        jax.tree.structure(variables)
+    np.testing.assert_array_equal(adapted.apply(variables, x, train=False),
+                                  module.apply(variables, x))
+    trained = adapted.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)})
+    # The switch reaches Dropout: in training some units drop, so the logits move.
+    assert (switch is None) == np.array_equal(trained, module.apply(variables, x))

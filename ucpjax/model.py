@@ -108,9 +108,9 @@ def check_model(model: Model, input_shape: tuple[int, ...], num_classes: int,
     """Refuses, in one line, a module that cannot classify these inputs.
 
     Traces ``module.apply(variables, x, train=False)`` on one example's shape
-    (no compute): a module without a ``train`` argument, a BatchNorm model
-    without ``batch_stats``, variables of another model, or logits of the
-    wrong shape fail here rather than inside a stage. With ``sample`` (a few
+    (no compute): a BatchNorm model without ``batch_stats``, variables of
+    another model, or logits of the wrong shape fail here rather than inside a
+    stage. With ``sample`` (a few
     inputs) it also refuses a module that returns probabilities: the losses
     apply a softmax themselves, so training on a softmax's output would crawl
     without any error.
@@ -118,11 +118,6 @@ def check_model(model: Model, input_shape: tuple[int, ...], num_classes: int,
     if "params" not in model.variables:
         raise ConfigError(f"variables has {sorted(model.variables)}: expected the module's "
                           "variables dict with 'params' (and 'batch_stats' with BatchNorm)")
-    arguments = _call_arguments(model.module)
-    if arguments is not None and "train" not in arguments:
-        raise ConfigError(f"module.__call__({', '.join(arguments)}) has no train argument: "
-                          "ucpjax calls module.apply(variables, x, train=...); name the "
-                          "argument that switches Dropout/BatchNorm to training `train`")
     x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
     try:
         out = jax.eval_shape(model.apply_fn(), model.params, x)
@@ -146,6 +141,54 @@ def check_model(model: Model, input_shape: tuple[int, ...], num_classes: int,
             raise ConfigError("module output looks like probabilities (non-negative rows "
                               "summing to 1): return the logits, without the softmax; the "
                               "losses and distillation apply it themselves")
+
+
+# Names users give the argument that switches Dropout/BatchNorm to training, and
+# whether it means "training" (True) or its negation (False, as Dropout's own).
+TRAIN_SWITCHES = {"train": True, "training": True, "is_training": True,
+                  "deterministic": False}
+
+
+def with_train_argument(module: nn.Module) -> tuple[nn.Module, str | None]:
+    """The module called as ``apply(variables, x, train=...)``, as every stage calls it.
+
+    A module whose ``__call__`` names its switch ``training``, ``is_training`` or
+    ``deterministic`` (inverted), or has none (a plain MLP), becomes a subclass of
+    its own class whose ``__call__(x, train)`` forwards to it: same variables and
+    layer names, so its trained variables apply unchanged.
+
+    Returns:
+      ``(module, switch)``: the module to use, and the argument ``train`` goes to
+      (None when there is none) if it was adapted, else ``(module, None)`` as is.
+    """
+    arguments = _call_arguments(module)
+    if arguments is None or "train" in arguments:
+        return module, None
+    required = [name for name in _required_arguments(module)[1:] if name not in TRAIN_SWITCHES]
+    if required:
+        raise ConfigError(f"module.__call__({', '.join(arguments)}) needs {', '.join(required)}: "
+                          "ucpjax calls module.apply(variables, x, train=...); give them "
+                          "defaults or wrap the module so it takes (x, train)")
+    switch = next((name for name in TRAIN_SWITCHES if name in arguments), None)
+    base = type(module)
+
+    def __call__(self, x, train: bool = False):
+        if switch is None:
+            return base.__call__(self, x)
+        return base.__call__(self, x, **{switch: train if TRAIN_SWITCHES[switch] else not train})
+
+    adapted = type(base.__name__, (base,), {"__call__": __call__, "__module__": base.__module__,
+                                            "__qualname__": base.__qualname__})
+    fields = {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
+              if f.init and f.name not in ("parent", "name")}
+    return adapted(**fields), switch
+
+
+def _required_arguments(module: nn.Module) -> list[str]:
+    parameters = inspect.signature(type(module).__call__).parameters.values()
+    return [p.name for p in parameters
+            if p.default is inspect.Parameter.empty
+            and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)][1:]
 
 
 def _call_arguments(module: nn.Module) -> list[str] | None:

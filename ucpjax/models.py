@@ -1,4 +1,5 @@
-"""Flax models by name. Every model maps NHWC images to logits: ``__call__(x, train)``."""
+"""Flax models by name. Every model maps NHWC images to logits: ``__call__(x, train)``
+(a registered model with another switch, or none, is adapted: ``model.with_train_argument``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ucpjax.model import with_train_argument
 from ucpjax.pooling import GlobalAveragePool, max_pool
 from ucpjax.residual import Add
 
@@ -26,7 +28,7 @@ def create(name: str, num_classes: int = 10) -> nn.Module:
     """Returns a new model ``name``; raises ValueError naming the known ones."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}: use one of {sorted(_REGISTRY)}")
-    return _REGISTRY[name](num_classes=num_classes)
+    return with_train_argument(_REGISTRY[name](num_classes=num_classes))[0]
 
 
 def names() -> list[str]:

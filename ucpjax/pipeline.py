@@ -29,7 +29,7 @@ from ucpjax import report as report_lib
 from ucpjax import rules as rules_lib
 from ucpjax import train as train_lib
 from ucpjax.config import ConfigError, to_dict
-from ucpjax.model import Model, check_model, check_quantizable
+from ucpjax.model import TRAIN_SWITCHES, Model, check_model, check_quantizable, with_train_argument
 from ucpjax.recipe import STAGES, Recipe, StageInputs
 from ucpjax.run_folder import RunFolder
 
@@ -339,7 +339,8 @@ def compress(module: nn.Module, variables, *, train, test, recipe: Recipe | None
 
     Args:
       module: a ``flax.linen`` Module called as ``module.apply(variables, x, train=bool)``
-        (BatchNorm with ``use_running_average=not train`` and Dropout are fine).
+        (BatchNorm with ``use_running_average=not train`` and Dropout are fine); a
+        switch named otherwise, or none, is adapted (``model.with_train_argument``).
       variables: its trained variables (``params``, and ``batch_stats`` with BatchNorm).
       train: ``(x, y)`` numpy arrays: float NHWC images, integer labels.
       test: ``(x, y)`` for reporting.
@@ -362,7 +363,12 @@ def compress(module: nn.Module, variables, *, train, test, recipe: Recipe | None
                           "the validation split, and without val= that is the test set; "
                           "pass val=(x, y) held out from train")
     dataset = inputs.dataset_from_arrays(train, test, val)
-    model = Model(module, dict(variables))
+    adapted, switch = with_train_argument(module)
+    if adapted is not module:
+        log(f"{type(module).__name__}.__call__ has no `train` argument: ucpjax calls it "
+            + (f"with {switch}={'train' if TRAIN_SWITCHES[switch] else 'not train'}"
+               if switch else "with the images alone (no training mode)"))
+    model = Model(adapted, dict(variables))
     check_model(model, dataset.input_shape, dataset.num_classes, sample=dataset.x_train[:16])
     return run(model, dataset, recipe, out, resume=resume, check_export=check,
                log=log)
