@@ -15,14 +15,15 @@ import dataclasses
 import os
 import pathlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
+from flax import nnx
 
-from ucpjax import channels, cluster, distill, inputs, measure, packing
+from ucpjax import channels, cluster, distill, from_nnx, inputs, measure, packing
 from ucpjax import data as data_lib
 from ucpjax import export as export_lib
 from ucpjax import report as report_lib
@@ -332,7 +333,24 @@ def weights_plot(model: Model, recipe: Recipe, path: pathlib.Path) -> None:
     plots.weight_histograms(model.params, centroids, path)
 
 
-def compress(module: nn.Module, variables, *, train, test, recipe: Recipe | None = None,
+def _linen(module, variables) -> tuple[nn.Module, dict]:
+    """``(module, variables)`` as linen: an NNX model lifted, a linen one checked."""
+    if isinstance(module, nnx.Module):
+        if variables is not None:
+            raise ConfigError("variables: an nnx model carries its own state; pass "
+                              "compress(model, train=..., test=...) without variables")
+        return from_nnx.lift(module)
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"module is a {type(module).__name__}: pass a flax.linen Module "
+                          "(with its variables) or a flax.nnx Module")
+    if not isinstance(variables, Mapping):
+        raise ConfigError(f"variables is {type(variables).__name__}: pass the linen module's "
+                          "trained variables dict ({'params': ..., 'batch_stats': ...})")
+    return module, variables
+
+
+def compress(module: nn.Module | nnx.Module, variables=None, *, train, test,
+             recipe: Recipe | None = None,
              val=None, out: str | os.PathLike | None = None, resume: bool = False,
              check: bool = True, log: Callable[[str], None] = print) -> Result:
     """Compresses a user's trained Flax model. The Python entry point.
@@ -341,7 +359,11 @@ def compress(module: nn.Module, variables, *, train, test, recipe: Recipe | None
       module: a ``flax.linen`` Module called as ``module.apply(variables, x, train=bool)``
         (BatchNorm with ``use_running_average=not train`` and Dropout are fine); a
         switch named otherwise, or none, is adapted (``model.with_train_argument``).
-      variables: its trained variables (``params``, and ``batch_stats`` with BatchNorm).
+        A Flax NNX model (``nnx.Module``, trained, its state inside) is lifted to
+        linen (``from_nnx.lift``): its layers are named by attribute path
+        (``blocks.0.conv/kernel``) in rules, reports and ``Result.variables``.
+      variables: the linen module's trained variables (``params``, and
+        ``batch_stats`` with BatchNorm); None for an NNX model.
       train: ``(x, y)`` numpy arrays: float NHWC images, integer labels.
       test: ``(x, y)`` for reporting.
       recipe: the stages and their settings. Default: the paper's order.
@@ -363,6 +385,7 @@ def compress(module: nn.Module, variables, *, train, test, recipe: Recipe | None
                           "the validation split, and without val= that is the test set; "
                           "pass val=(x, y) held out from train")
     dataset = inputs.dataset_from_arrays(train, test, val)
+    module, variables = _linen(module, variables)
     adapted, switch = with_train_argument(module)
     if adapted is not module:
         log(f"{type(module).__name__}.__call__ has no `train` argument: ucpjax calls it "

@@ -58,6 +58,5 @@ class GlobalAveragePool(nn.Module):
 
     keepdims: bool = False  # (N, 1, 1, C), as a squeeze-and-excitation gate wants
 
-    @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         return jnp.mean(x, axis=(1, 2), keepdims=self.keepdims)

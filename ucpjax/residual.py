@@ -16,6 +16,5 @@ class Add(nn.Module):
     ``Add``. Write ``nn.relu(Add()(x, y))``: the converter fuses the ReLU into ADD.
     """
 
-    @nn.compact
     def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
         return x + y
