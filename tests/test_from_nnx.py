@@ -51,6 +51,14 @@ class _HandMadeParam(nnx.Module):
         return x.reshape((x.shape[0], -1)) @ self.w
 
 
+class _Bf16Mlp(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.dense = nnx.Linear(784, 10, dtype=jnp.bfloat16, rngs=rngs)
+
+    def __call__(self, x):
+        return self.dense(x.reshape((x.shape[0], -1))).astype(jnp.float32)
+
+
 def _images(n: int = 8) -> np.ndarray:
     return np.random.default_rng(0).random((n, 28, 28, 1), np.float32)
 
@@ -90,12 +98,12 @@ def test_a_parameter_outside_the_known_layers_is_refused_in_one_line():
 @pytest.mark.parametrize(("module", "variables", "message"), [
     (_DepthwiseNet(nnx.Rngs(0)), {"params": {}}, "an nnx model carries its own state"),
     (object(), {"params": {}}, "module is a object: pass a flax.linen Module"),
+    (_Bf16Mlp(nnx.Rngs(0)), None, "computes in bfloat16"),
 ])
 def test_compress_refuses_what_is_not_a_flax_model_and_its_state(module, variables, message):
-    x = _images()
+    x, y = _images(256), np.arange(256) % 10
     with pytest.raises(ConfigError, match=message):
-        ucpjax.compress(module, variables, train=(x, np.arange(8) % 10),
-                        test=(x, np.arange(8) % 10))
+        ucpjax.compress(module, variables, train=(x, y), test=(x, y))
 
 
 def test_an_nnx_model_compresses_to_a_faithful_tflite(mnist_small):

@@ -25,7 +25,7 @@ from ucpjax.config import ConfigError
 
 
 def _dense(layer: nnx.Linear, name: str) -> nn.Module:
-    return nn.Dense(layer.out_features, use_bias=layer.use_bias, name=name)
+    return nn.Dense(layer.out_features, use_bias=layer.use_bias, dtype=layer.dtype, name=name)
 
 
 def _conv(layer: nnx.Conv, name: str) -> nn.Module:
@@ -33,25 +33,26 @@ def _conv(layer: nnx.Conv, name: str) -> nn.Module:
                    padding=layer.padding, input_dilation=layer.input_dilation,
                    kernel_dilation=layer.kernel_dilation,
                    feature_group_count=layer.feature_group_count, use_bias=layer.use_bias,
-                   mask=layer.mask, name=name)
+                   mask=layer.mask, dtype=layer.dtype, name=name)
 
 
 def _batch_norm(layer: nnx.BatchNorm, name: str) -> nn.Module:
     return nn.BatchNorm(axis=layer.axis, momentum=layer.momentum, epsilon=layer.epsilon,
-                        use_bias=layer.use_bias, use_scale=layer.use_scale, name=name)
+                        use_bias=layer.use_bias, use_scale=layer.use_scale, dtype=layer.dtype,
+                        name=name)
 
 
 def _layer_norm(layer: nnx.LayerNorm, name: str) -> nn.Module:
     return nn.LayerNorm(epsilon=layer.epsilon, use_bias=layer.use_bias,
                         use_scale=layer.use_scale, reduction_axes=layer.reduction_axes,
-                        feature_axes=layer.feature_axes, name=name)
+                        feature_axes=layer.feature_axes, dtype=layer.dtype, name=name)
 
 
 def _group_norm(layer: nnx.GroupNorm, name: str) -> nn.Module:
     return nn.GroupNorm(num_groups=layer.num_groups, group_size=layer.group_size,
                         epsilon=layer.epsilon, use_bias=layer.use_bias,
                         use_scale=layer.use_scale, reduction_axes=layer.reduction_axes,
-                        name=name)
+                        dtype=layer.dtype, name=name)
 
 
 # NNX layer -> (the linen layer of its settings, its variables: collection -> names).
