@@ -41,10 +41,8 @@ BAD_ARRAYS = {
     "train a triple": (lambda: inputs.dataset_from_arrays((X, Y, Y), (X_TEST, Y_TEST)),
                        ["train:", "pair (x, y)"]),
     "test not a pair": (lambda: inputs.dataset_from_arrays((X, Y), None), ["test:", "pair"]),
-    "flat images": (_with(x=X.reshape(12, 16)), ["train x", "reshape to (N, H, W, C)"]),
-    "3-D images": (_with(x=X[..., 0]), ["train x", "reshape to (N, H, W, C)"]),
-    "5-D images": (_with(x=X[..., None]), ["train x", "reshape to (N, H, W, C)"]),
-    "zero-width images": (_with(x=X[:, :, :0]), ["train x", "NHWC"]),
+    "one value per example": (_with(x=X[:, 0, 0, 0]), ["train x", "(N, D) features"]),
+    "zero-width images": (_with(x=X[:, :, :0]), ["train x", "(N, H, W, C) images"]),
     "channels-first images": (_with(x=np.zeros((12, 3, 8, 8)), x_test=np.zeros((4, 3, 8, 8))),
                               ["train x", "channels-first", "x.transpose(0, 2, 3, 1)"]),
     "labels from 1": (_with(y=Y + 1, y_test=Y_TEST + 1), ["train y", "not 0", "y - 1"]),
@@ -290,8 +288,16 @@ class _Pooled(nn.Module):
         return nn.Dense(10)(x)  # per pixel: (N, 28, 28, 10), not logits
 
 
-def _compress_module(module, variables=None):
+class _ConvNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.Conv(4, (3, 3), strides=2)(x))
+        return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+
+def _compress_module(module, variables=None, shape=None):
     x, y = _learnable_data(64)
+    x = x if shape is None else x.reshape(len(x), *shape)
     variables = variables or dict(module.init(jax.random.key(0), x[:1]))
     return lambda: ucpjax.compress(module, variables, train=(x, y), test=(x, y))
 
@@ -305,6 +311,12 @@ BAD_MODULES = {
         lambda: _compress_module(_TinyMLP(), {"params": {"Dense_9": {}}}),
         ["module.apply(variables, x, train=False) fails"]),
     "not logits": (lambda: _compress_module(_Pooled()), ["(1, 28, 28, 10)", "expected logits"]),
+    "flat images to a conv net": (
+        lambda: _compress_module(_ConvNet(), _ConvNet().init(jax.random.key(0), X), (784,)),
+        ["inputs of shape (1, 784)", "pass them as (N, H, W, C)"]),
+    "images without a channel axis": (
+        lambda: _compress_module(_ConvNet(), _ConvNet().init(jax.random.key(0), X), (28, 28)),
+        ["(1, 28, 28)", "pass x[..., None]"]),
 }
 
 
@@ -312,3 +324,10 @@ BAD_MODULES = {
 def test_a_module_that_cannot_classify_is_refused_before_any_work(case):
     make, culprits = BAD_MODULES[case]
     _one_line_error(ConfigError, make(), *culprits)
+
+
+@pytest.mark.parametrize("shape", [(20,), (16, 2), (1, 1, 20), (1, 16, 8)])
+def test_features_sequences_and_strips_are_taken_as_given(shape):
+    x = RNG.random((12, *shape), np.float32)
+    dataset = inputs.dataset_from_arrays((x, Y), (x[:6], Y_TEST))
+    assert dataset.input_shape == shape

@@ -16,9 +16,13 @@ signature, held by a ``tf.Module`` and converted with
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 import re
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -106,6 +110,22 @@ def to_tflite(
     module.fn = tf.function(
         jax2tf.convert(lambda x: apply_fn(params, x), with_gradient=False),
         input_signature=[tf.TensorSpec((1, *input_shape), tf.float32)], autograph=False)
+    with _converter_log() as log:
+        try:
+            return bytes(_converter(tf, module, representative_x, int8=int8,
+                                    per_tensor_dense=per_tensor_dense, sparse=sparse).convert())
+        except Exception as err:
+            errors = [line for line in log().splitlines() if "error:" in line]
+            # The converter's exception is often bare (``RuntimeError``); what went
+            # wrong is in the MLIR lines it printed, located by this machine's paths.
+            detail = (errors[0] if errors else (str(err).strip().splitlines() or [""])[0])
+            detail = re.sub(r"(?:[A-Za-z]:)?[/\\]\S*?:\d+:\d+: ", "", detail)
+            raise ConversionError(f"{type(err).__name__}: {detail.strip()[:300]}") from err
+
+
+def _converter(tf, module, representative_x, *, int8: bool, per_tensor_dense: bool,
+               sparse: bool):
+    """The TFLite converter of ``module.fn``, set up as ``to_tflite`` describes."""
     concrete = module.fn.get_concrete_function()
     converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], module)
     if int8:
@@ -124,7 +144,35 @@ def to_tflite(
             converter._experimental_disable_per_channel_quantization_for_dense_layers = True
     if sparse:
         converter.optimizations = [*converter.optimizations, tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
-    return bytes(converter.convert())
+    return converter
+
+
+class ConversionError(RuntimeError):
+    """The TFLite converter refused the model; the message is its first error line."""
+
+
+@contextlib.contextmanager
+def _converter_log():
+    """The converter's C++ log (file descriptor 2) captured meanwhile; yields a
+    function that reads it. Dropped afterwards: on success it holds only lines such
+    as ``Ignored output_format``. ``UCPJAX_DEBUG=1`` leaves stderr as it is."""
+    with tempfile.TemporaryFile("w+") as log:
+
+        def read() -> str:
+            log.seek(0)
+            return log.read()
+
+        if os.environ.get("UCPJAX_DEBUG") == "1":
+            yield read
+            return
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield read
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 # Metadata the converter writes for people, not for the runtime.
@@ -347,16 +395,36 @@ def verify(apply_fn: Callable, params, dataset, *, config: ExportConfig,
     return measured, tflite
 
 
+def int8_tflite(apply_fn: Callable, params, dataset, *, config: ExportConfig,
+                quantize_config: quantize.QuantizeConfig, rules: Rules = DEFAULT_RULES,
+                reason: str = "") -> bytes:
+    """The int8 ``.tflite`` of ``params`` as the final export makes it.
+
+    Raises:
+      ConfigError: in one line, when the converter refuses the model (an op
+        TFLite's int8 kernels lack); ``reason`` names what in the model may be why.
+    """
+    rep = dataset.x_train[:config.representative_samples]
+    per_tensor = quantize.dense_per_tensor(params, quantize_config, rules)
+    try:
+        tflite = to_tflite(apply_fn, params, dataset.input_shape, rep,
+                           per_tensor_dense=per_tensor, sparse=config.sparse)
+    except ConversionError as err:
+        raise ConfigError(f"the model does not convert to an int8 TFLite model ("
+                          f"{reason + ': ' if reason else ''}{err}); use operations TFLite's "
+                          "int8 kernels have (Conv/Dense, ReLU, ReLU6, BatchNorm, 2-D "
+                          "pooling)") from None
+    return strip_strings(tflite) if config.strip_strings else tflite
+
+
 def _int8_and_faithfulness(apply_fn, params, dataset, x, y, config: ExportConfig,
-                           quantize_config, rules) -> tuple[bytes, dict]:
+                           quantize_config, rules, reason: str = "") -> tuple[bytes, dict]:
     """The int8 ``.tflite`` of ``params`` and, on ``(x, y)``, its accuracy and how
     closely it follows the JAX model with int8 activations (``faithfulness``)."""
     rep = dataset.x_train[:config.representative_samples]
     per_tensor = quantize.dense_per_tensor(params, quantize_config, rules)
-    tflite = to_tflite(apply_fn, params, dataset.input_shape, rep,
-                       per_tensor_dense=per_tensor, sparse=config.sparse)
-    if config.strip_strings:
-        tflite = strip_strings(tflite)
+    tflite = int8_tflite(apply_fn, params, dataset, config=config,
+                         quantize_config=quantize_config, rules=rules, reason=reason)
     evaluation = evaluate(tflite, x, y, use_xnnpack=not config.sparse)
     int8_weights = quantize.quantize_weights(
         params, dataclasses.replace(quantize_config, per_channel=not per_tensor), rules)
@@ -413,16 +481,8 @@ def preflight(apply_fn: Callable, params, dataset, *, config: ExportConfig,
                                                                        dataset.y_test)
     x, y = x[:PREFLIGHT_SAMPLES], y[:PREFLIGHT_SAMPLES]
     int8_weights = quantize.quantize_weights(params, quantize_config, rules)
-    try:
-        tflite, measured = _int8_and_faithfulness(apply_fn, int8_weights, dataset, x, y,
-                                                  config, quantize_config, rules)
-    except Exception as err:  # the converter's own errors are pages of MLIR
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        # The converter names source locations by paths of this machine: drop them.
-        first = re.sub(r"(?:[A-Za-z]:)?[/\\]\S*?:\d+:\d+: (?:error: )?", " ", first).strip()[:300]
-        raise ConfigError(f"the model does not convert to an int8 TFLite model ({reason}: "
-                          f"{type(err).__name__}: {first}); use operations TFLite's int8 "
-                          "kernels have (ReLU, ReLU6, BatchNorm, pooling)") from None
+    tflite, measured = _int8_and_faithfulness(apply_fn, int8_weights, dataset, x, y,
+                                              config, quantize_config, rules, reason)
     ops = sorted({op["op_name"] for op in interpreter(tflite, use_xnnpack=False)
                   ._get_ops_details()} - _MODELED_OPS)
     measured["tflite_ops"] = ops
@@ -509,9 +569,12 @@ def latency_us(model_bytes: bytes, input_shape: tuple[int, ...] | None = None, *
 
 def _layouts(kernel: np.ndarray) -> list[np.ndarray]:
     """The ways TFLite lays out a Flax kernel: Dense (in, out) -> (out, in);
-    Conv HWIO -> OHWI; depthwise (1-channel input) HWIO -> 1HWO."""
+    Conv HWIO -> OHWI; depthwise (1-channel input) HWIO -> 1HWO. A 1-D conv's
+    kernel (W, I, O) runs as a 2-D one of height 1 (or width 1)."""
     if kernel.ndim == 2:
         return [kernel.T]
+    if kernel.ndim == 3:
+        return [layout for axis in (0, 1) for layout in _layouts(np.expand_dims(kernel, axis))]
     if kernel.ndim == 4:
         return [kernel.transpose(3, 0, 1, 2), kernel.transpose(2, 0, 1, 3)]
     return []

@@ -1,14 +1,16 @@
 """Checks the arrays given to ``ucpjax.compress`` before any compute.
 
 ``dataset_from_arrays`` turns ``train=(x, y)``, ``test=(x, y)`` and an optional
-``val=(x, y)`` into a ``ucpjax.data.Dataset`` of float32 NHWC images and int32
+``val=(x, y)`` into a ``ucpjax.data.Dataset`` of float32 inputs (NHWC images) and int32
 labels, with ``num_classes`` = the largest training label + 1 and ``val``
 defaulting to ``test``. Every problem is refused in one line that names the
 argument (``train``, ``test``, ``val``), the array (``x`` or ``y``) and the fix:
 
 * not an ``(x, y)`` pair, ``x`` and ``y`` of different lengths, an empty set;
-* ``x`` not 4-D NHWC (flat, 3-D or channels-first images), non-numeric ``x``,
-  NaN/Inf pixels;
+* ``x`` without an example axis and a value (1-D, or a zero-width axis),
+  channels-first images, non-numeric ``x``, NaN/Inf pixels. Other shapes go to
+  the module as they are ((N, H, W, C) images, (N, L, C) sequences, (N, D)
+  features): ``model.check_model`` refuses the ones it does not take;
 * integer images (uint8 included): the model expects the preprocessing it was
   trained with, so scaling or casting them here would give a silent wrong
   result; the user scales them, e.g. ``x.astype(np.float32) / 255``;
@@ -135,17 +137,12 @@ def _checked_images(x: np.ndarray, where: str) -> np.ndarray:
     if x.dtype.kind in "iu":
         raise ConfigError(f"{where}: {x.dtype} images: scale them as in training, "
                           "e.g. x.astype(np.float32) / 255")
-    if x.ndim == 2:
-        raise ConfigError(f"{where}: flat images of shape {x.shape}; reshape to (N, H, W, C), "
-                          "e.g. x.reshape(-1, 28, 28, 1)")
-    if x.ndim == 3:
-        raise ConfigError(f"{where}: 3-D images of shape {x.shape}; reshape to (N, H, W, C), "
-                          "e.g. x[..., None] for one channel")
-    if x.ndim != 4 or 0 in x.shape[1:]:
-        raise ConfigError(f"{where}: shape {x.shape} is not NHWC images; "
-                          "reshape to (N, H, W, C)")
-    if x.shape[1] in (1, 3) and x.shape[3] >= 8:
-        # A model that flattens would train on transposed pixels without complaint.
+    if x.ndim < 2 or 0 in x.shape[1:]:
+        raise ConfigError(f"{where}: shape {x.shape} holds no example of at least one value; "
+                          "pass (N, H, W, C) images, (N, L, C) sequences or (N, D) features")
+    if x.ndim == 4 and x.shape[1] in (1, 3) and x.shape[2] == x.shape[3] >= 8:
+        # A model that flattens would train on transposed pixels without complaint. Only
+        # a square plane is taken for one: (N, 1, L, C) is also a strip of C channels.
         raise ConfigError(f"{where}: images of shape {x.shape} look channels-first "
                           "(N, C, H, W); pass NHWC, e.g. x.transpose(0, 2, 3, 1)")
     for start in range(0, len(x), _FINITE_CHUNK):

@@ -126,7 +126,7 @@ def check_model(model: Model, input_shape: tuple[int, ...], num_classes: int,
         raise ConfigError(f"module.apply(variables, x, train=False) fails on inputs of shape "
                           f"{x.shape} ({type(err).__name__}: {first}); pass the module and "
                           "its trained variables ('params', and 'batch_stats' with "
-                          "BatchNorm), with __call__(x, train)") from None
+                          f"BatchNorm){_shape_hint(input_shape)}") from None
     if isinstance(out, (tuple, list, dict)):
         raise ConfigError(f"module returns a {type(out).__name__} of {len(out)} outputs: "
                           "ucpjax needs the logits alone, (batch, classes); return them "
@@ -134,7 +134,7 @@ def check_model(model: Model, input_shape: tuple[int, ...], num_classes: int,
     if getattr(out, "ndim", 0) != 2 or out.shape[-1] < num_classes:
         raise ConfigError(f"module output has shape {getattr(out, 'shape', type(out))}: "
                           f"expected logits (batch, classes) with at least {num_classes} "
-                          "classes")
+                          f"classes{_shape_hint(input_shape)}")
     if sample is not None:
         out = np.asarray(model.apply_fn()(model.params, sample))
         if np.all(out >= 0) and np.allclose(out.sum(-1), 1, atol=1e-3):
@@ -189,6 +189,16 @@ def _required_arguments(module: nn.Module) -> list[str]:
     return [p.name for p in parameters
             if p.default is inspect.Parameter.empty
             and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)][1:]
+
+
+def _shape_hint(input_shape: tuple[int, ...]) -> str:
+    """Advice for inputs of a rank a conv net may not expect (they go in as given)."""
+    if len(input_shape) == 2:
+        return ("; for images without a channel axis pass x[..., None] (N, H, W, 1), "
+                "inputs go to the module as given")
+    if len(input_shape) == 1:
+        return "; for flattened images pass them as (N, H, W, C), inputs go to the module as given"
+    return ""
 
 
 def _call_arguments(module: nn.Module) -> list[str] | None:

@@ -125,6 +125,8 @@ def _run(model, dataset, recipe, folder, start, teacher, check_export, unmodeled
             # int8 export stops the run there, not after the remaining stages.
             reports.update(_preflight(model, dataset, recipe, unmodeled, log,
                                       after=name if position else None))
+        elif position == 0 and recipe.export.enabled:
+            _check_converts(model, dataset, recipe, log)
         teacher = teacher or model  # by default the dense model teaches
         rows.append(done["row"])
         reports.update(done["report"])
@@ -139,6 +141,15 @@ def _run(model, dataset, recipe, folder, start, teacher, check_export, unmodeled
     if check_export and recipe.export.enabled:
         export_lib.check(final, recipe.export, qat=_on_int8_grid(recipe))
     return Result(model.variables, tflite, report, model.module)
+
+
+def _check_converts(model: Model, dataset, recipe: Recipe, log) -> None:
+    """Refuses, before any stage, a model the TFLite converter refuses (a 1-D pool,
+    an op without an int8 kernel), which would otherwise fail after the last one."""
+    folded = model.folded(dataset.input_shape)
+    export_lib.int8_tflite(folded.apply_fn(), folded.params, dataset, config=recipe.export,
+                           quantize_config=recipe.quantize, rules=recipe.rules)
+    log("int8 conversion before any compression passed")
 
 
 def _preflight(model: Model, dataset, recipe: Recipe, unmodeled: list[str], log,
