@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/check_user_inputs.py            # about 10 minutes on 2 cores
     .venv/bin/python scripts/check_user_inputs.py --only case1,case12
+    .venv/bin/python scripts/check_user_inputs.py --sparsity 0.5
 
 Where ``check_user_models.py`` varies the model, this varies the data a user
 hands over with it: image sizes and channel counts, 2 to 100 classes, label
@@ -18,8 +19,11 @@ budget: this checks that the inputs go through end to end, not the accuracy
 reached) and the ``.tflite`` is measured in LiteRT. A row says what the run did:
 passed the final int8 check, refused before any work (with its one-line
 message), or crashed (exception and last frame); a passing run whose numbers
-look wrong is flagged. Writes runs/check_user_inputs.{json,md} and each case's
-log (compress's lines, any traceback) to runs/check_user_inputs/<case>.log.
+look wrong is flagged. At the smoke recipe's 90% target this 3,000-weight conv
+net falls to chance at the prune stage whatever the inputs; ``--sparsity 0.5``
+keeps it well above chance, so that the accuracy columns say something. Writes
+results/user_inputs.{json,md} (user_inputs_s0.5.* with ``--sparsity 0.5``) and
+each case's log (compress's lines, any traceback) to runs/user_inputs[_s0.5]/<case>.log.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from ucpjax.export import ToleranceError
 from ucpjax.pooling import GlobalAveragePool
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-OUT = ROOT / "runs"
+OUT, LOGS = ROOT / "results", ROOT / "runs"
 N_TRAIN, N_TEST = 2000, 500
 
 
@@ -237,6 +241,12 @@ def case13b():
                 (xt.reshape(-1, 1, 1, 20), yt), (xs.reshape(-1, 1, 1, 20), ys), test_ids=ys)
 
 
+def case13c():
+    (xt, yt), (xs, ys) = tabular(N_TRAIN, 20, 10, 1), tabular(N_TEST, 20, 10, 2)
+    return Case("tabular features reshaped to (N, 20, 1, 1), an MLP", Mlp(10), (xt, yt),
+                (xt.reshape(-1, 20, 1, 1), yt), (xs.reshape(-1, 20, 1, 1), ys), test_ids=ys)
+
+
 def case14():
     d = _mnist()
     return Case("a test set of 7 images", ConvNet(10), (d.x_train, d.y_train),
@@ -266,9 +276,47 @@ def case17():
                        x=lambda x: x[..., 0])
 
 
+class Conv1d(nn.Module):
+    """1-D convs + BatchNorm over (N, L, C) sequences, stride by slicing, a global max."""
+
+    num_classes: int = 4
+    pool: bool = False  # a 1-D nn.max_pool, which TFLite has no kernel for
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        def bn(y):
+            return nn.relu(nn.BatchNorm(use_running_average=not train)(y))
+        x = bn(nn.Conv(16, (5,), use_bias=False)(x))
+        x = nn.max_pool(x, (2,), strides=(2,)) if self.pool else x[:, ::2]
+        x = bn(nn.Conv(16, (3,), use_bias=False)(x))
+        return nn.Dense(self.num_classes)(jnp.max(x, axis=1))
+
+
+def sequences(n: int, seed: int, length: int = 64):
+    """A noisy sine per class (frequency 1..4 cycles per sequence), one channel."""
+    rng = np.random.default_rng(seed)
+    y = rng.permutation(np.arange(n) % 4)
+    t = np.arange(length)
+    x = np.sin(2 * np.pi * (y[:, None] + 1) * t / length) + 0.3 * rng.normal(0, 1, (n, length))
+    return x[..., None].astype(np.float32), y.astype(np.int32)
+
+
+def case18():
+    (xt, yt), (xs, ys) = sequences(N_TRAIN, 1), sequences(N_TEST, 2)
+    return Case("(N, L, C) sequences to a 1-D conv net", Conv1d(), (xt, yt), (xt, yt),
+                (xs, ys), test_ids=ys)
+
+
+def case19():
+    (xt, yt), (xs, ys) = sequences(N_TRAIN, 1), sequences(N_TEST, 2)
+    return Case("the 1-D conv net with a 1-D nn.max_pool", Conv1d(pool=True), (xt, yt),
+                (xt, yt), (xs, ys), test_ids=ys)
+
+
 CASES: dict[str, Callable[[], Case]] = {f.__name__: f for f in (
     case1, case2, case3, case4, case5, case6, case7, case7b, case8, case9, case10, case11,
-    case12, case12b, case13, case13b, case14, case14b, case15, case16, case17)}
+    case12, case12b, case13, case13b, case13c, case14, case14b, case15, case16, case17,
+    case18, case19)}
 
 
 # ----------------------------------------------------------------------------- running
@@ -361,8 +409,8 @@ def _accuracy(value) -> str:
     return "" if value is None else f"{value:.3f}"
 
 
-def markdown(rows: list[dict], commands: list[str]) -> str:
-    lines = ["# Users' inputs through ucpjax.compress (smoke recipe)", "",
+def markdown(rows: list[dict], commands: list[str], label: str) -> str:
+    lines = [f"# Users' inputs through ucpjax.compress ({label})", "",
              "| case | what it is | x given | y given | classes | outcome | dense (own) "
              "| dense | JAX final | .tflite | agreement | fit s | compress s | flags |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -383,18 +431,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="", help="comma-separated cases (default: all)")
+    parser.add_argument("--sparsity", type=float, default=None,
+                        help="prune.target_sparsity (default: the smoke recipe's)")
     args = parser.parse_args()
     only = [c for c in args.only.split(",") if c]
     unknown = sorted(set(only) - set(CASES))
     if unknown:
         parser.error(f"--only {','.join(unknown)}: no such case; the cases are "
                      f"{', '.join(CASES)}")
-    recipe = experiment.smoke(Experiment()).recipe
-    logs = OUT / "check_user_inputs"
+    recipe, label, stem = experiment.smoke(Experiment()).recipe, "smoke recipe", "user_inputs"
+    if args.sparsity is not None:
+        recipe = dataclasses.replace(recipe, prune=dataclasses.replace(
+            recipe.prune, target_sparsity=args.sparsity))
+        label += f", prune.target_sparsity={args.sparsity:g}"
+        stem += f"_s{args.sparsity:g}"
+    logs = LOGS / stem
     logs.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = OUT / "check_user_inputs.json", OUT / "check_user_inputs.md"
+    json_path, md_path = OUT / f"{stem}.json", OUT / f"{stem}.md"
     earlier = json.loads(json_path.read_text()) if json_path.exists() else {}
-    command = "python scripts/check_user_inputs.py" + (f" --only {args.only}" if only else "")
+    command = "python scripts/check_user_inputs.py" + (
+        "" if args.sparsity is None else f" --sparsity {args.sparsity:g}") + (
+        f" --only {args.only}" if only else "")
     commands = [c for c in earlier.get("commands", []) if c != command] + [command]
     rows = {r["case"]: r for r in earlier.get("rows", [])}
     for name in only or CASES:
@@ -403,8 +460,8 @@ def main() -> None:
         print(f"   {rows[name]['outcome'][:200]}", flush=True)
         ordered = [rows[c] for c in CASES if c in rows]
         json_path.write_text(json.dumps({"commands": commands, "rows": ordered}, indent=1))
-        md_path.write_text(markdown(ordered, commands))
-    print(markdown([rows[c] for c in CASES if c in rows], commands))
+        md_path.write_text(markdown(ordered, commands, label))
+    print(markdown([rows[c] for c in CASES if c in rows], commands, label))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import ucpjax
-from ucpjax import data, inputs, train
+from ucpjax import data, inputs, pipeline, train
 from ucpjax.config import ConfigError
 from ucpjax.experiment import Experiment
 from ucpjax.prune import PruneConfig
@@ -331,3 +331,38 @@ def test_features_sequences_and_strips_are_taken_as_given(shape):
     x = RNG.random((12, *shape), np.float32)
     dataset = inputs.dataset_from_arrays((x, Y), (x[:6], Y_TEST))
     assert dataset.input_shape == shape
+
+
+def test_a_given_model_at_chance_is_stopped_before_any_stage():
+    # All-zero weights: equal logits, so always class 0 (10% of these labels).
+    x, y = _learnable_data(500)
+    variables = jax.tree.map(np.zeros_like, dict(_TinyMLP().init(jax.random.key(0), x[:1])))
+    message = _one_line_error(
+        pipeline.AccuracyError,
+        lambda: ucpjax.compress(_TinyMLP(), variables, train=(x, y), test=(x, y),
+                                log=lambda line: None),
+        "the given model scores test accuracy 0.100", "preprocessed as in its training",
+        "check=False")
+    assert "stage left" not in message
+
+
+@pytest.mark.parametrize(("accuracy", "given", "stopped"), [
+    (0.11, 0.95, "the prune stage left the model at test accuracy 0.110"),
+    (0.16, 0.95, None),   # above 0.1 + 3 standard errors (0.1 + 0.040) on 500 labels
+    (0.11, 0.12, None),   # the given model was no better: nothing was lost here
+])
+def test_a_stage_that_leaves_the_model_at_chance_stops_the_run(accuracy, given, stopped):
+    y = np.arange(500) % 10
+    check = lambda: pipeline._check_above_chance(  # noqa: E731
+        {"stage": "prune", "accuracy": accuracy}, {"stage": "given", "accuracy": given}, y)
+    if stopped is None:
+        check()
+    else:
+        _one_line_error(pipeline.AccuracyError, check, stopped, "it had 0.950",
+                        "prune.target_sparsity")
+
+
+def test_chance_is_the_commonest_class_share_plus_three_standard_errors():
+    share, bound = pipeline.chance_bound(np.array([0] * 75 + [1] * 25))
+    assert share == 0.75
+    assert bound == pytest.approx(0.75 + 3 * math.sqrt(0.75 * 0.25 / 100))

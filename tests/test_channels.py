@@ -123,7 +123,8 @@ def test_channel_pruned_model_exports_a_smaller_tflite(mnist_small):
                                                           learning_rate=1e-4)),
         export=ExportConfig(accuracy_tolerance=0.004))
     result = ucpjax.compress(module, variables, train=(mnist_small.x_train, mnist_small.y_train),
-                             test=(mnist_small.x_test, mnist_small.y_test), recipe=recipe)
+                             test=(mnist_small.x_test, mnist_small.y_test), recipe=recipe,
+                             check=False)  # untrained, so at chance: the asserts below check
     final = result.report["final"]
     # 32 / 64 / 64 channels: half of each family goes (the last Dense is the classifier).
     assert final["channel_groups_removed"] == 16 + 32 + 32

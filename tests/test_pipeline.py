@@ -173,7 +173,7 @@ def test_a_stage_after_qat_makes_the_export_post_training_quantization(mnist):
     result = ucpjax.compress(module, models.init(module, small.input_shape),
                              train=(small.x_train, small.y_train),
                              test=(small.x_test, small.y_test), recipe=recipe,
-                             log=lambda _: None)
+                             log=lambda _: None, check=False)  # untrained: at chance
     final = result.report["final"]
     assert not final["weights_faithful"] and final["tflite_within_tolerance"]
 

@@ -12,6 +12,7 @@ run ends exactly where an uninterrupted one does.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pathlib
 import time
@@ -120,6 +121,8 @@ def _run(model, dataset, recipe, folder, start, teacher, check_export, unmodeled
         if name == "cluster":
             before_cluster = model
         model, done = _stage(position, name, model, dataset, recipe, folder, start, teacher, log)
+        if check_export:
+            _check_above_chance(done["row"], rows[0] if rows else None, dataset.y_test)
         if unmodeled and check_export and position < len(recipe.stages):
             # Compression moves the ranges inside those ops: a stage that breaks the
             # int8 export stops the run there, not after the remaining stages.
@@ -141,6 +144,46 @@ def _run(model, dataset, recipe, folder, start, teacher, check_export, unmodeled
     if check_export and recipe.export.enabled:
         export_lib.check(final, recipe.export, qat=_on_int8_grid(recipe))
     return Result(model.variables, tflite, report, model.module)
+
+
+class AccuracyError(export_lib.ToleranceError):
+    """A model at chance accuracy: the one given, or one a stage left (see
+    ``_check_above_chance``)."""
+
+
+# Test sets smaller than this do not tell chance from skill well enough to stop a run.
+CHANCE_MIN_EXAMPLES = 50
+
+
+def chance_bound(y: np.ndarray) -> tuple[float, float]:
+    """``(share of the commonest class, 3 standard errors above it)``: always guessing
+    that class scores the share; an accuracy at or below the bound is chance."""
+    share = float(np.bincount(y).max() / len(y))
+    return share, share + 3 * math.sqrt(share * (1 - share) / len(y))
+
+
+def _check_above_chance(row: dict, given: dict | None, y: np.ndarray) -> None:
+    """Stops the run at a model no better than chance on the test set: a given model
+    there was preprocessed unlike its training data (or is untrained), so all
+    compression would follow a wrong input; a stage that leaves a model there
+    destroyed what it had learned, which the faithfulness checks cannot see."""
+    share, bound = chance_bound(y)
+    if len(y) < CHANCE_MIN_EXAMPLES or row["accuracy"] > bound:
+        return
+    seen = f"test accuracy {row['accuracy']:.3f}, no better than chance ({share:.3f} " \
+        f"for always the commonest class, on {len(y)} images)"
+    if given is None and row["stage"] == "given":
+        raise AccuracyError(
+            f"the given model scores {seen}: were the images preprocessed as in its "
+            "training (scale, channel order)? Pass check=False to compress it anyway")
+    if given is None:
+        raise AccuracyError(f"the {row['stage']} model scores {seen}: its training did not "
+                            "learn; train it for more epochs or at a lower learning rate")
+    if given["accuracy"] > bound:
+        raise AccuracyError(
+            f"the {row['stage']} stage left the model at {seen}; it had "
+            f"{given['accuracy']:.3f}: compress less in that stage (e.g. a lower "
+            "prune.target_sparsity, more cluster.num_clusters) or train it for more epochs")
 
 
 def _check_converts(model: Model, dataset, recipe: Recipe, log) -> None:
