@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 
 import flax.linen as nn
 import jax
@@ -122,19 +123,21 @@ def check_model(model: Model, input_shape: tuple[int, ...], num_classes: int,
     try:
         out = jax.eval_shape(model.apply_fn(), model.params, x)
     except Exception as err:  # anything the user's module raises
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = re.sub(r"\s*\(https?://\S*\)?", "", first)[:200]  # flax's links to its docs
+        fix = (_shape_hint(input_shape) or "pass the module and its trained variables "
+               "('params', and 'batch_stats' with BatchNorm)")
         raise ConfigError(f"module.apply(variables, x, train=False) fails on inputs of shape "
-                          f"{x.shape} ({type(err).__name__}: {first}); pass the module and "
-                          "its trained variables ('params', and 'batch_stats' with "
-                          f"BatchNorm){_shape_hint(input_shape)}") from None
+                          f"{x.shape} ({type(err).__name__}: {first}); {fix}") from None
     if isinstance(out, (tuple, list, dict)):
         raise ConfigError(f"module returns a {type(out).__name__} of {len(out)} outputs: "
                           "ucpjax needs the logits alone, (batch, classes); return them "
                           "alone (e.g. a wrapper module whose __call__ returns out[0])")
     if getattr(out, "ndim", 0) != 2 or out.shape[-1] < num_classes:
+        hint = _shape_hint(input_shape)
         raise ConfigError(f"module output has shape {getattr(out, 'shape', type(out))}: "
                           f"expected logits (batch, classes) with at least {num_classes} "
-                          f"classes{_shape_hint(input_shape)}")
+                          f"classes{'; ' + hint if hint else ''}")
     if sample is not None:
         out = np.asarray(model.apply_fn()(model.params, sample))
         if np.all(out >= 0) and np.allclose(out.sum(-1), 1, atol=1e-3):
@@ -194,10 +197,10 @@ def _required_arguments(module: nn.Module) -> list[str]:
 def _shape_hint(input_shape: tuple[int, ...]) -> str:
     """Advice for inputs of a rank a conv net may not expect (they go in as given)."""
     if len(input_shape) == 2:
-        return ("; for images without a channel axis pass x[..., None] (N, H, W, 1), "
+        return ("for images without a channel axis pass x[..., None] (N, H, W, 1): "
                 "inputs go to the module as given")
     if len(input_shape) == 1:
-        return "; for flattened images pass them as (N, H, W, C), inputs go to the module as given"
+        return "for flattened images pass them as (N, H, W, C): inputs go to the module as given"
     return ""
 
 
