@@ -338,7 +338,7 @@ def test_a_given_model_at_chance_is_stopped_before_any_stage():
     x, y = _learnable_data(500)
     variables = jax.tree.map(np.zeros_like, dict(_TinyMLP().init(jax.random.key(0), x[:1])))
     message = _one_line_error(
-        pipeline.AccuracyError,
+        ucpjax.AccuracyError,
         lambda: ucpjax.compress(_TinyMLP(), variables, train=(x, y), test=(x, y),
                                 log=lambda line: None),
         "the given model scores test accuracy 0.100", "preprocessed as in its training",
@@ -358,7 +358,7 @@ def test_a_stage_that_leaves_the_model_at_chance_stops_the_run(accuracy, given, 
     if stopped is None:
         check()
     else:
-        _one_line_error(pipeline.AccuracyError, check, stopped, "it had 0.950",
+        _one_line_error(ucpjax.AccuracyError, check, stopped, "it had 0.950",
                         "prune.target_sparsity")
 
 

@@ -3,6 +3,7 @@
 import pathlib
 
 import jax
+from jax._src import compilation_cache
 
 from ucpjax import compile_cache
 from ucpjax.data import CACHE_DIR
@@ -35,3 +36,11 @@ def test_the_test_run_has_a_cache_of_its_own():
     """conftest points the cache at a fresh folder: no state from earlier runs."""
     folder = pathlib.Path(jax.config.jax_compilation_cache_dir)
     assert folder.is_dir() and folder.name.startswith("ucpjax-test-xla-")
+
+
+def test_runs_at_once_take_turns_on_the_cache_folder():
+    """A bounded cache is a locked one: a run never reads an entry half written."""
+    jax.jit(lambda x: x * 3 + 1)(jax.numpy.ones(7)).block_until_ready()
+    cache = compilation_cache._cache
+    assert jax.config.jax_compilation_cache_max_size == 2 << 30
+    assert getattr(cache, "_base_cache", cache).eviction_enabled

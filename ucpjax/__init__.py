@@ -6,7 +6,8 @@ Python entry point; ``ucpjax compress --config ...`` the command line.
 
 # Lazy, so `import ucpjax.data` does not pull in every stage.
 _EXPORTS = {"compress": "pipeline", "Result": "pipeline", "Recipe": "recipe",
-            "LayerRule": "rules", "ToleranceError": "export"}
+            "LayerRule": "rules", "ToleranceError": "export", "AccuracyError": "pipeline",
+            "ConfigError": "config"}
 __all__ = sorted(_EXPORTS)
 
 

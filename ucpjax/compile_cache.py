@@ -9,8 +9,8 @@ once is loaded from disk, in this process and the next.
 
 Where: ``$UCPJAX_COMPILE_CACHE`` (a folder, or ``off``), else JAX's own
 ``JAX_COMPILATION_CACHE_DIR`` if set, else ``xla/`` in the data cache folder
-(``$UCPJAX_CACHE``, default ``~/.cache/ucpjax``). Python users call ``enable()``
-themselves.
+(``$UCPJAX_CACHE``, default ``~/.cache/ucpjax``), at most 2 GiB (the least
+recently used entries go first). Python users call ``enable()`` themselves.
 """
 
 from __future__ import annotations
@@ -26,6 +26,10 @@ from ucpjax.data import CACHE_DIR
 # Cache everything that takes this long to compile; a model's forward pass at
 # inference compiles in a few tenths of a second, which add up over a run.
 _MIN_COMPILE_SECONDS = 0.05
+# A bound on the folder turns on JAX's file lock (and least-recently-used
+# eviction): without it, a run reading an entry that another run is writing
+# finds it truncated, and warns on stderr.
+_MAX_BYTES = 2 << 30
 
 
 def default_folder() -> pathlib.Path | None:
@@ -53,4 +57,5 @@ def enable(folder: str | os.PathLike | None = None) -> pathlib.Path | None:
         return None
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", _MIN_COMPILE_SECONDS)
+    jax.config.update("jax_compilation_cache_max_size", _MAX_BYTES)
     return path
