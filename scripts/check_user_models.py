@@ -12,7 +12,9 @@ did: passed the final int8 check, refused before any work (with its one-line
 message), or failed. Covers what QAT models exactly (ReLU/ReLU6, BatchNorm,
 strides, dilation, avg/max/global pools, concatenation, depth multipliers) and
 what it does not (GELU, hard-swish, sigmoid, tanh, LayerNorm, a BatchNorm after a
-ReLU), which the int8 preflight measures before the stages.
+ReLU), which the int8 preflight measures before the stages. The ``Nnx*`` models
+are Flax NNX modules trained by their own loop (the same epochs and optimizer)
+and passed to ``compress`` as they are.
 ``--recipe default`` compresses with the default stage settings instead, as a
 user who passes no recipe does (minutes per model), to show what accuracy a kind
 of model keeps. Writes results/user_models.{json,md} (user_models_default.* with
@@ -30,6 +32,9 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
 
 import ucpjax
 from ucpjax import data, experiment, train
@@ -402,12 +407,82 @@ class TupleOut(nn.Module):
         return nn.Dense(10)(features), features
 
 
+class NnxDepthwise(nnx.Module):
+    """NNX: Conv + BatchNorm, depthwise 3x3 + BatchNorm, 1x1 conv + BatchNorm, flatten, Dropout."""
+
+    pool = "flatten"
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.stem = nnx.Conv(1, 8, (3, 3), use_bias=False, rngs=rngs)
+        self.stem_bn = nnx.BatchNorm(8, rngs=rngs)
+        self.depthwise = nnx.Conv(8, 8, (3, 3), strides=2, feature_group_count=8,
+                                  use_bias=False, rngs=rngs)
+        self.depthwise_bn = nnx.BatchNorm(8, rngs=rngs)
+        self.pointwise = nnx.Conv(8, 16, (1, 1), use_bias=False, rngs=rngs)
+        self.pointwise_bn = nnx.BatchNorm(16, rngs=rngs)
+        self.drop = nnx.Dropout(0.2, rngs=rngs)
+        self.head = nnx.Linear(16 * 14 * 14 if self.pool == "flatten" else 16, 10, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.stem_bn(self.stem(x)))
+        x = nnx.relu(self.depthwise_bn(self.depthwise(x)))
+        x = nnx.relu(self.pointwise_bn(self.pointwise(x)))
+        if self.pool == "flatten":
+            x = x.reshape((x.shape[0], -1))
+        elif self.pool == "module":
+            x = GlobalAveragePool()(x)
+        else:
+            x = jnp.mean(x, axis=(1, 2))
+        return self.head(self.drop(x))
+
+
+class NnxDepthwiseGap(NnxDepthwise):
+    """NNX: the depthwise net above with ucpjax's GlobalAveragePool called inside it."""
+
+    pool = "module"
+
+
+class NnxDepthwiseMean(NnxDepthwise):
+    """NNX: the depthwise net above with a bare jnp.mean as its pool."""
+
+    pool = "mean"
+
+
+class NnxResidualMlp(nnx.Module):
+    """NNX: Linear layers in an nnx.List with a residual x + y, LayerNorm, Dropout."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.embed = nnx.Linear(784, 64, rngs=rngs)
+        self.blocks = nnx.List([nnx.Linear(64, 64, rngs=rngs) for _ in range(2)])
+        self.norm = nnx.LayerNorm(64, rngs=rngs)
+        self.drop = nnx.Dropout(0.2, rngs=rngs)
+        self.head = nnx.Linear(64, 10, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.embed(x.reshape((x.shape[0], -1))))
+        for block in self.blocks:
+            x = x + nnx.relu(block(x))
+        return self.head(self.drop(self.norm(x)))
+
+
+class NnxHandParam(nnx.Module):
+    """NNX: a Linear layer, then a hand-made nnx.Param matrix."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.dense = nnx.Linear(784, 32, rngs=rngs)
+        self.w = nnx.Param(jax.random.normal(rngs.params(), (32, 10)) / 6)
+
+    def __call__(self, x):
+        return nnx.relu(self.dense(x.reshape((x.shape[0], -1)))) @ self.w
+
+
 MODELS = {cls.__name__: cls for cls in (
     LnMlp, LnReluMlp, GeluMlp, BiasConvAvg, SeqNet, DepthMult, Swish, HardSwish, GlobalMax,
     Concat, ResBlock, DilatedConv, BnFirst, BnAfterRelu, PointwiseDense, Tanh,
     SqueezeExcite, SqueezeExciteDense, GroupNormConv, BareResidual, SetupBlocks, AvgPoolGap,
     TiedDense, GroupedConv, EinsumDense, Bf16Compute, Bf16Params, DropoutMlp, TrainingKwarg,
-    DeterministicKwarg, PlainCall, TupleOut)}
+    DeterministicKwarg, PlainCall, TupleOut, NnxDepthwise, NnxDepthwiseGap, NnxDepthwiseMean,
+    NnxResidualMlp, NnxHandParam)}
 
 
 # Modules ucpjax.train cannot drive either (a tuple output): they keep their initial
@@ -416,10 +491,13 @@ UNTRAINED = {"TupleOut"}
 
 
 def run_model(name: str, dataset, recipe) -> dict:
-    module = MODELS[name]()
     begin = time.perf_counter()
-    variables = dict(module.init(jax.random.key(0), dataset.x_train[:1]))
-    trained = variables if name in UNTRAINED else _fit(module, variables, dataset)
+    if issubclass(MODELS[name], nnx.Module):  # an nnx model carries its trained state
+        module, trained = _fit_nnx(MODELS[name](nnx.Rngs(0)), dataset), None
+    else:
+        module = MODELS[name]()
+        variables = dict(module.init(jax.random.key(0), dataset.x_train[:1]))
+        trained = variables if name in UNTRAINED else _fit(module, variables, dataset)
     row = {"model": name, "about": MODELS[name].__doc__.strip().splitlines()[0]}
     try:
         result = ucpjax.compress(module, trained, train=(dataset.x_train, dataset.y_train),
@@ -450,6 +528,27 @@ def _fit(module, variables: dict, dataset) -> dict:
                          config=config, seed=0,
                          extra={k: v for k, v in variables.items() if k != "params"})
     return {"params": state.params, **state.extra}
+
+
+def _fit_nnx(model: nnx.Module, dataset) -> nnx.Module:
+    """Trains an nnx model as its user would: its own loop, the same 6 epochs of Adam 1e-3."""
+    optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, x, y):
+        def loss(model):
+            return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+        optimizer.update(model, nnx.grad(loss)(model))
+
+    model.train()
+    order = np.random.default_rng(0)
+    for _ in range(6):
+        shuffled = order.permutation(len(dataset.x_train))
+        for start in range(0, len(shuffled) - 99, 100):
+            batch = shuffled[start:start + 100]
+            step(model, optimizer, dataset.x_train[batch], dataset.y_train[batch])
+    model.eval()
+    return model
 
 
 def markdown(rows: list[dict], commands: list[str], recipe: str) -> str:

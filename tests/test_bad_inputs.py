@@ -265,6 +265,16 @@ def test_a_batch_that_does_not_split_over_the_devices_is_refused_before_any_work
                     "prune.train.batch_size=128", "3 JAX devices", "use 126 or 129")
 
 
+def test_every_stage_batch_too_large_is_named_in_the_one_line():
+    from ucpjax.recipe import Recipe
+
+    fields = [f"{name}.batch_size=128" for name in ("prune.train", "prune.fine_tune",
+                                                     "distill.train", "cluster.fine_tune",
+                                                     "quantize.train")]
+    _one_line_error(ConfigError, lambda: Recipe().check_budgets(50), *fields,
+                    "use a batch size <= 50")
+
+
 def test_fit_refuses_a_batch_larger_than_the_training_set():
     _one_line_error(ConfigError, lambda: _fit(1e-3, batch_size=600),
                     "batch_size=600", "500 training examples")

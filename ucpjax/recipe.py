@@ -98,11 +98,16 @@ class Recipe:
               "fewer bits in JAX and the packed file")
 
     def check_budgets(self, num_examples: int) -> None:
-        """Refuses a stage batch larger than the training set, naming its field."""
+        """Refuses stage batches larger than the training set, naming every field
+        with that batch size in one line, so one fix covers them all."""
+        fields_by_size: dict[int, list[str]] = {}
         for stage in self.stages:
             config = getattr(self, stage)
             for field in dataclasses.fields(config):
                 budget = getattr(config, field.name)
                 if isinstance(budget, train_lib.TrainConfig):
-                    inputs.check_batch_size(budget.batch_size, num_examples,
-                                            f"{stage}.{field.name}.batch_size")
+                    fields_by_size.setdefault(budget.batch_size, []).append(
+                        f"{stage}.{field.name}.batch_size")
+        for batch_size, fields in fields_by_size.items():
+            # "a.batch_size=100, b.batch_size" + "=100" as check_batch_size ends it.
+            inputs.check_batch_size(batch_size, num_examples, f"={batch_size}, ".join(fields))
