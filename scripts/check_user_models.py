@@ -449,7 +449,7 @@ class NnxDepthwiseMean(NnxDepthwise):
 
 
 class NnxResidualMlp(nnx.Module):
-    """NNX: Linear layers in an nnx.List with a residual x + y, LayerNorm, Dropout."""
+    """NNX: Linear layers in an nnx.List, residuals through ucpjax Add, LayerNorm, Dropout."""
 
     def __init__(self, rngs: nnx.Rngs):
         self.embed = nnx.Linear(784, 64, rngs=rngs)
@@ -461,7 +461,7 @@ class NnxResidualMlp(nnx.Module):
     def __call__(self, x):
         x = nnx.relu(self.embed(x.reshape((x.shape[0], -1))))
         for block in self.blocks:
-            x = x + nnx.relu(block(x))
+            x = Add()(x, nnx.relu(block(x)))
         return self.head(self.drop(self.norm(x)))
 
 

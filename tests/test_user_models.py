@@ -12,7 +12,9 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
+from ucpjax import from_nnx
 from ucpjax.config import ConfigError
 from ucpjax.model import Model, check_model, check_quantizable, with_train_argument
 
@@ -21,11 +23,13 @@ SHAPE = (28, 28, 1)
 # The models whose every operation on activations QAT reproduces.
 MODELED = {"BiasConvAvg", "SeqNet", "DepthMult", "GlobalMax", "Concat", "ResBlock",
            "DilatedConv", "PointwiseDense", "SetupBlocks", "GroupedConv", "DropoutMlp",
-           "Bf16Params", "TrainingKwarg", "DeterministicKwarg", "PlainCall"}
+           "Bf16Params", "TrainingKwarg", "DeterministicKwarg", "PlainCall", "NnxDepthwise",
+           "NnxDepthwiseGap"}
 # The models refused before any work, and what their one line says.
 REFUSED = {"BareResidual": "bare mean", "AvgPoolGap": "whole-map pool",
            "Bf16Compute": "computes in bfloat16",
-           "TupleOut": "returns a tuple of 2 outputs"}
+           "TupleOut": "returns a tuple of 2 outputs", "NnxDepthwiseMean": "bare mean",
+           "NnxHandParam": "parameter 'w' is outside the layers"}
 
 
 def _zoo():
@@ -42,18 +46,26 @@ ZOO = _zoo()
 
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_a_users_model_passes_the_checks_and_is_sent_to_the_preflight_if_needed(name):
-    module = with_train_argument(ZOO[name]())[0]  # as compress adapts it
     sample = np.random.default_rng(0).random((4, *SHAPE), np.float32)
-    model = Model(module, dict(module.init(jax.random.key(0), sample[:1])))
     if name in REFUSED:
         with pytest.raises(ConfigError, match=REFUSED[name]) as refusal:
+            model = _as_compress_takes_it(ZOO[name], sample)
             check_model(model, SHAPE, 10, sample=sample)
             check_quantizable(model, SHAPE)
         assert "\n" not in str(refusal.value)
         return
+    model = _as_compress_takes_it(ZOO[name], sample)
     check_model(model, SHAPE, 10, sample=sample)
     unmodeled = check_quantizable(model, SHAPE)
     assert (unmodeled == []) == (name in MODELED), unmodeled
+
+
+def _as_compress_takes_it(cls, sample) -> Model:
+    """A linen module adapted to ``(x, train)``, an nnx model lifted to linen."""
+    if issubclass(cls, nnx.Module):
+        return Model(*from_nnx.lift(cls(nnx.Rngs(0))))
+    module = with_train_argument(cls())[0]
+    return Model(module, dict(module.init(jax.random.key(0), sample[:1])))
 
 
 @pytest.mark.parametrize("name", ["TrainingKwarg", "DeterministicKwarg", "PlainCall"])
