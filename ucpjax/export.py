@@ -115,9 +115,11 @@ def to_tflite(
             return bytes(_converter(tf, module, representative_x, int8=int8,
                                     per_tensor_dense=per_tensor_dense, sparse=sparse).convert())
         except Exception as err:
-            errors = [line for line in log().splitlines() if "error:" in line]
-            # The converter's exception is often bare (``RuntimeError``); what went
-            # wrong is in the MLIR lines it printed, located by this machine's paths.
+            # What went wrong is an MLIR "<location>: error: <what>" line, printed to
+            # stderr (the exception is then a bare RuntimeError) or in the exception;
+            # its location is a call stack of this machine's paths, so only <what> is kept.
+            errors = [line.split("error:", 1)[1] for line in f"{log()}\n{err}".splitlines()
+                      if "error:" in line]
             detail = (errors[0] if errors else (str(err).strip().splitlines() or [""])[0])
             detail = re.sub(r"(?:[A-Za-z]:)?[/\\]\S*?:\d+:\d+: ", "", detail)
             raise ConversionError(f"{type(err).__name__}: {detail.strip()[:300]}") from err
