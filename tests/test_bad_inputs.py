@@ -368,7 +368,7 @@ def test_a_stage_that_leaves_the_model_at_chance_stops_the_run(accuracy, given, 
     if stopped is None:
         check()
     else:
-        _one_line_error(ucpjax.AccuracyError, check, stopped, "it had 0.950",
+        _one_line_error(ucpjax.AccuracyError, check, stopped, "at most 0.140", "it had 0.950",
                         "prune.target_sparsity")
 
 

@@ -170,8 +170,9 @@ def _check_above_chance(row: dict, given: dict | None, y: np.ndarray) -> None:
     share, bound = chance_bound(y)
     if len(y) < CHANCE_MIN_EXAMPLES or row["accuracy"] > bound:
         return
-    seen = f"test accuracy {row['accuracy']:.3f}, no better than chance ({share:.3f} " \
-        f"for always the commonest class, on {len(y)} images)"
+    seen = (f"test accuracy {row['accuracy']:.3f}, no better than chance (at most "
+            f"{bound:.3f}: always the commonest class scores {share:.3f}, plus 3 standard "
+            f"errors on {len(y)} images)")
     if given is None and row["stage"] == "given":
         raise AccuracyError(
             f"the given model scores {seen}: were the images preprocessed as in its "
