@@ -516,7 +516,7 @@ def _tolerance_misses(final: dict, config: ExportConfig) -> list[str]:
     # images, a single flip exceeds the tolerance without saying anything.
     allowed = max(config.accuracy_tolerance, 1 / max(final.get("tflite_decided", math.inf), 1))
     if gap > allowed + 1e-12:  # an exact tolerance, up to float noise
-        misses.append(f"accuracy of the .tflite and the JAX int8 model differ by {gap:.4f} "
+        misses.append(f"accuracy of the .tflite and the JAX int8 model differ by {gap:.5f} "
                       f"> export.accuracy_tolerance={config.accuracy_tolerance}")
     return misses
 
