@@ -419,7 +419,8 @@ def compress(module: nn.Module | nnx.Module, variables=None, *, train, test,
         (``blocks.0.conv/kernel``) in rules, reports and ``Result.variables``.
       variables: the linen module's trained variables (``params``, and
         ``batch_stats`` with BatchNorm); None for an NNX model.
-      train: ``(x, y)`` numpy arrays: float NHWC images, integer labels.
+      train: ``(x, y)`` numpy arrays: float inputs (NHWC images, ``(N, D)`` features,
+        ``(N, L, C)`` sequences), integer labels.
       test: ``(x, y)`` for reporting.
       recipe: the stages and their settings. Default: the paper's order.
       val: optional ``(x, y)`` for the stages' validation accuracy (default: test).
