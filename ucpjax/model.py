@@ -167,7 +167,8 @@ def with_train_argument(module: nn.Module) -> tuple[nn.Module, str | None]:
     arguments = _call_arguments(module)
     if arguments is None or "train" in arguments:
         return module, None
-    required = [name for name in _required_arguments(module)[1:] if name not in TRAIN_SWITCHES]
+    required = [name for name in _required_arguments(module)[1:]  # those after x
+                if name not in TRAIN_SWITCHES]
     if required:
         raise ConfigError(f"module.__call__({', '.join(arguments)}) needs {', '.join(required)}: "
                           "ucpjax calls module.apply(variables, x, train=...); give them "
