@@ -376,3 +376,16 @@ def test_chance_is_the_commonest_class_share_plus_three_standard_errors():
     share, bound = pipeline.chance_bound(np.array([0] * 75 + [1] * 25))
     assert share == 0.75
     assert bound == pytest.approx(0.75 + 3 * math.sqrt(0.75 * 0.25 / 100))
+
+
+def test_a_tf_data_dataset_is_refused_with_the_line_that_makes_arrays_of_it():
+    from ucpjax.export import import_tensorflow
+
+    tf = import_tensorflow()
+    pairs = tf.data.Dataset.from_tensor_slices((X, Y))
+    message = _one_line_error(ConfigError, lambda: inputs.dataset_from_arrays(
+        pairs, (X_TEST, Y_TEST)), "train:", "tf.data", "as_numpy_iterator")
+    fix = message.split("pass train=")[1].split(", images")[0]
+    x, y = eval(fix, {"np": np, "ds": pairs})  # the advice, run as written
+    np.testing.assert_array_equal(x, X)
+    np.testing.assert_array_equal(y, Y)

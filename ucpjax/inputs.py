@@ -6,7 +6,8 @@ labels, with ``num_classes`` = the largest training label + 1 and ``val``
 defaulting to ``test``. Every problem is refused in one line that names the
 argument (``train``, ``test``, ``val``), the array (``x`` or ``y``) and the fix:
 
-* not an ``(x, y)`` pair, ``x`` and ``y`` of different lengths, an empty set;
+* not an ``(x, y)`` pair (a ``tf.data.Dataset`` is told the line that makes
+  arrays of it), ``x`` and ``y`` of different lengths, an empty set;
 * ``x`` without an example axis and a value (1-D, or a zero-width axis),
   channels-first images, non-numeric ``x``, NaN/Inf pixels. Other shapes go to
   the module as they are ((N, H, W, C) images, (N, L, C) sequences, (N, D)
@@ -107,6 +108,12 @@ def _pixel_range(x: np.ndarray) -> tuple[float, float]:
 
 def _checked_pair(pair, arg: str) -> tuple[np.ndarray, np.ndarray]:
     """``(x float32, y int32)`` of one argument, or a ConfigError naming it."""
+    if hasattr(pair, "as_numpy_iterator"):  # a tf.data.Dataset, as tfds.load returns
+        raise ConfigError(f"{arg}: expected a pair (x, y) of arrays, got a tf.data "
+                          f"{type(pair).__name__}; for one of (image, label) elements "
+                          "(tfds.load(..., as_supervised=True)) pass "
+                          f"{arg}=tuple(map(np.stack, zip(*ds.as_numpy_iterator()))), "
+                          "images scaled as in training")
     if not isinstance(pair, (tuple, list)) or len(pair) != 2:
         raise ConfigError(f"{arg}: expected a pair (x, y) of arrays, got "
                           f"{type(pair).__name__}; pass {arg}=(images, labels)")
