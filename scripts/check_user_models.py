@@ -541,9 +541,9 @@ def _fit_nnx(model: nnx.Module, dataset) -> nnx.Module:
         optimizer.update(model, nnx.grad(loss)(model))
 
     model.train()
-    order = np.random.default_rng(0)
+    rng = np.random.default_rng(0)
     for _ in range(6):
-        shuffled = order.permutation(len(dataset.x_train))
+        shuffled = rng.permutation(len(dataset.x_train))
         for start in range(0, len(shuffled) - 99, 100):
             batch = shuffled[start:start + 100]
             step(model, optimizer, dataset.x_train[batch], dataset.y_train[batch])
