@@ -231,6 +231,25 @@ def test_prune_stage_global_scope_hits_overall_target(mnist, lenet):
     assert max(per_layer) - min(per_layer) > 0.01  # one threshold, not one target per layer
 
 
+def test_a_teacher_guides_the_pruned_net_towards_its_own_answers(mnist, lenet):
+    params, apply_fn = lenet
+    # A teacher that answers otherwise than the labels: another random init.
+    teacher_params = models.init(models.create("lenet300"), (28, 28, 1), seed=7)["params"]
+    teacher_answers = np.asarray(train.predict(apply_fn, teacher_params, mnist.x_val))
+    agreement = {}
+    for alpha in (0.0, 1.0):
+        config = prune.PruneConfig(target_sparsity=0.8, frequency=3, teacher_alpha=alpha,
+                                   train=TINY, fine_tune=None)
+        pruned, report = prune.prune(params, config, apply_fn=apply_fn, data=mnist, seed=0,
+                                     teacher=(apply_fn, teacher_params))
+        assert report["prune/sparsity"] == pytest.approx(0.8, abs=1e-3)
+        answers = np.asarray(train.predict(apply_fn, pruned, mnist.x_val))
+        agreement[alpha] = np.mean(answers.argmax(-1) == teacher_answers.argmax(-1))
+    assert agreement[1.0] > agreement[0.0] + 0.3, agreement
+    with pytest.raises(ValueError, match="teacher_alpha > 0 needs a teacher"):
+        prune.prune(params, config, apply_fn=apply_fn, data=mnist, seed=0)
+
+
 # --- config ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("field, kwargs", [
@@ -243,6 +262,8 @@ def test_prune_stage_global_scope_hits_overall_target(mnist, lenet):
     ("end", {"end": 1.5}),
     ("scope", {"scope": "channel"}),
     ("power", {"power": 0}),
+    ("teacher_alpha", {"teacher_alpha": 1.5}),
+    ("teacher_temperature", {"teacher_temperature": 0}),
 ])
 def test_invalid_config_names_field(field, kwargs):
     with pytest.raises(ConfigError, match=rf"^{field}="):

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ucpjax import batchnorm, channels, constraints, train
+from ucpjax import batchnorm, channels, constraints, distill, train
 from ucpjax import rules as rules_lib
 from ucpjax.config import ConfigError, check
 from ucpjax.rules import DEFAULT_RULES, Rules
@@ -69,6 +69,12 @@ class PruneConfig:
         weights, and the export shrinks the model (smaller tensors, fewer
         multiplications, a faster .tflite). 0: none. Runs with the magnitude
         pruning (whose zeros then include the removed channels').
+      teacher_alpha: weight of a teacher's softened logits in the loss of both
+        phases (Hinton et al.'s loss, as the distill stage's, at
+        ``teacher_temperature``), so the teacher guides the net while its
+        weights go, not only after; the teacher is the distill stage's (the
+        dense model unless ``distill.teacher_from``). 0: the labels alone.
+      teacher_temperature: softmax temperature of that soft term.
       train: budget of the pruning phase.
       fine_tune: budget of the fine-tuning phase, or None to skip it.
     """
@@ -82,6 +88,8 @@ class PruneConfig:
     power: float = 3.0
     min_per_channel: int = 2
     channel_sparsity: float = 0.0
+    teacher_alpha: float = 0.0
+    teacher_temperature: float = 4.0
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(epochs=10))
     fine_tune: TrainConfig | None = dataclasses.field(
         default_factory=lambda: TrainConfig(epochs=2, learning_rate=1e-4))
@@ -102,6 +110,10 @@ class PruneConfig:
               "min_per_channel", self.min_per_channel, "must be an integer >= 0")
         check(0 <= self.channel_sparsity < 1, "channel_sparsity", self.channel_sparsity,
               "must be in [0, 1)")
+        check(0 <= self.teacher_alpha <= 1, "teacher_alpha", self.teacher_alpha,
+              "must be in [0, 1]")
+        check(self.teacher_temperature > 0, "teacher_temperature", self.teacher_temperature,
+              "must be > 0")
 
 
 def _is_none(x) -> bool:
@@ -414,8 +426,23 @@ def sparsity_report(params, rules: Rules = DEFAULT_RULES, prefix: str = "prune")
     return report
 
 
+def _loss(apply_fn, config: PruneConfig, teacher):
+    """``(make_loss, extra)`` of both phases: cross-entropy, or with ``teacher_alpha``
+    the distillation loss against ``teacher``."""
+    if not config.teacher_alpha:
+        return constraints.cross_entropy(apply_fn), None
+    if teacher is None:
+        raise ValueError("prune.teacher_alpha > 0 needs a teacher: pass teacher=(apply_fn, "
+                         "params)")
+    teacher_apply_fn, teacher_params = teacher
+    make_loss = distill.make_distill_loss(apply_fn, teacher_apply_fn,
+                                          temperature=config.teacher_temperature,
+                                          alpha=config.teacher_alpha)
+    return make_loss, {"teacher": teacher_params}
+
+
 def prune(params, config: PruneConfig, *, apply_fn, data, seed: int,
-          rules: Rules = DEFAULT_RULES, curves=None) -> tuple[Any, dict]:
+          rules: Rules = DEFAULT_RULES, curves=None, teacher=None) -> tuple[Any, dict]:
     """Gradual magnitude pruning, then fine-tuning with the final zeros fixed.
 
     Args:
@@ -427,6 +454,8 @@ def prune(params, config: PruneConfig, *, apply_fn, data, seed: int,
       seed: training seed.
       rules: which leaves are pruned, and per-leaf targets.
       curves: per-leaf pruning curves, for ``sensitivity`` scope (``leaf_targets``).
+      teacher: ``(apply_fn, params)`` of the teacher; needed when
+        ``config.teacher_alpha`` > 0, unused otherwise.
 
     Returns:
       ``(params, report)``: report has ``prune/sparsity`` (over the selected
@@ -464,14 +493,14 @@ def prune(params, config: PruneConfig, *, apply_fn, data, seed: int,
                                   target=config.channel_sparsity, power=config.power, **ramp)
         pruning = optax.chain(channels.channel_pruning(
             groups, share, frequency=config.frequency, **ramp), pruning)
-    make_loss = constraints.cross_entropy(apply_fn)
+    make_loss, extra = _loss(apply_fn, config, teacher)
     params, _, history = constraints.fit_preserving(
         params, make_loss, x=data.x_train, y=data.y_train, config=config.train, seed=seed,
-        rules=rules, last_transform=pruning, desc="prune")
+        rules=rules, extra=extra, last_transform=pruning, desc="prune")
     if config.fine_tune is not None:
         params, _, history = constraints.fit_preserving(
             params, make_loss, x=data.x_train, y=data.y_train, config=config.fine_tune,
-            seed=seed + 1, rules=rules, desc="prune fine-tune")
+            seed=seed + 1, rules=rules, extra=extra, desc="prune fine-tune")
     report = sparsity_report(params, rules)
     if groups is not None:
         report["prune/channel_groups"] = groups.count

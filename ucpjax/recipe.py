@@ -43,8 +43,9 @@ def _prune(params, recipe, shared: StageInputs):
                                         flush=True))
         curves = {name: {float(s): drop for s, drop in entry["prune"].items()}
                   for name, entry in table["layers"].items()}
+    teacher = (shared.teacher.apply_fn(), shared.teacher.params) if shared.teacher else None
     return prune.prune(params, recipe.prune, apply_fn=shared.apply_fn, data=shared.data,
-                       seed=shared.seed, rules=shared.rules, curves=curves)
+                       seed=shared.seed, rules=shared.rules, curves=curves, teacher=teacher)
 
 
 def _distill(params, recipe, shared: StageInputs):
