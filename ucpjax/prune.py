@@ -73,7 +73,8 @@ class PruneConfig:
         phases (Hinton et al.'s loss, as the distill stage's, at
         ``teacher_temperature``), so the teacher guides the net while its
         weights go, not only after; the teacher is the distill stage's (the
-        dense model unless ``distill.teacher_from``). 0: the labels alone.
+        dense model, or ``distill.teacher_from`` when the recipe has a distill
+        stage). 0: the labels alone.
       teacher_temperature: softmax temperature of that soft term.
       train: budget of the pruning phase.
       fine_tune: budget of the fine-tuning phase, or None to skip it.
