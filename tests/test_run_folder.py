@@ -1,12 +1,14 @@
 """Tests of ucpjax.run_folder: the run folder owns its files and heals itself."""
 
+import copy
 import os
 import subprocess
 
 import numpy as np
 import pytest
 
-from ucpjax.config import ConfigError
+from ucpjax.config import ConfigError, to_dict
+from ucpjax.recipe import Recipe
 from ucpjax.run_folder import RunFolder
 
 VARIABLES = {"params": {"Dense_0": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}}}
@@ -69,6 +71,16 @@ def test_a_setting_added_later_at_its_none_default_keeps_old_runs_their_own(tmp_
     folder.claim({"recipe": {"distill": {"alpha": 0.9, "teacher_from": None}}})
     with pytest.raises(ConfigError, match=r"fields \['recipe'\]"):
         folder.claim({"recipe": {"distill": {"alpha": 0.9, "teacher_from": "runs/t"}}})
+
+
+def test_a_run_made_before_the_prune_teacher_settings_resumes(tmp_path):
+    resolved = to_dict(Recipe())
+    before = copy.deepcopy(resolved)
+    for field in ("teacher_alpha", "teacher_temperature"):
+        del before["prune"][field]
+    folder = RunFolder(tmp_path / "run")
+    folder.claim({"recipe": before})
+    folder.claim({"recipe": resolved})  # today's defaults: the same run
 
 
 def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(tmp_path):

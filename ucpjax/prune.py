@@ -74,8 +74,10 @@ class PruneConfig:
         ``teacher_temperature``), so the teacher guides the net while its
         weights go, not only after; the teacher is the distill stage's (the
         dense model, or ``distill.teacher_from`` when the recipe has a distill
-        stage). 0: the labels alone.
-      teacher_temperature: softmax temperature of that soft term.
+        stage). None or 0: the labels alone.
+      teacher_temperature: softmax temperature of that soft term; None: the
+        distill stage's default (4).
+      (Both default to None, so a run folder made before they existed resumes.)
       train: budget of the pruning phase.
       fine_tune: budget of the fine-tuning phase, or None to skip it.
     """
@@ -89,8 +91,8 @@ class PruneConfig:
     power: float = 3.0
     min_per_channel: int = 2
     channel_sparsity: float = 0.0
-    teacher_alpha: float = 0.0
-    teacher_temperature: float = 4.0
+    teacher_alpha: float | None = None
+    teacher_temperature: float | None = None
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(epochs=10))
     fine_tune: TrainConfig | None = dataclasses.field(
         default_factory=lambda: TrainConfig(epochs=2, learning_rate=1e-4))
@@ -111,10 +113,10 @@ class PruneConfig:
               "min_per_channel", self.min_per_channel, "must be an integer >= 0")
         check(0 <= self.channel_sparsity < 1, "channel_sparsity", self.channel_sparsity,
               "must be in [0, 1)")
-        check(0 <= self.teacher_alpha <= 1, "teacher_alpha", self.teacher_alpha,
-              "must be in [0, 1]")
-        check(self.teacher_temperature > 0, "teacher_temperature", self.teacher_temperature,
-              "must be > 0")
+        check(self.teacher_alpha is None or 0 <= self.teacher_alpha <= 1, "teacher_alpha",
+              self.teacher_alpha, "must be in [0, 1], or None")
+        check(self.teacher_temperature is None or self.teacher_temperature > 0,
+              "teacher_temperature", self.teacher_temperature, "must be > 0, or None")
 
 
 def _is_none(x) -> bool:
@@ -437,7 +439,8 @@ def _loss(apply_fn, config: PruneConfig, teacher):
                          "params)")
     teacher_apply_fn, teacher_params = teacher
     make_loss = distill.make_distill_loss(apply_fn, teacher_apply_fn,
-                                          temperature=config.teacher_temperature,
+                                          temperature=config.teacher_temperature
+                                          or distill.DistillConfig.temperature,
                                           alpha=config.teacher_alpha)
     return make_loss, {"teacher": teacher_params}
 
