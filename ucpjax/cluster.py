@@ -311,7 +311,8 @@ def kmeans(values, mask, *, k: int, init: str, key, iterations: int):
     return centroids, _assign(values, mask, centroids), history
 
 
-def centroids_by_init(weights, k: int, key, iterations: int) -> dict[str, np.ndarray]:
+def centroids_by_init(weights, k: int, key, iterations: int,
+                      padded_size: int = 0) -> dict[str, np.ndarray]:
     """Centroids of every initialisation for one tensor's non-zero weights (for plots).
 
     Args:
@@ -319,20 +320,26 @@ def centroids_by_init(weights, k: int, key, iterations: int) -> dict[str, np.nda
       k: number of centroids.
       key: PRNG key.
       iterations: Lloyd iterations; 0 gives the initial centroids themselves.
+      padded_size: as in ``share_leaf``: tensors padded alike share one compile.
 
     Returns:
       ``{init: centroids}`` (numpy, ascending) for each name in ``INITS``.
     """
-    values = jnp.ravel(jnp.asarray(weights, jnp.float32))
-    mask = values != 0
-    out = {}
+    values, mask = _padded(_nonzero(weights), padded_size)
+    found = _every_init(values, mask, k=k, key=key, iterations=iterations)
+    return {init: np.sort(np.asarray(c)) for init, c in found.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("k", "iterations"))
+def _every_init(values, mask, *, k: int, key, iterations: int) -> dict[str, jax.Array]:
+    # All initialisations in one program: one compile instead of one per init.
+    sorted_values, count = _sorted_members(values, mask)
+    found = {}
     for init in INITS:
-        if iterations:
-            c = kmeans(values, mask, k=k, init=init, key=key, iterations=iterations)[0]
-        else:
-            c = initial_centroids(values, mask, k=k, init=init, key=key)
-        out[init] = np.sort(np.asarray(c))
-    return out
+        start = _initial(sorted_values, count, values, mask, k=k, init=init, key=key)
+        found[init] = (_lloyd(sorted_values, count, start, iterations)[0] if iterations
+                       else start)
+    return found
 
 
 # ---------------------------------------------------------------------------
@@ -358,12 +365,16 @@ def compact_nonzero(values: np.ndarray) -> tuple[jax.Array, jax.Array]:
     clustering them alone is ~10x less sorting. Padding to a power of two keeps
     the number of distinct shapes (and compiles) small.
     """
-    nonzero = np.asarray(values).ravel()
-    return _padded(nonzero[nonzero != 0].astype(np.float32))
+    return _padded(_nonzero(values))
 
 
-def _padded(nonzero: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    size = max(128, 1 << (len(nonzero) - 1).bit_length())
+def _nonzero(values) -> np.ndarray:
+    flat = np.asarray(values, np.float32).ravel()
+    return flat[flat != 0]
+
+
+def _padded(nonzero: np.ndarray, at_least: int = 0) -> tuple[jax.Array, jax.Array]:
+    size = max(128, 1 << (max(len(nonzero), at_least) - 1).bit_length())
     padded = np.zeros(size, np.float32)
     padded[:len(nonzero)] = nonzero
     return jnp.asarray(padded), jnp.asarray(np.arange(size) < len(nonzero))
@@ -375,9 +386,14 @@ def _at_most_distinct(values: np.ndarray, k: int) -> bool:
     return len(np.unique(values[:4 * k + 1])) <= k and len(np.unique(values)) <= k
 
 
-def share_leaf(w: np.ndarray, requested: int, config: ClusterConfig,
-               key) -> tuple[np.ndarray, dict]:
-    """Clusters one leaf to ``requested`` values; returns the shared weights and its report."""
+def share_leaf(w: np.ndarray, requested: int, config: ClusterConfig, key,
+               padded_size: int = 0) -> tuple[np.ndarray, dict]:
+    """Clusters one leaf to ``requested`` values; returns the shared weights and its report.
+
+    The non-zeros are padded to a power of two of at least ``padded_size``: leaves
+    padded alike (and with the same k) share one compile of ``kmeans``. Padding
+    leaves linear and density starts unchanged; forgy and k-means++ draw over it.
+    """
     values = w.reshape(-1).astype(np.float32)
     where = np.flatnonzero(values)
     nonzero = values[where]
@@ -389,7 +405,7 @@ def share_leaf(w: np.ndarray, requested: int, config: ClusterConfig,
         # Already shared (or too few weights): keep the values as they are.
         info.update(k=len(np.unique(nonzero)), kept=1, wcss=0.0)
         return w, info
-    padded, padded_mask = _padded(nonzero)
+    padded, padded_mask = _padded(nonzero, padded_size)
     centroids, assignment, _ = kmeans(padded, padded_mask, k=k, init=config.init, key=key,
                                       iterations=config.iterations)
     members = np.asarray(centroids)[np.asarray(assignment)[:count]]
@@ -421,11 +437,15 @@ def cluster(params, config: ClusterConfig, *, apply_fn, data, seed: int,
     wanted = [layer_k(name, config, rules) for name in names]
     root = jax.random.key(seed)
     report, out, ks = {}, [], {}
+    # One padded length for all leaves: one k-means compile (a second each) per k.
+    padded_size = max((int(np.count_nonzero(w)) for (_, w), k in zip(flat, wanted) if k),
+                      default=0)
     for i, ((_, w), name, k) in enumerate(zip(flat, names, wanted, strict=True)):
         if not k:
             out.append(w)
             continue
-        shared, info = share_leaf(np.asarray(w), k, config, jax.random.fold_in(root, i))
+        shared, info = share_leaf(np.asarray(w), k, config, jax.random.fold_in(root, i),
+                                  padded_size)
         out.append(jnp.asarray(shared))
         ks[name] = info["k"]
         report.update({f"cluster/{name}/{key}": value for key, value in info.items()})

@@ -379,12 +379,15 @@ def weights_plot(model: Model, recipe: Recipe, path: pathlib.Path) -> None:
     from ucpjax import plots
 
     key = jax.random.key(recipe.seed)
-    centroids = {}
+    shown = {}
     for path_, w in jax.tree_util.tree_leaves_with_path(model.params):
         name = rules_lib.path_name(path_)
         k = cluster.layer_k(name, recipe.cluster, recipe.rules)
         if k and np.count_nonzero(w) >= k:
-            centroids[name] = cluster.centroids_by_init(w, k, key, 0)
+            shown[name] = (w, k)
+    padded_size = max((int(np.count_nonzero(w)) for w, _ in shown.values()), default=0)
+    centroids = {name: cluster.centroids_by_init(w, k, key, 0, padded_size)
+                 for name, (w, k) in shown.items()}
     plots.weight_histograms(model.params, centroids, path)
 
 

@@ -38,6 +38,7 @@ rounding (below 1e-6 relative for typical layers) is not modelled.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -137,6 +138,9 @@ def fake_quant(x: jax.Array, scale, zero_point, *, qmin: int, qmax: int) -> jax.
     return value + (clipped - jax.lax.stop_gradient(clipped))
 
 
+# Jitted (one compile per shape and setting): called outside training too, where
+# its half-dozen ops would otherwise each compile on their own.
+@functools.partial(jax.jit, static_argnames=("mode", "bits"))
 def weight_scale(w: jax.Array, mode: str, bits: int) -> jax.Array:
     """``max(max|w|, packing.MIN_PEAK) / qmax`` over the tensor or per output (last)
     axis, as TFLite's converter computes it (it widens ranges below 1e-6).
@@ -154,8 +158,11 @@ def weight_scale(w: jax.Array, mode: str, bits: int) -> jax.Array:
 
 
 def _quantize_leaf(w, mode: str, bits: int):
-    if mode == NONE:
-        return w
+    return w if mode == NONE else _fake_quant_leaf(w, mode, bits)
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "bits"))
+def _fake_quant_leaf(w, mode: str, bits: int):
     # The scale follows the weights (TFLite QAT's last-value quantizer); no gradient
     # through it, so every weight sees the plain straight-through estimator.
     scale = jax.lax.stop_gradient(weight_scale(w, mode, bits))
