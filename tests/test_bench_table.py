@@ -78,7 +78,7 @@ def test_row_from_run_has_every_column(run_dir):
 
 def test_sidecar_overrides_and_markdown(run_dir, tmp_path):
     sidecar = {"process_seconds": 12.5, "peak_rss_mb": 900.0, "dense_seconds": 30.0,
-               "tflite": {"tflite_accuracy": 0.5, "tflite_zip_bytes": 4_000}}
+               "warm_compress_seconds": 37.0, "tflite": {"tflite_accuracy": 0.5, "tflite_zip_bytes": 4_000}}
     (run_dir / bench.SIDECAR).write_text(json.dumps(sidecar))
     try:
         ours = bench.row_from_run(run_dir, bench.FULL)
@@ -101,6 +101,7 @@ def test_sidecar_overrides_and_markdown(run_dir, tmp_path):
     assert "| - |" in lines[3]  # PCQAT has no packed size
     assert "900" in lines[2] and "4,000" in lines[2]
     assert "NOT MET" in bench.verdict([ours, theirs])  # 0.5 < 0.94
+    assert "a rerun with its compiles cached 0.20x (37 s)" in bench.verdict([ours, theirs])
 
 
 def test_plan_matches_budgets():
