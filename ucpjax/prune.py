@@ -261,8 +261,9 @@ def magnitude_pruning(
         return MagnitudePruningState(jnp.zeros((), jnp.int32),
                                      jax.tree.unflatten(jax.tree.structure(params), masks))
 
-    def recompute(masks, candidates, step):
+    def recompute(masks, p_list, u_list, step):
         new = list(masks)
+        candidates = [p + u for p, u in zip(p_list, u_list)]
         # Already-masked entries score -1, below every magnitude, so they stay masked.
         scores = [None if t is None else jnp.where(m, jnp.abs(c), -1.0)
                   for m, c, t in zip(masks, candidates, target_list)]
@@ -292,8 +293,10 @@ def magnitude_pruning(
         step = state.count
         due = ((step >= begin_step) & (step <= end_step)
                & (((step - begin_step) % frequency == 0) | (step == end_step)))
-        candidates = [p + u for p, u in zip(p_list, u_list)]
-        masks = jax.lax.cond(due, recompute, lambda m, c, s: list(m), masks, candidates, step)
+        # The weights after this update are formed only in the branch that ranks them:
+        # outside it they would cost a pass over every weight at every step.
+        masks = jax.lax.cond(due, recompute, lambda m, p, u, s: list(m), masks, p_list,
+                             u_list, step)
         u_list = [jnp.where(m, u, -p) for m, u, p in zip(masks, u_list, p_list)]
         return (jax.tree.unflatten(treedef, u_list),
                 MagnitudePruningState(step + 1, jax.tree.unflatten(treedef, masks)))
