@@ -30,27 +30,17 @@ def _forward(x, size):
 
 
 def _backward(size, residuals, dy):
-    """The gradient goes to the first maximum of each window, row-major.
-
-    Built from ``size * size`` strided views of ``x``, one per window position,
-    stacked back in front of the channel axis: XLA on CPU runs the obvious way,
-    a 6-D transpose that puts each window last, several times slower
-    (RESULTS.md, "Max-pool gradient without a transpose").
-    """
     x, y = residuals
     n, height, width, c = x.shape
     _, rows, cols, _ = y.shape
-    taken = jnp.zeros(y.shape, bool)
-    by_row = []
-    for a in range(size):
-        by_col = []
-        for b in range(size):
-            hit = (x[:, a:rows * size:size, b:cols * size:size] == y) & ~taken
-            taken = taken | hit
-            by_col.append(jnp.where(hit, dy, 0.0).astype(dy.dtype))
-        by_row.append(jnp.stack(by_col, axis=3))  # (n, rows, cols, size, c)
-    dx = jnp.stack(by_row, axis=2).reshape(n, rows * size, cols * size, c)
-    # VALID dropped the incomplete windows at the bottom and right: no gradient there.
+    cropped = x[:, :rows * size, :cols * size]  # VALID drops the incomplete windows
+    windows = cropped.reshape(n, rows, size, cols, size, c).transpose(0, 1, 3, 5, 2, 4)
+    windows = windows.reshape(n, rows, cols, c, size * size)
+    is_max = windows == y[..., None]
+    first = is_max & (jnp.cumsum(is_max, axis=-1) == 1)
+    dx = jnp.where(first, dy[..., None], 0.0).astype(dy.dtype)
+    dx = dx.reshape(n, rows, cols, c, size, size).transpose(0, 1, 4, 2, 5, 3)
+    dx = dx.reshape(n, rows * size, cols * size, c)
     return (jnp.pad(dx, ((0, 0), (0, height - rows * size), (0, width - cols * size), (0, 0))),)
 
 
