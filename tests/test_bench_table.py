@@ -78,7 +78,8 @@ def test_row_from_run_has_every_column(run_dir):
 
 def test_sidecar_overrides_and_markdown(run_dir, tmp_path):
     sidecar = {"process_seconds": 12.5, "peak_rss_mb": 900.0, "dense_seconds": 30.0,
-               "warm_compress_seconds": 37.0, "tflite": {"tflite_accuracy": 0.5, "tflite_zip_bytes": 4_000}}
+               "warm_compress_seconds": 37.0,
+               "tflite": {"tflite_accuracy": 0.5, "tflite_zip_bytes": 4_000}}
     (run_dir / bench.SIDECAR).write_text(json.dumps(sidecar))
     try:
         ours = bench.row_from_run(run_dir, bench.FULL)
