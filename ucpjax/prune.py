@@ -399,6 +399,9 @@ def _own_target(params, rules: Rules) -> Any:
     return jax.tree.map(lambda t: t is not None, own, is_leaf=_is_none)
 
 
+# Jitted whole (one compile per shape): op by op, its bisection and floor compile
+# dozens of small programs, and ``ucpjax.sensitivity`` calls it on every layer.
+@functools.partial(jax.jit, static_argnames=("min_per_channel",))
 def prune_once(weights, sparsity: float, min_per_channel: int = 0) -> jax.Array:
     """Zeros the smallest-magnitude weights so that ``round(sparsity * size)`` are zero.
 

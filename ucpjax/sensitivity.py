@@ -53,6 +53,10 @@ def measure(params, *, apply_fn, data, rules: Rules = DEFAULT_RULES,
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     leaves = [leaf for _, leaf in flat]
     layers = {}
+    # One padded length for every layer's k-means: one compile per k, not per layer and k.
+    padded_size = max((int(np.count_nonzero(w)) for path, w in flat
+                       if rules_lib.rule_for(rules_lib.path_name(path), rules) is not None),
+                      default=0)
     for i, (path, w) in enumerate(flat):
         name = rules_lib.path_name(path)
         if rules_lib.rule_for(name, rules) is None:
@@ -72,7 +76,8 @@ def measure(params, *, apply_fn, data, rules: Rules = DEFAULT_RULES,
             "size": int(w.size),
             "prune": {str(s): drop(prune.prune_once(w, s, min_per_channel)) for s in sparsities},
             "cluster": {str(k): drop(cluster.share_leaf(
-                w, k, cluster.ClusterConfig(num_clusters=k, fine_tune=None), key)[0])
+                w, k, cluster.ClusterConfig(num_clusters=k, fine_tune=None), key,
+                padded_size)[0])
                 for k in clusters},
         }
     return {"val_accuracy": base, "layers": layers}
