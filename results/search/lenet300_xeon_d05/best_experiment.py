@@ -1,6 +1,6 @@
 """The rules `ucpjax search` chose for experiments/lenet300_mnist.py.
 
-    .venv/bin/ucpjax compress --config runs/search_l300/best_experiment.py --out runs/best
+    .venv/bin/ucpjax compress --config results/search/lenet300_xeon_d05/best_experiment.py --out runs/best
 
 Found by `ucpjax search --config experiments/lenet300_mnist.py --max-drop 0.5
 --objective zip`: candidate cand-0038b34686, validation drop
@@ -14,7 +14,7 @@ import pathlib
 from ucpjax import experiment
 from ucpjax.rules import LayerRule
 
-EXPERIMENT = pathlib.Path(__file__).parent / '../../experiments/lenet300_mnist.py'
+EXPERIMENT = pathlib.Path(__file__).parent / '../../../experiments/lenet300_mnist.py'
 OVERRIDES = ['init_from=runs/bench/lenet300/dense']
 RULES = (
     LayerRule(pattern='^Dense_0/kernel$', sparsity=0.92, clusters=4, bits=None),
