@@ -220,3 +220,19 @@ def test_plots_write_png_files_atomically(tmp_path):
     for path in (hist, size):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "h.png"]
+
+
+@pytest.mark.parametrize("init", ["linear", "density"])
+def test_padding_leaves_share_one_length_without_changing_linear_or_density(init):
+    # cluster() pads every leaf to the largest non-zero count so that k-means compiles
+    # once per k; for these starts the padding must not change a single weight.
+    small, large = _pruned_normal(300, seed=1), _pruned_normal(3000, seed=2)
+    size = cluster.common_padded_size([small, large])
+    assert size == np.count_nonzero(large) > np.count_nonzero(small)
+    shapes = {cluster._padded(w[w != 0], size)[0].shape for w in (small, large)}
+    assert len(shapes) == 1  # one shape, so one compile
+    config = cluster.ClusterConfig(num_clusters=K, init=init, fine_tune=None)
+    alone, _ = cluster.share_leaf(small, K, config, jax.random.key(0))
+    padded, _ = cluster.share_leaf(small, K, config, jax.random.key(0), size)
+    np.testing.assert_array_equal(padded, alone)
+    assert len(np.unique(padded[padded != 0])) == K

@@ -373,6 +373,13 @@ def _nonzero(values) -> np.ndarray:
     return flat[flat != 0]
 
 
+def common_padded_size(weights) -> int:
+    """The ``padded_size`` under which all of ``weights`` pad alike: their largest
+    non-zero count. k-means then compiles once per k for all of them (a second or so
+    each on CPU), not once per tensor and k."""
+    return max((int(np.count_nonzero(w)) for w in weights), default=0)
+
+
 def _padded(nonzero: np.ndarray, at_least: int = 0) -> tuple[jax.Array, jax.Array]:
     size = max(128, 1 << (max(len(nonzero), at_least) - 1).bit_length())
     padded = np.zeros(size, np.float32)
@@ -437,9 +444,7 @@ def cluster(params, config: ClusterConfig, *, apply_fn, data, seed: int,
     wanted = [layer_k(name, config, rules) for name in names]
     root = jax.random.key(seed)
     report, out, ks = {}, [], {}
-    # One padded length for all leaves: one k-means compile (a second each) per k.
-    padded_size = max((int(np.count_nonzero(w)) for (_, w), k in zip(flat, wanted) if k),
-                      default=0)
+    padded_size = common_padded_size(w for (_, w), k in zip(flat, wanted) if k)
     for i, ((_, w), name, k) in enumerate(zip(flat, names, wanted, strict=True)):
         if not k:
             out.append(w)

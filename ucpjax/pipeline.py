@@ -385,7 +385,7 @@ def weights_plot(model: Model, recipe: Recipe, path: pathlib.Path) -> None:
         k = cluster.layer_k(name, recipe.cluster, recipe.rules)
         if k and np.count_nonzero(w) >= k:
             shown[name] = (w, k)
-    padded_size = max((int(np.count_nonzero(w)) for w, _ in shown.values()), default=0)
+    padded_size = cluster.common_padded_size(w for w, _ in shown.values())
     centroids = {name: cluster.centroids_by_init(w, k, key, 0, padded_size)
                  for name, (w, k) in shown.items()}
     plots.weight_histograms(model.params, centroids, path)

@@ -53,10 +53,8 @@ def measure(params, *, apply_fn, data, rules: Rules = DEFAULT_RULES,
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     leaves = [leaf for _, leaf in flat]
     layers = {}
-    # One padded length for every layer's k-means: one compile per k, not per layer and k.
-    padded_size = max((int(np.count_nonzero(w)) for path, w in flat
-                       if rules_lib.rule_for(rules_lib.path_name(path), rules) is not None),
-                      default=0)
+    padded_size = cluster.common_padded_size(
+        w for path, w in flat if rules_lib.rule_for(rules_lib.path_name(path), rules) is not None)
     for i, (path, w) in enumerate(flat):
         name = rules_lib.path_name(path)
         if rules_lib.rule_for(name, rules) is None:
