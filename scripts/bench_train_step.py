@@ -5,11 +5,14 @@ train mode) three ways, measured in one run:
 
 * plain: flax's ``nn.max_pool`` and XLA's own conv gradients;
 * pool: ``ucpjax.pooling.max_pool`` (scatter-free gradient), XLA's convs;
-* ours: ``ucpjax.pooling.max_pool`` and ``ucpjax.conv.fast_convs()``, what
-  ``ucpjax.train`` runs.
+* ours: ``ucpjax.pooling.max_pool`` and ``ucpjax.conv.fast_convs()`` on one device;
+* split: ours with the batch split over the CPU devices as ``ucpjax.train`` now
+  runs it (``ucpjax.devices``: one XLA host device per core; a model without
+  convolutions stays on one device, so its split equals ours).
 
 Times are the median of repeated calls after one untimed compile call, each
-ended with ``jax.block_until_ready``; speed-up = plain median / ours median.
+ended with ``jax.block_until_ready``, the variants taking turns call by call;
+speed-up = plain median / split median.
 The machine is shared, so the load average is written next to the numbers.
 
 Command:
@@ -29,13 +32,19 @@ import sys
 import time
 
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import optax
 
-from ucpjax import models
-from ucpjax.conv import fast_convs
-from ucpjax.run_folder import RunFolder
+from ucpjax import devices
+
+devices.use_cpu_cores()  # before JAX starts: the split variant needs one device per core
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+
+from ucpjax import models  # noqa: E402
+from ucpjax.conv import fast_convs  # noqa: E402
+from ucpjax.run_folder import RunFolder  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # The command as run (relative script path, flags), for the written results.
@@ -46,7 +55,7 @@ CASES = [("lenet300", (28, 28, 1), 128), ("pcqat_mnist", (28, 28, 1), 128),
          ("lenet5", (28, 28, 1), 128),
          ("fashion_cnn", (28, 28, 1), 128), ("cifar_cnn", (32, 32, 3), 48),
          ("resnet8", (32, 32, 3), 64), ("mobilenet_cifar", (32, 32, 3), 64)]
-VARIANTS = ("plain", "pool", "ours")
+VARIANTS = ("plain", "pool", "ours", "split")
 
 
 @contextlib.contextmanager
@@ -60,31 +69,42 @@ def flax_pooling():
         models.max_pool = ours
 
 
-def loss_and_grad(name: str, shape: tuple, batch: int, convs):
-    """``(jitted value_and_grad, params)`` of one batch; ``convs()`` wraps the trace."""
+def loss_and_grad(name: str, shape: tuple, batch: int, convs, split: bool):
+    """``(jitted value_and_grad, (params, x, y))`` of one batch; ``convs()`` wraps the
+    trace; ``split`` places the batch as ``ucpjax.train`` does (else on one device)."""
     model = models.create(name)
     variables = models.init(model, shape)
     params = variables.pop("params")
     x = jax.random.normal(jax.random.key(0), (batch, *shape))
     y = jnp.arange(batch) % 10
 
-    def loss(params):
+    def loss(params, x, y):
         with convs():
             logits, _ = model.apply({"params": params, **variables}, x, train=True,
                                     mutable=list(variables))
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    return jax.jit(jax.value_and_grad(loss)), params
+    args = (params, x, y)
+    if split:
+        share = devices.weight_grad_share(jax.make_jaxpr(jax.grad(loss))(*args).jaxpr, params)
+        mesh = devices.training_mesh(batch, split=share >= devices.SPLIT_SHARE)
+        args = (jax.device_put(params, NamedSharding(mesh, PartitionSpec())),
+                *jax.device_put((x, y), NamedSharding(mesh, PartitionSpec("data"))))
+    return jax.jit(jax.value_and_grad(loss)), args
 
 
-def seconds(fn, *args, repeats: int) -> list[float]:
-    """Wall time of ``repeats`` calls of ``fn(*args)`` after one untimed (compiling) call."""
-    jax.block_until_ready(fn(*args))
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def interleaved_seconds(calls: dict, repeats: int) -> dict[str, list[float]]:
+    """Wall time of ``repeats`` calls of each ``fn(*args)`` in ``calls``, after one
+    untimed (compiling) call each. The variants take turns, call by call, so a
+    change in the machine's speed during the run falls on all of them alike."""
+    for fn, args in calls.values():
         jax.block_until_ready(fn(*args))
-        runs.append(time.perf_counter() - start)
+    runs = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, (fn, args) in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            runs[name].append(time.perf_counter() - start)
     return runs
 
 
@@ -99,34 +119,41 @@ def matmul_rate(repeats: int, n: int = 1024) -> float:
     speed could reach, the yardstick for the steps' own rates."""
     a = jnp.ones((n, n), jnp.float32)
     product = jax.jit(lambda a, b: a @ b)
-    return 2 * n ** 3 / statistics.median(seconds(product, a, a, repeats=repeats))
+    runs = interleaved_seconds({"product": (product, (a, a))}, repeats)["product"]
+    return 2 * n ** 3 / statistics.median(runs)
 
 
 def measure(name: str, shape: tuple, batch: int, repeats: int) -> dict:
-    settings = {"plain": (flax_pooling, contextlib.nullcontext),
-                "pool": (contextlib.nullcontext, contextlib.nullcontext),
-                "ours": (contextlib.nullcontext, fast_convs)}
-    row = {"batch": batch}
+    settings = {"plain": (flax_pooling, contextlib.nullcontext, False),
+                "pool": (contextlib.nullcontext, contextlib.nullcontext, False),
+                "ours": (contextlib.nullcontext, fast_convs, False),
+                "split": (contextlib.nullcontext, fast_convs, True)}
+    row, calls = {"batch": batch}, {}
     for variant in VARIANTS:
-        pooling, convs = settings[variant]
+        pooling, convs, split = settings[variant]
         with pooling():
-            fn, params = loss_and_grad(name, shape, batch, convs)
-            row[f"{variant}_s"] = seconds(fn, params, repeats=repeats)
-            row[f"{variant}_flops"] = flops(fn, params)
-    row["speedup"] = statistics.median(row["plain_s"]) / statistics.median(row["ours_s"])
+            calls[variant] = loss_and_grad(name, shape, batch, convs, split)
+    for variant, runs in interleaved_seconds(calls, repeats).items():
+        row[f"{variant}_s"] = runs
+    fn, args = calls["ours"]
+    row["ours_flops"] = flops(fn, *args)
+    row["split_devices"] = len(calls["split"][1][1].sharding.device_set)
+    row["speedup"] = statistics.median(row["plain_s"]) / statistics.median(row["split_s"])
     return row
 
 
 def markdown(rows: dict, repeats: int, load_before, load_after, peak: float) -> str:
     ms = lambda runs: f"{statistics.median(runs) * 1e3:.1f}"
     lines = ["| model | batch | plain ms | + ucpjax max_pool ms | + ucpjax conv (ours) ms "
-             "| ours images/s | speed-up | ours GFLOP/s | share of matmul rate |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| ours, batch split ms (devices) | split images/s | speed-up | ours GFLOP/s "
+             "| share of matmul rate |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
-        rate = row["batch"] / statistics.median(row["ours_s"])
+        rate = row["batch"] / statistics.median(row["split_s"])
         achieved = row["ours_flops"] / statistics.median(row["ours_s"])
         lines.append(f"| {name} | {row['batch']} | {ms(row['plain_s'])} | {ms(row['pool_s'])} "
-                     f"| {ms(row['ours_s'])} | {rate:.0f} | {row['speedup']:.2f}x "
+                     f"| {ms(row['ours_s'])} | {ms(row['split_s'])} ({row['split_devices']}) "
+                     f"| {rate:.0f} | {row['speedup']:.2f}x "
                      f"| {achieved / 1e9:.1f} | {achieved / peak:.0%} |")
     fmt = lambda load: ", ".join(f"{v:.1f}" for v in load)
     return "\n\n".join([
@@ -134,7 +161,9 @@ def markdown(rows: dict, repeats: int, load_before, load_after, peak: float) -> 
         (f"Jitted loss and gradient of one batch (train mode), median of {repeats} calls "
          "after the compile call. plain: `nn.max_pool`, XLA's conv gradients; "
          "+ ucpjax max_pool: `ucpjax.pooling.max_pool`; + ucpjax conv: also "
-         "`ucpjax.conv.fast_convs()`, as `ucpjax.train` runs every step. "
+         "`ucpjax.conv.fast_convs()`, on one device; batch split: also the batch "
+         "split over the CPU devices as `ucpjax.train` runs every step (`ucpjax.devices`). "
+         "Speed-up: plain / split. "
          f"Load average (1, 5, 15 min) before: {fmt(load_before)}, after: {fmt(load_after)} "
          f"on {os.cpu_count()} CPUs; jax {jax.__version__}, "
          f"{jax.default_backend()}. GFLOP/s: XLA's FLOP count of the step over its "

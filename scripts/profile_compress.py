@@ -30,6 +30,7 @@ import time
 import jax
 
 from ucpjax import cluster, compile_cache, experiment, export, measure, packing, pipeline, train
+from ucpjax.devices import use_cpu_cores
 from ucpjax.model import Model
 from ucpjax.run_folder import RunFolder
 
@@ -161,6 +162,7 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
+    use_cpu_cores()  # as the command line does, before JAX starts
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--name", required=True, help="names the results files")

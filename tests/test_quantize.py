@@ -7,7 +7,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ucpjax import constraints, data, models, quantize, train
+from ucpjax import constraints, data, devices, models, quantize, train
 from ucpjax.config import ConfigError
 
 SMALL_TRAIN = train.TrainConfig(epochs=0.25, batch_size=64, learning_rate=1e-3)
@@ -200,7 +200,8 @@ def test_ranges_contain_zero_and_train_step_does_not_recompile(lenet, mnist):
                              optimizer.init(params))
     # As train.fit does: the state replicated over the mesh, so that the step's
     # outputs come back with the shardings of its inputs.
-    state = jax.device_put(state, NamedSharding(train.mesh(), PartitionSpec()))
+    mesh = devices.training_mesh(64, split=False)
+    state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
     key = jax.random.key(0)
     state, _ = step(state, x, y, key)
     state, metrics = step(state, mnist.x_train[64:128], mnist.y_train[64:128], key)

@@ -8,24 +8,27 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ucpjax import data, models, train
+from ucpjax import data, devices, models, train
 from ucpjax.config import ConfigError
 
-# Trains a few steps and prints the final params' checksum; run with 1 and 4 devices.
+# Trains a few steps of a conv net with BatchNorm and prints the final params'
+# checksum and the devices its batch would split over; run with 1 and 4 devices.
 _DEVICES_SCRIPT = """
 import json, sys
 import jax, numpy as np
-from ucpjax import data, models, train
+from ucpjax import data, devices, models, train
 ds = data.load("mnist").take(512, 64)
-m = models.create("lenet300")
+m = models.create("depthwise_cnn")
 v = models.init(m, ds.input_shape)
 cfg = train.TrainConfig(epochs=1, batch_size=64)
 opt = train.make_optimizer(cfg, train.total_steps(cfg, 512))
 state, hist = train.fit(v["params"], train.classification_loss(m), opt, ds.x_train,
-                        ds.y_train, config=cfg, seed=0)
-leaves = [np.asarray(x).ravel() for x in jax.tree.leaves(state.params)]
-print(json.dumps({"devices": len(jax.devices()), "params": np.concatenate(leaves)[::97].tolist(),
-                  "loss": hist[-1]["loss"]}))
+                        ds.y_train, config=cfg, seed=0, extra={"batch_stats": v["batch_stats"]})
+leaves = [np.asarray(x).ravel() for x in jax.tree.leaves((state.params, state.extra))]
+print(json.dumps({"devices": len(jax.devices()),
+                  "conv_split": devices.training_mesh(64, split=True).size,
+                  "mlp_split": devices.training_mesh(64, split=False).size,
+                  "params": np.concatenate(leaves)[::97].tolist(), "loss": hist[-1]["loss"]}))
 """
 
 
@@ -37,10 +40,28 @@ def _run_with_devices(n):
 
 
 def test_four_devices_match_one():
+    """A conv step splits its batch over the CPU devices (16 examples each at least),
+    an MLP step stays on one; the split trains the same net, BatchNorm included."""
     one, four = _run_with_devices(1), _run_with_devices(4)
     assert (one["devices"], four["devices"]) == (1, 4)
+    assert (four["conv_split"], four["mlp_split"], one["conv_split"]) == (4, 1, 1)
     np.testing.assert_allclose(four["params"], one["params"], rtol=1e-4, atol=1e-5)
     assert four["loss"] == pytest.approx(one["loss"], rel=1e-4)
+
+
+def test_a_batch_splits_over_the_devices_that_divide_it():
+    """On one CPU host any batch size trains: it goes to as many devices as divide it,
+    with at least 16 examples each; a step without convolutions takes one device."""
+    sizes = {b: devices.split_count(b, True, 8) for b in (48, 50, 128, 8, 37)}
+    assert sizes == {48: 3, 50: 2, 128: 8, 8: 1, 37: 1}
+    assert devices.split_count(128, False, 8) == 1
+    assert devices.batch_multiple() == 1
+
+
+def test_use_cpu_cores_leaves_a_chosen_count_alone(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=3")
+    assert devices.use_cpu_cores() is None
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=3"
 
 
 def _setup(mnist_small, epochs=1.0):
@@ -110,9 +131,10 @@ def test_nan_loss_is_caught(mnist_small):
                   config=cfg, seed=0)
 
 
-def test_batch_size_must_divide_over_devices(mnist_small, monkeypatch):
+def test_batch_size_must_divide_over_accelerators_or_hosts(mnist_small, monkeypatch):
     m, v, _, opt = _setup(mnist_small)
     monkeypatch.setattr(jax, "devices", lambda: [jax.local_devices()[0]] * 3)
+    monkeypatch.setattr(devices, "splits_freely", lambda: False)  # not one CPU host
     with pytest.raises(ConfigError, match="not a multiple of the 3 JAX devices"):
         train.fit(v["params"], train.classification_loss(m), opt, mnist_small.x_train,
                   mnist_small.y_train, config=train.TrainConfig(batch_size=100), seed=0)
@@ -156,4 +178,6 @@ def test_a_step_with_convolutions_runs_outside_a_loop_on_cpu(mnist_small, monkey
         state = train.TrainState(jnp.zeros((), jnp.int32), v["params"], {},
                                  opt.init(v["params"]))
         step = train._train_step(train.classification_loss(m), opt, "none")
-        assert train.window_steps(step, state, x, y, jax.random.key(0), 1000) == expected
+        has_conv, _ = train.step_convs(step, state, x, y, jax.random.key(0))
+        assert has_conv == (name == "lenet5")
+        assert train.window_steps(has_conv, 1000) == expected

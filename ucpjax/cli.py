@@ -202,9 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = _parser().parse_args(argv)
     debug = args.debug or os.environ.get("UCPJAX_DEBUG") == "1"
-    from ucpjax import compile_cache
+    from ucpjax import compile_cache, devices
     from ucpjax.export import ToleranceError
 
+    devices.use_cpu_cores()
     compile_cache.enable()
 
     try:

@@ -71,7 +71,8 @@ def dataset_from_arrays(train, test, val=None, *, name: str = "user") -> Dataset
 
 def check_batch_size(batch_size: int, num_examples: int, field: str) -> None:
     """Refuses a batch larger than the training set (it would train zero steps) or
-    one that does not split evenly over the JAX devices (training is data-parallel).
+    one that does not split evenly over the JAX devices where it must (training is
+    data-parallel; on one CPU host ``devices.training_mesh`` adapts to any batch).
 
     Args:
       batch_size: the configured batch size.
@@ -82,12 +83,12 @@ def check_batch_size(batch_size: int, num_examples: int, field: str) -> None:
       ConfigError: ``"<field>=<b>: larger than the <n> training examples; ..."``
         or ``"<field>=<b>: not a multiple of the <d> JAX devices; ..."``.
     """
-    import jax
+    from ucpjax.devices import batch_multiple
 
     if batch_size > num_examples:
         raise ConfigError(f"{field}={batch_size}: larger than the {num_examples} training "
                           f"examples; use a batch size <= {num_examples}")
-    devices = jax.device_count()
+    devices = batch_multiple()
     if batch_size % devices:
         below = batch_size - batch_size % devices
         raise ConfigError(f"{field}={batch_size}: not a multiple of the {devices} JAX devices "

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Literal
 
-from ucpjax import batchnorm, fold, train
+from ucpjax import batchnorm, fold, jaxprs, train
 from ucpjax.config import ConfigError
 from ucpjax.pooling import GlobalAveragePool
 from ucpjax.residual import Add
@@ -284,7 +284,7 @@ def _narrow_floats(jaxpr) -> set[str]:
         dtype = eqn.params["new_dtype"] if cast else None
         if cast and jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
             found.add(jnp.dtype(dtype).name)
-        for sub in train.sub_jaxprs(eqn):
+        for sub in jaxprs.sub_jaxprs(eqn):
             found |= _narrow_floats(sub)
     return found
 
@@ -338,7 +338,7 @@ def _hidden_int8_ops(jaxpr, sources: dict) -> tuple[int, int, set[str]]:
                 tuple(eqn.params["window_dimensions"][1:3]) == operand.shape[1:3])
         if name == "add" and len(hot) == 2 and hot[0] != hot[1]:
             adds += 1
-        for sub in train.sub_jaxprs(eqn):
+        for sub in jaxprs.sub_jaxprs(eqn):
             # A jit's jaxpr takes the call's operands in order; where the counts
             # differ, nothing inside counts as input-dependent (never a false refusal).
             inner = dict(zip(sub.invars, known)) if len(sub.invars) == len(known) else {}

@@ -6,10 +6,10 @@ but is not trained by gradients (BatchNorm statistics, activation ranges of
 quantization-aware training); stages swap the loss (distillation, QAT) and the
 optimizer (pruning masks, centroid training) and reuse everything else.
 
-One code path serves one device, N local devices and N hosts: the mesh spans
-``jax.devices()``, parameters are replicated and each process feeds its share
-of every global batch. On several hosts call ``jax.distributed.initialize()``
-first (see README).
+One code path serves one device, N local devices and N hosts: the mesh
+(``devices.training_mesh``) spans the devices that share the batch, parameters
+are replicated and each process feeds its share of every global batch. On
+several hosts call ``jax.distributed.initialize()`` first (see README).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from ucpjax import data as data_lib
+from ucpjax import devices, jaxprs
 from ucpjax.config import check
 from ucpjax.conv import fast_convs
 
@@ -116,10 +117,6 @@ def apply_model(model, params, extra, x, *, train: bool, key=None):
     return model.apply(variables, x, train=train, rngs=rngs), extra
 
 
-def mesh() -> Mesh:
-    return Mesh(np.asarray(jax.devices()), ("data",))
-
-
 def _shard_windows(m: Mesh, *arrays: np.ndarray):
     """Arrays of shape ``(steps, batch, ...)``, the batch axis sharded: each process
     contributes its contiguous share of every global batch."""
@@ -179,28 +176,21 @@ _WINDOW = 50
 _WINDOW_BYTES = 256 << 20
 
 
-def sub_jaxprs(eqn):
-    """The jaxprs inside one equation (of a jit, custom_vjp, cond, scan, ...)."""
-    for value in eqn.params.values():
-        for sub in value if isinstance(value, (tuple, list)) else (value,):
-            inner = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr holds a Jaxpr
-            if hasattr(inner, "eqns"):
-                yield inner
+def step_convs(step_fn, state, x, y, key) -> tuple[bool, float]:
+    """Whether ``step_fn`` traced on these arguments holds a convolution, and the
+    share of its multiply-adds in XLA-computed conv weight gradients
+    (``devices.weight_grad_share``)."""
+    jaxpr = jax.make_jaxpr(step_fn)(state, x, y, key).jaxpr
+    return jaxprs.has_conv(jaxpr), devices.weight_grad_share(jaxpr, state.params)
 
 
-def _has_conv(jaxpr) -> bool:
-    return any(eqn.primitive.name == "conv_general_dilated"
-               or any(_has_conv(sub) for sub in sub_jaxprs(eqn)) for eqn in jaxpr.eqns)
-
-
-def window_steps(step_fn, state, x, y, key, batch_bytes: int) -> int:
-    """Steps per jitted call for ``step_fn``: ``_WINDOW``, fewer for large batches, 1
-    for a step with convolutions on CPU. XLA on CPU runs a convolution inside a loop
-    body far slower than at top level (one step of cifar_cnn: 3.1 s in ``lax.scan``,
+def window_steps(has_conv: bool, batch_bytes: int) -> int:
+    """Steps per jitted call: ``_WINDOW``, fewer for large batches, 1 for a step
+    with convolutions on CPU. XLA on CPU runs a convolution inside a loop body
+    far slower than at top level (one step of cifar_cnn: 3.1 s in ``lax.scan``,
     0.11 s alone; lenet5 5.5x, fashion_cnn 8x), while an MLP gains from the loop.
     Elsewhere (a GPU) conv steps go in windows too: one host round trip per window."""
-    if (jax.default_backend() == "cpu"
-            and _has_conv(jax.make_jaxpr(step_fn)(state, x, y, key).jaxpr)):
+    if has_conv and jax.default_backend() == "cpu":
         return 1
     return max(1, min(_WINDOW, _WINDOW_BYTES // max(batch_bytes, 1)))
 
@@ -315,20 +305,19 @@ def fit(
     """
     check(config.batch_size <= len(x), "batch_size", config.batch_size,
           f"larger than the {len(x)} training examples; use a batch size <= {len(x)}")
-    m = mesh()
-    check(config.batch_size % m.size == 0, "batch_size", config.batch_size,
-          f"not a multiple of the {m.size} JAX devices that share each batch")
-    replicated = NamedSharding(m, PartitionSpec())
     state = TrainState(jnp.zeros((), jnp.int32), params, {} if extra is None else extra,
                        optimizer.init(params))
-    state = jax.device_put(state, replicated)
     key = jax.random.key(seed)
+    step = _train_step(loss_fn, optimizer, config.augment)
+    has_conv, share = step_convs(step, state, x[:config.batch_size], y[:config.batch_size], key)
+    m = devices.training_mesh(config.batch_size, split=share >= devices.SPLIT_SHARE)
+    check(config.batch_size % m.size == 0, "batch_size", config.batch_size,
+          f"not a multiple of the {m.size} JAX devices that share each batch")
+    state = jax.device_put(state, NamedSharding(m, PartitionSpec()))
     num_steps, per_epoch = total_steps(config, len(x)), steps_per_epoch(len(x), config.batch_size)
     num_classes = int(np.max(y)) + 1 if np.issubdtype(np.asarray(y).dtype, np.integer) else 0
     history, done, first_loss = [], 0, math.nan
-    steps_per_call = window_steps(
-        _train_step(loss_fn, optimizer, config.augment), state, x[:config.batch_size],
-        y[:config.batch_size], key, config.batch_size * (x[:1].nbytes + y[:1].nbytes))
+    steps_per_call = window_steps(has_conv, config.batch_size * (x[:1].nbytes + y[:1].nbytes))
     window = make_train_window(loss_fn, optimizer, config.augment, steps_per_call)
     bar = tqdm(total=num_steps, desc=desc, unit="step", mininterval=1.0, leave=False)
     for epoch in range(math.ceil(num_steps / per_epoch)):
@@ -358,6 +347,8 @@ def fit(
         history.append({k: v / steps for k, v in sums.items()})
         bar.set_postfix({k: f"{v:.4f}" for k, v in history[-1].items()})
     bar.close()
+    if jax.process_count() == 1:  # host arrays: the next stage may train on other devices
+        state = jax.device_get(state)
     return state, history
 
 
