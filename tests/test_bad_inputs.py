@@ -258,9 +258,13 @@ def test_a_normal_learning_rate_trains_without_complaint():
 
 
 def test_a_batch_that_does_not_split_over_the_devices_is_refused_before_any_work(monkeypatch):
+    """On accelerators or across hosts every device takes a share (on one CPU host
+    any batch trains: ``devices.training_mesh`` takes the devices that divide it)."""
+    from ucpjax import devices
     from ucpjax.recipe import Recipe
 
     monkeypatch.setattr(jax, "device_count", lambda: 3)
+    monkeypatch.setattr(devices, "splits_freely", lambda: False)
     _one_line_error(ConfigError, lambda: Recipe().check_budgets(60_000),
                     "prune.train.batch_size=128", "3 JAX devices", "use 126 or 129")
 
