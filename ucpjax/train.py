@@ -316,40 +316,72 @@ def fit(
     state = jax.device_put(state, NamedSharding(m, PartitionSpec()))
     num_steps, per_epoch = total_steps(config, len(x)), steps_per_epoch(len(x), config.batch_size)
     num_classes = int(np.max(y)) + 1 if np.issubdtype(np.asarray(y).dtype, np.integer) else 0
-    history, done, first_loss = [], 0, math.nan
     steps_per_call = window_steps(has_conv, config.batch_size * (x[:1].nbytes + y[:1].nbytes))
     window = make_train_window(loss_fn, optimizer, config.augment, steps_per_call)
-    bar = tqdm(total=num_steps, desc=desc, unit="step", mininterval=1.0, leave=False)
+    log = _Progress(num_steps, num_classes, desc)
     for epoch in range(math.ceil(num_steps / per_epoch)):
         order = data_lib.epoch_order(len(x), seed * 100_003 + epoch)
-        steps = min(per_epoch, num_steps - done)
-        sums = {}
+        steps = min(per_epoch, num_steps - log.done)  # every window of an epoch is taken
         for first in range(0, steps, steps_per_call):
             count = min(steps_per_call, steps - first)
             idx = _padded(order[first * config.batch_size:][:count * config.batch_size]
                           .reshape(count, config.batch_size), steps_per_call)
             state, metrics = window(state, *_shard_windows(m, x[idx], y[idx]),
                                     np.arange(steps_per_call) < count, key)
-            metrics = {k: np.asarray(v, np.float64)[:count]  # the one sync per window
-                       for k, v in jax.device_get(metrics).items()}
-            if done == 0 and "loss" in metrics:
-                first_loss = float(metrics["loss"][0])  # loss of the model as given
-            done += count
-            bar.update(count)
-            means = {k: float(v.mean()) for k, v in metrics.items()}
-            try:
-                _check_progress(means, first_loss, done, count, num_steps, num_classes, desc)
-            except DivergenceError:
-                bar.close()
-                raise
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v.sum())
-        history.append({k: v / steps for k, v in sums.items()})
-        bar.set_postfix({k: f"{v:.4f}" for k, v in history[-1].items()})
-    bar.close()
+            log.add(metrics, count)
+        log.end_epoch(steps)
+    log.close()
     if jax.process_count() == 1:  # host arrays: the next stage may train on other devices
         state = jax.device_get(state)
-    return state, history
+    return state, log.history
+
+
+class _Progress:
+    """Per-window metrics of ``fit``: checked, summed per epoch, shown in a progress bar.
+
+    A window's metrics are read from the device when the next window has been
+    dispatched, so the host prepares and sends the next batches while the device
+    computes (one step per window for convolutions on CPU: a sync per step
+    otherwise). A divergence is then caught one window later.
+    """
+
+    def __init__(self, num_steps: int, num_classes: int, desc: str):
+        self.num_steps, self.num_classes, self.desc = num_steps, num_classes, desc
+        self.done, self.first_loss = 0, math.nan
+        self.pending, self.sums, self.history = [], {}, []
+        self.bar = tqdm(total=num_steps, desc=desc, unit="step", mininterval=1.0, leave=False)
+
+    def add(self, metrics, count: int) -> None:
+        self.pending.append((metrics, count))
+        if len(self.pending) > 1:
+            self._take(*self.pending.pop(0))
+
+    def end_epoch(self, steps: int) -> None:
+        while self.pending:
+            self._take(*self.pending.pop(0))
+        self.history.append({k: v / steps for k, v in self.sums.items()})
+        self.sums = {}
+        self.bar.set_postfix({k: f"{v:.4f}" for k, v in self.history[-1].items()})
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def _take(self, metrics, count: int) -> None:
+        metrics = {k: np.asarray(v, np.float64)[:count]  # the one sync per window
+                   for k, v in jax.device_get(metrics).items()}
+        if self.done == 0 and "loss" in metrics:
+            self.first_loss = float(metrics["loss"][0])  # loss of the model as given
+        self.done += count
+        self.bar.update(count)
+        means = {k: float(v.mean()) for k, v in metrics.items()}
+        try:
+            _check_progress(means, self.first_loss, self.done, count, self.num_steps,
+                            self.num_classes, self.desc)
+        except DivergenceError:
+            self.bar.close()
+            raise
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v.sum())
 
 
 def _padded(idx: np.ndarray, steps: int) -> np.ndarray:
