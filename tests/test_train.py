@@ -181,3 +181,19 @@ def test_a_step_with_convolutions_runs_outside_a_loop_on_cpu(mnist_small, monkey
         has_conv, _ = train.step_convs(step, state, x, y, jax.random.key(0))
         assert has_conv == (name == "lenet5")
         assert train.window_steps(has_conv, 1000) == expected
+
+
+def test_a_split_loop_reading_ahead_still_stops_at_a_nan_window():
+    """Where the batch is split, fit reads a window's metrics one window late; a NaN
+    window still stops the run (at the next window), and the epoch's means are whole."""
+    log = train._Progress(num_steps=4, num_classes=10, desc="prune", lag=True)
+    log.add({"loss": np.array([0.5, 0.7])}, 2)
+    log.add({"loss": np.array([0.3, 0.5])}, 2)  # reads the first window
+    assert log.done == 2
+    log.end_epoch(4)
+    log.close()
+    assert log.history == [{"loss": pytest.approx(0.5)}]
+    log = train._Progress(num_steps=4, num_classes=10, desc="prune", lag=True)
+    log.add({"loss": np.array([np.nan])}, 1)
+    with pytest.raises(train.DivergenceError, match="prune: non-finite metrics"):
+        log.add({"loss": np.array([0.5])}, 1)

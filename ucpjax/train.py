@@ -318,7 +318,7 @@ def fit(
     num_classes = int(np.max(y)) + 1 if np.issubdtype(np.asarray(y).dtype, np.integer) else 0
     steps_per_call = window_steps(has_conv, config.batch_size * (x[:1].nbytes + y[:1].nbytes))
     window = make_train_window(loss_fn, optimizer, config.augment, steps_per_call)
-    log = _Progress(num_steps, num_classes, desc)
+    log = _Progress(num_steps, num_classes, desc, lag=m.size > 1)
     for epoch in range(math.ceil(num_steps / per_epoch)):
         order = data_lib.epoch_order(len(x), seed * 100_003 + epoch)
         steps = min(per_epoch, num_steps - log.done)  # every window of an epoch is taken
@@ -339,21 +339,24 @@ def fit(
 class _Progress:
     """Per-window metrics of ``fit``: checked, summed per epoch, shown in a progress bar.
 
-    A window's metrics are read from the device when the next window has been
-    dispatched, so the host prepares and sends the next batches while the device
-    computes (one step per window for convolutions on CPU: a sync per step
-    otherwise). A divergence is then caught one window later.
+    With ``lag``, a window's metrics are read from the device when the next
+    window has been dispatched, so the host prepares and sends the next batches
+    while the devices compute, and a divergence is caught one window later. That
+    pays where the batch is split over CPU devices (cifar_cnn, half an epoch in
+    three alternating runs: 26-37 s -> 22-26 s; RESULTS.md). On one device XLA's
+    threads already keep the cores busy and no gain showed (cifar_cnn 69 vs 72 s),
+    so there the check stays immediate.
     """
 
-    def __init__(self, num_steps: int, num_classes: int, desc: str):
-        self.num_steps, self.num_classes, self.desc = num_steps, num_classes, desc
+    def __init__(self, num_steps: int, num_classes: int, desc: str, lag: bool):
+        self.num_steps, self.num_classes, self.desc, self.lag = num_steps, num_classes, desc, lag
         self.done, self.first_loss = 0, math.nan
         self.pending, self.sums, self.history = [], {}, []
         self.bar = tqdm(total=num_steps, desc=desc, unit="step", mininterval=1.0, leave=False)
 
     def add(self, metrics, count: int) -> None:
         self.pending.append((metrics, count))
-        if len(self.pending) > 1:
+        if len(self.pending) > self.lag:
             self._take(*self.pending.pop(0))
 
     def end_epoch(self, steps: int) -> None:
