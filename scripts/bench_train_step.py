@@ -95,8 +95,9 @@ def loss_and_grad(name: str, shape: tuple, batch: int, convs, split: bool):
 
 def interleaved_seconds(calls: dict, repeats: int) -> dict[str, list[float]]:
     """Wall time of ``repeats`` calls of each ``fn(*args)`` in ``calls``, after one
-    untimed (compiling) call each. The variants take turns, call by call, so a
-    change in the machine's speed during the run falls on all of them alike."""
+    untimed call each (which compiles, unless the caller has). The variants take
+    turns, call by call, so a change in the machine's speed during the run falls
+    on all of them alike."""
     for fn, args in calls.values():
         jax.block_until_ready(fn(*args))
     runs = {name: [] for name in calls}
@@ -131,8 +132,9 @@ def measure(name: str, shape: tuple, batch: int, repeats: int) -> dict:
     row, calls = {"batch": batch}, {}
     for variant in VARIANTS:
         pooling, convs, split = settings[variant]
-        with pooling():
-            calls[variant] = loss_and_grad(name, shape, batch, convs, split)
+        with pooling():  # the pooling is chosen when the model is traced: by the first call
+            fn, args = calls[variant] = loss_and_grad(name, shape, batch, convs, split)
+            jax.block_until_ready(fn(*args))
     for variant, runs in interleaved_seconds(calls, repeats).items():
         row[f"{variant}_s"] = runs
     fn, args = calls["ours"]

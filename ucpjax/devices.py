@@ -3,11 +3,12 @@
 On one CPU host XLA runs each op on one pool of threads, and the weight
 gradients of the convolutions it computes itself use that pool poorly. Split
 over two host devices, one per core, that run their halves side by side,
-cifar_cnn's loss-and-gradient (batch 48, 2 cores) took 62 ms instead of 96
-(``scripts/bench_train_step.py``, variants taking turns, 15 calls each). Where
-products dominate the split only adds the gradients' all-reduce: LeNet-300-100
-(all matrix products) 1.1 -> 1.9 ms per step, resnet8 (most of its convs'
-weight gradients are ``ucpjax.conv``'s per-tap products) 106 -> 115 ms.
+cifar_cnn's loss-and-gradient (batch 48, 2 cores) took 46.2 ms instead of 65.9
+(results/bench_train_step.md). Where products dominate, the split only adds the
+gradients' all-reduce: in ad-hoc timings LeNet-300-100 (all matrix products)
+went from 1.1 to 1.9 ms per step, and resnet8 (most of its convs' weight
+gradients are ``ucpjax.conv``'s per-tap products) from 106 to 115 ms
+(RESULTS.md, "The batch split over one device per core").
 
 So the command line asks XLA for one host device per usable core
 (``use_cpu_cores``, before JAX starts), and a step splits its batch when the
@@ -34,8 +35,8 @@ from jax.sharding import Mesh
 from ucpjax import jaxprs
 
 _FLAG = "--xla_force_host_platform_device_count"
-# Measured (module doc): cifar_cnn 0.33 of its multiply-adds, fashion_cnn 0.28
-# and mobilenet_cifar 0.27 split; resnet8 0.09, lenet5 and pcqat_mnist 0 do not.
+# Shares of the repo's models: cifar_cnn 0.33, fashion_cnn 0.28 and mobilenet_cifar
+# 0.27 split; lenet5 0.17, resnet8 0.09, pcqat_mnist and LeNet-300-100 0 do not.
 SPLIT_SHARE = 0.2
 # Fewer examples than this per device leave a core's vector units idle and
 # make the all-reduce the larger cost; a batch of 48 still splits over 3.
