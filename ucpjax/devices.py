@@ -3,7 +3,7 @@
 On one CPU host XLA runs each op on one pool of threads, and the weight
 gradients of the convolutions it computes itself use that pool poorly. Split
 over two host devices, one per core, that run their halves side by side,
-cifar_cnn's loss-and-gradient (batch 48, 2 cores) took 46.2 ms instead of 65.9
+cifar_cnn's loss-and-gradient (batch 48, 2 cores) took 44.4 ms instead of 65.0
 (results/bench_train_step.md). Where products dominate, the split only adds the
 gradients' all-reduce: in ad-hoc timings LeNet-300-100 (all matrix products)
 went from 1.1 to 1.9 ms per step, and resnet8 (most of its convs' weight
