@@ -58,6 +58,16 @@ def test_a_batch_splits_over_the_devices_that_divide_it():
     assert devices.batch_multiple() == 1
 
 
+def test_use_cpu_cores_gives_one_device_per_core_before_jax_starts():
+    script = ("import os; from ucpjax import devices; n = devices.use_cpu_cores(); "
+              "import jax; print(n, len(jax.devices()), len(os.sched_getaffinity(0)))")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, check=True,
+                         capture_output=True, text=True).stdout.split()
+    asked, devices_seen, cores = map(int, out[-3:])
+    assert asked == devices_seen == cores
+
+
 def test_use_cpu_cores_leaves_a_chosen_count_alone(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=3")
     assert devices.use_cpu_cores() is None
