@@ -207,3 +207,22 @@ def test_a_split_loop_reading_ahead_still_stops_at_a_nan_window():
     log.add({"loss": np.array([np.nan])}, 1)
     with pytest.raises(train.DivergenceError, match="prune: non-finite metrics"):
         log.add({"loss": np.array([0.5])}, 1)
+
+
+@pytest.mark.parametrize("name, splits", [("depthwise_cnn", True), ("lenet300", False),
+                                          ("pcqat_mnist", False)])
+def test_the_split_rule_reads_the_step(mnist_small, name, splits):
+    """A step splits where XLA's own conv weight gradients are a large share of its
+    multiply-adds (the depthwise net's 1x1 convs); not an MLP, nor a net whose weight
+    gradients ``ucpjax.conv`` computes as products (pcqat_mnist: one input channel)."""
+    m = models.create(name)
+    v = models.init(m, mnist_small.input_shape, 0)
+    opt = train.make_optimizer(train.TrainConfig(epochs=1, batch_size=32), 10)
+    extra = {k: c for k, c in v.items() if k != "params"}
+    state = train.TrainState(jnp.zeros((), jnp.int32), v["params"], extra,
+                             opt.init(v["params"]))
+    step = train._train_step(train.classification_loss(m), opt, "none")
+    x, y = mnist_small.x_train[:32], mnist_small.y_train[:32]
+    _, share = train.step_convs(step, state, x, y, jax.random.key(0))
+    assert (share >= devices.SPLIT_SHARE) == splits
+    assert 0.0 <= share < 1.0
