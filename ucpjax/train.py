@@ -331,8 +331,8 @@ def fit(
             log.add(metrics, count)
         log.end_epoch(steps)
     log.close()
-    if jax.process_count() == 1:  # host arrays: the next stage may train on other devices
-        state = jax.device_get(state)
+    if devices.splits_freely():  # the next stage may split over other CPU devices
+        state = jax.device_get(state)  # host arrays go to any of them
     return state, log.history
 
 
