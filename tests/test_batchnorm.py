@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import ucpjax
-from ucpjax import batchnorm, cluster, models, prune, train
+from ucpjax import batchnorm, cluster, export, models, prune, train
 from ucpjax.cluster import ClusterConfig
 from ucpjax.config import ConfigError
 from ucpjax.export import ExportConfig
@@ -127,6 +127,10 @@ def test_depthwise_batchnorm_net_keeps_accuracy_and_k_codes_per_channel(mnist_sm
     assert final["weights_faithful"] and final["tflite_agreement"] >= 0.97
     assert result.report["stages"]["fold/batchnorm_layers"] == 4
     assert final["tflite_codes_per_channel"] <= 8
+    # The depthwise and 1x1 convs keep one book of at most k codes (2k with the
+    # signs of their BatchNorm factors) for the whole layer in the .tflite.
+    stored = export.weights_check(result.tflite, result.variables["params"])
+    assert stored["Conv_1/kernel/codes"] <= 16 and stored["Conv_2/kernel/codes"] <= 16
     assert final["packed_bytes"] <= final["tflite_zip_bytes"]
     depthwise = np.asarray(result.variables["params"]["Conv_1"]["kernel"])  # (3, 3, 1, 32)
     assert np.count_nonzero(depthwise.reshape(-1, 32), axis=0).min() >= 2

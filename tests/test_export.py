@@ -14,7 +14,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ucpjax import data, export, measure, models, packing, pooling, quantize, residual, train
+from ucpjax import (
+    data,
+    export,
+    int8_grid,
+    measure,
+    models,
+    pooling,
+    quantize,
+    residual,
+    train,
+)
 
 NUM_CLUSTERS = 16
 CALIBRATION = 300  # representative examples given to the converter
@@ -300,7 +310,7 @@ def test_dead_channels_take_the_converters_smallest_step(mnist):
                                    mnist.x_train[:50])
     report = export.weights_check(model_bytes, params)
     assert report["faithful"], {k: v for k, v in report.items() if "Conv" in k}
-    assert packing.channel_grid(np.asarray(params["Conv_1"]["kernel"])) is not None
+    assert int8_grid.channel_grid(np.asarray(params["Conv_1"]["kernel"])) is not None
 
 
 class PooledNet(nn.Module):

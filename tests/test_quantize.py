@@ -7,7 +7,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ucpjax import constraints, data, devices, models, quantize, train
+from ucpjax import constraints, data, devices, int8_grid, models, quantize, train
 from ucpjax.config import ConfigError
 
 SMALL_TRAIN = train.TrainConfig(epochs=0.25, batch_size=64, learning_rate=1e-3)
@@ -118,7 +118,7 @@ def test_4_bits_at_most_15_values_per_channel_and_idempotent():
     jax.tree.map(np.testing.assert_array_equal, q, quantize.quantize_weights(q, config))
 
 
-def test_clustered_conv_keeps_k_values_per_channel_dense_goes_per_tensor():
+def test_clustered_conv_keeps_k_codes_per_layer_dense_goes_per_tensor():
     rng = np.random.default_rng(3)
     centroids = np.float32([-0.3, -0.1, 0.05, 0.2])
     conv = centroids[rng.integers(0, 4, (3, 3, 4, 8))]
@@ -135,8 +135,12 @@ def test_clustered_conv_keeps_k_values_per_channel_dense_goes_per_tensor():
     assert np.unique(q["Dense_1"]["kernel"]).size <= 4
     k = np.asarray(q["Conv_0"]["kernel"])
     assert np.all(k[conv == 0] == 0)
-    assert max(np.unique(c[c != 0]).size for c in k.reshape(-1, 8).T) <= 4
-    _assert_on_grid(k, np.abs(conv).reshape(-1, 8).max(0) / np.float32(127), 127)
+    # The layer grid: one book of k codes for the layer, short per-channel scales.
+    scales, codes = int8_grid.layer_grid(k)
+    assert np.unique(codes[codes != 0]).size <= 4
+    assert np.all((scales.view(np.uint32) & 0xFFFF) == 0)
+    assert np.abs(k - conv).max() <= 0.3 / 127  # within one step of 0.3 / 127
+    jax.tree.map(np.testing.assert_array_equal, quantize.quantize_weights(q, config), q)
 
 
 def _cluster_and_prune(params):

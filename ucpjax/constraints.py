@@ -64,6 +64,13 @@ class Codebook(NamedTuple):
     centroids: jax.Array  # (k,) the non-zero shared values
     index: jax.Array  # int32, shape of the weights; k stands for an exact zero
 
+    @property
+    def trainable(self):
+        return self.centroids
+
+    def with_trainable(self, trainable) -> Codebook:
+        return self._replace(centroids=trainable)
+
     def decode(self) -> jax.Array:
         table = jnp.concatenate([self.centroids, jnp.zeros((1,), self.centroids.dtype)])
         return table[self.index]
@@ -78,6 +85,13 @@ class ChannelCodebook(NamedTuple):
 
     centroids: jax.Array  # (k, channels): column c holds channel c's values, zero-padded
     index: jax.Array  # int32, shape of the weights; k stands for an exact zero
+
+    @property
+    def trainable(self):
+        return self.centroids
+
+    def with_trainable(self, trainable) -> ChannelCodebook:
+        return self._replace(centroids=trainable)
 
     def decode(self) -> jax.Array:
         channels = self.centroids.shape[1]
@@ -146,27 +160,32 @@ def codebooks(params, rules: Rules = DEFAULT_RULES, per_channel: bool = False) -
 
 
 def _is_book(x) -> bool:
-    return isinstance(x, (Codebook, ChannelCodebook)) or x is None
+    return x is None or hasattr(x, "with_trainable")
 
 
-def factor(params, rules: Rules = DEFAULT_RULES,
-           per_channel: bool = False) -> tuple[Any, Callable[[Any], Any]]:
+def factor(params, rules: Rules = DEFAULT_RULES, per_channel: bool = False,
+           books=None) -> tuple[Any, Callable[[Any], Any]]:
     """Splits params into trainable leaves and a function that rebuilds all weights.
 
     Weight-shared leaves become their centroids (indices fixed, closed over);
-    other leaves stay as they are. ``per_channel``: see ``codebooks``.
+    other leaves stay as they are. ``per_channel``: see ``codebooks``. ``books``:
+    a pytree like params of books that replace these where not None (a book has
+    ``trainable``, ``with_trainable`` and ``decode``, as ``Codebook``).
 
     Returns:
-      ``(trainable, materialize)`` with ``materialize(trainable)`` equal to params.
+      ``(trainable, materialize)`` with ``materialize(trainable)`` equal to params
+      (for ``books`` given, to what they decode to).
     """
-    books = codebooks(params, rules, per_channel)
-    trainable = jax.tree.map(lambda b, w: w if b is None else b.centroids,
-                             books, params, is_leaf=_is_book)
+    found = codebooks(params, rules, per_channel)
+    if books is not None:
+        found = jax.tree.map(lambda given, b: b if given is None else given, books, found,
+                             is_leaf=_is_book)
+    trainable = jax.tree.map(lambda b, w: w if b is None else b.trainable,
+                             found, params, is_leaf=_is_book)
 
     def materialize(tree):
-        return jax.tree.map(
-            lambda b, t: t if b is None else b._replace(centroids=t).decode(),
-            books, tree, is_leaf=_is_book)
+        return jax.tree.map(lambda b, t: t if b is None else b.with_trainable(t).decode(),
+                            found, tree, is_leaf=_is_book)
 
     return trainable, materialize
 
@@ -192,7 +211,7 @@ def fit_preserving(
     params, make_loss: Callable[[Callable[[Any], Any]], Any], *, x, y, config, seed: int,
     rules: Rules = DEFAULT_RULES, extra=None,
     last_transform: optax.GradientTransformation | None = None,
-    per_channel: bool = False, desc: str = "fine-tune",
+    per_channel: bool = False, books=None, desc: str = "fine-tune",
 ):
     """Trains params while keeping every zero and every weight-sharing constraint.
 
@@ -208,13 +227,14 @@ def fit_preserving(
       last_transform: replaces ``keep_zeros`` as the last transform (pruning).
       per_channel: also keep per-channel value sharing (``codebooks``), as QAT
         must after BatchNorm is folded into weight-shared layers.
+      books: replacements for the books ``factor`` finds (see there).
       desc: progress-bar label.
 
     Returns:
       ``(params, state, history)``: the trained full params, the final TrainState
       (over the trainable tree) and the per-epoch metrics.
     """
-    trainable, materialize = factor(params, rules, per_channel)
+    trainable, materialize = factor(params, rules, per_channel, books)
     last = last_transform or keep_zeros(zero_mask(trainable, rules))
     steps = train.total_steps(config, len(x))
     optimizer = optax.chain(train.make_optimizer(config, steps), last)

@@ -29,7 +29,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from ucpjax import measure, quantize, train
+from ucpjax import int8_grid, measure, quantize, train
 from ucpjax.config import ConfigError
 from ucpjax.config import check as check_field
 from ucpjax.quiet_tf import import_tensorflow
@@ -393,6 +393,7 @@ def verify(apply_fn: Callable, params, dataset, *, config: ExportConfig,
     weights = weights_check(tflite, params, rules=rules)
     measured["weights_faithful"] = bool(weights["faithful"])
     measured["tflite_codes_per_channel"] = weights["codes_per_channel"]
+    measured["tflite_codes_per_layer"] = weights["codes_per_layer"]
     measured["tflite_within_tolerance"] = not _tolerance_misses(measured, config)
     return measured, tflite
 
@@ -416,7 +417,99 @@ def int8_tflite(apply_fn: Callable, params, dataset, *, config: ExportConfig,
                           f"{reason + ': ' if reason else ''}{err}); use operations TFLite's "
                           "int8 kernels have (Conv/Dense, ReLU, ReLU6, BatchNorm, 2-D "
                           "pooling)") from None
+    tflite = write_layer_grids(tflite, params, rules)
     return strip_strings(tflite) if config.strip_strings else tflite
+
+
+# By TFLite builtin operator code (CONV_2D = 3, DEPTHWISE_CONV_2D = 4): the layout of
+# a Flax conv kernel (HWIO) there and its channel axis, OHWI (0) and 1HWO (3).
+_CONV_LAYOUTS = {3: ((3, 0, 1, 2), 0), 4: ((2, 0, 1, 3), 3)}
+
+
+def write_layer_grids(model_bytes: bytes, params, rules: Rules = DEFAULT_RULES) -> bytes:
+    """The ``.tflite`` with every conv kernel that QAT put on the layer grid stored on it.
+
+    The converter recomputes each channel's scale as ``max|w| / 127`` and rounds the
+    codes again, which moves a channel whose largest code is not 127 off the values
+    QAT trained (``ucpjax.int8_grid``). Each such kernel is found by its layout and
+    zeros (and, among equals, by the smallest difference), and its codes and scales
+    are written as the params hold them; the bias's scale (input scale times weight
+    scale, which TFLite's kernels require) and its int32 values follow. Kernels in
+    TFLite's sparse format are left as converted.
+    """
+    grids = _layer_grid_kernels(params, rules)
+    if not grids:
+        return model_bytes
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(model_bytes))
+    graph = model.subgraphs[0]
+    for op in graph.operators:
+        code = model.operatorCodes[op.opcodeIndex]
+        layout = _CONV_LAYOUTS.get(max(code.builtinCode, code.deprecatedBuiltinCode))
+        if layout is None:
+            continue
+        kernel = graph.tensors[op.inputs[1]]
+        if kernel.sparsity is not None:
+            continue
+        stored = model.buffers[kernel.buffer].data.view(np.int8).reshape(kernel.shape)
+        match = _matching_grid(stored, kernel.quantization, grids, *layout)
+        if match is None:
+            continue
+        name, scales, codes = match
+        del grids[name]
+        model.buffers[kernel.buffer].data = codes.reshape(-1).view(np.uint8)
+        kernel.quantization.scale = scales
+        if len(op.inputs) > 2 and op.inputs[2] >= 0:
+            _rescale_bias(model, graph.tensors[op.inputs[2]],
+                          graph.tensors[op.inputs[0]].quantization.scale[0], scales)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def _layer_grid_kernels(params, rules: Rules) -> dict:
+    """``{leaf name: (kernel, scales, codes shaped like the kernel)}`` of 4-D selected
+    leaves on the layer grid."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    chosen = jax.tree.leaves(selected(params, rules))
+    grids = {}
+    for (path, w), sel in zip(flat, chosen, strict=True):
+        w = np.asarray(w)
+        grid = int8_grid.layer_grid(w) if sel and w.ndim == 4 else None
+        if grid is not None:
+            grids[path_name(path)] = (w, grid[0], grid[1].reshape(w.shape))
+    return grids
+
+
+def _matching_grid(stored: np.ndarray, quant, grids: dict, axes: tuple, channel_axis: int):
+    """``(name, scales, codes in TFLite's layout)`` of the layer-grid kernel the
+    converter stored as ``stored``, or None."""
+    if quant is None or quant.quantizedDimension != channel_axis:
+        return None
+    shape = [1] * stored.ndim
+    shape[channel_axis] = -1
+    values = stored * np.asarray(quant.scale, np.float32).reshape(shape)
+    best = None
+    for name, (w, scales, codes) in grids.items():
+        target = w.transpose(axes)
+        if target.shape != stored.shape or not np.array_equal(target == 0, stored == 0):
+            continue
+        # The converter's step is at most the layer grid's, and it rounds to within
+        # half of it: another kernel of the same shape and zeros is further away.
+        steps = np.abs(values - target) / scales.reshape(shape)
+        error = float(steps.max(initial=0.0))
+        if error <= 1.0 and (best is None or error < best[0]):
+            best = (error, name, scales, codes.transpose(axes))
+    return None if best is None else best[1:]
+
+
+def _rescale_bias(model, bias, input_scale: float, scales) -> None:
+    """The int32 bias put on the scales ``input_scale * scales`` (the same real values)."""
+    data = model.buffers[bias.buffer].data.view(np.int32)
+    real = data.astype(np.float64) * np.asarray(bias.quantization.scale, np.float64)
+    new_scales = (np.float32(input_scale) * scales).astype(np.float32)
+    codes = np.round(real / new_scales.astype(np.float64))
+    model.buffers[bias.buffer].data = codes.astype("<i4").view(np.uint8)
+    bias.quantization.scale = new_scales
 
 
 def _int8_and_faithfulness(apply_fn, params, dataset, x, y, config: ExportConfig,
@@ -658,7 +751,8 @@ def weights_check(model_bytes: bytes, params, *, rules: Rules = DEFAULT_RULES,
       ``<path>/max_error_steps``, ``<path>/zeros_equal``, ``<path>/distinct``
       (distinct non-zero dequantized values), ``<path>/distinct_params``, and
       ``<path>/codes_per_channel`` (the most distinct non-zero stored codes in
-      one output channel; ``codes_per_channel`` is the largest over leaves).
+      one output channel; ``codes_per_channel`` is the largest over leaves) and
+      ``<path>/codes`` (in the whole tensor; ``codes_per_layer`` the largest).
     """
     interp = interpreter(model_bytes, use_xnnpack=False)
     details = {d["index"]: d for d in interp.get_tensor_details()}
@@ -704,6 +798,7 @@ def weights_check(model_bytes: bytes, params, *, rules: Rules = DEFAULT_RULES,
             "distinct": int(np.unique(values[values != 0]).size),
             "distinct_params": int(np.unique(layout[layout != 0]).size),
             "codes_per_channel": codes,
+            "codes": int(np.unique(q[q != 0]).size),
         }
     ok = len(matched) == len(kernels)
     for name, entry in matched.items():
@@ -713,5 +808,6 @@ def weights_check(model_bytes: bytes, params, *, rules: Rules = DEFAULT_RULES,
     report["max_abs_error"] = max((e["max_abs_error"] for e in matched.values()), default=0.0)
     report["codes_per_channel"] = max((e["codes_per_channel"] for e in matched.values()),
                                       default=0)
+    report["codes_per_layer"] = max((e["codes"] for e in matched.values()), default=0)
     report["faithful"] = bool(ok)
     return report

@@ -14,11 +14,13 @@ tensor (Han et al., 2016, section 4):
 * the gap stream and the index stream each Huffman-coded (canonical code; the
   code lengths are stored in the header).
 
-A leaf on TFLite's per-output-channel int8 grid (after QAT) can instead store
+A leaf on a per-output-channel int8 grid (after QAT; ``ucpjax.int8_grid``:
+the converter's, or the layer grid of a weight-shared conv) can instead store
 one scale per channel and a book of int8 codes per channel: once BatchNorm is
 folded into a weight-shared conv, its k shared values differ per channel, and
-per-channel books keep every index within k symbols. Whichever is smallest is
-written.
+per-channel books keep every index within k symbols. A leaf on the layer grid
+stores one book of codes for the layer and a 2-byte scale per channel instead.
+Whichever is smallest is written.
 
 "Zero" and "distinct" compare bit patterns, so ``-0.0`` and NaNs round-trip
 exactly. A leaf that is not weight-shared still works: its codebook holds all
@@ -42,6 +44,9 @@ File layout (integers are LEB128 varints unless said otherwise)::
              codes, channel after channel; k is the largest book, an index
              points into its entry's channel's book and the value is
              code * scale.
+      layer: as coded, but the codebook is the layer's k int8 codes | one
+             signed bfloat16 scale per output channel (2 bytes, little-endian);
+             the value is code * scale.
     strings are a varint byte count followed by UTF-8.
 
 Only nested dicts (Flax params) are supported; keys must not contain "/".
@@ -54,12 +59,13 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from ucpjax import int8_grid
 from ucpjax.huffman import huffman_code_lengths, huffman_decode, huffman_encode
 from ucpjax.rules import DEFAULT_RULES, Rules, rule_for
 
 MAGIC = b"UCPK"
 VERSION = 1
-RAW, CODED, CHANNEL = 0, 1, 2
+RAW, CODED, CHANNEL, LAYER = 0, 1, 2, 3
 MAX_GAP_BITS = 8
 
 
@@ -187,56 +193,6 @@ def _value_book(bit_patterns: np.ndarray) -> _Book:
     return _Book(CODED, positions, index, len(codebook), payload)
 
 
-# TFLite's converter widens a range narrower than 1e-6 to [-5e-7, 5e-7]
-# (ExpandVerySmallRange in TensorFlow's MLIR quantizer): a weight channel whose
-# largest magnitude is below this (a dead channel, its BatchNorm scale decayed to
-# ~0) gets the step MIN_PEAK / qmax in the .tflite, not max|w| / qmax.
-MIN_PEAK = np.float32(5e-7)
-
-
-def channel_grid(array: np.ndarray) -> tuple[int, np.ndarray, np.ndarray] | None:
-    """``(bits, scales, codes)`` if float32 ``array`` is exactly ``codes * scales`` with
-    TFLite's per-output-channel symmetric grid (``scale = max(max|w|, MIN_PEAK) /
-    (2^(b-1) - 1)``, as ``ucpjax.quantize`` puts it), else None. ``codes`` is int8,
-    shaped (-1, channels).
-    """
-    if (array.dtype != np.float32 or array.ndim < 2 or not array.size
-            or not np.all(np.isfinite(array))):
-        return None
-    w = array.reshape(-1, array.shape[-1])
-    peak = np.abs(w).max(axis=0)
-    for bits in range(8, 1, -1):
-        qmax = np.float32(2 ** (bits - 1) - 1)
-        found = _exact_scales(w, np.maximum(peak, MIN_PEAK) / qmax)
-        if found is not None:
-            return bits, *found
-    return None
-
-
-def _exact_scales(w: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(scales, codes)`` with ``codes * scales`` equal to ``w`` bit for bit, each
-    channel's scale the one given or a float up to 2 ulps from it, else None.
-
-    The neighbours matter because the producer's ``max|w| / qmax`` may round the
-    other way: XLA on a GPU divides to within an ulp, so a few channels of a
-    model trained there sit on a scale one ulp from NumPy's quotient.
-    """
-    scales = scales.astype(np.float32)
-    best, codes = np.empty_like(scales), np.empty_like(w)
-    exact = np.zeros(w.shape[1], bool)
-    for ulps in (0, 1, -1, 2, -2):
-        # Scales are positive, so the float ``ulps`` steps away is that many bit patterns away.
-        candidate = (scales.view(np.int32) + ulps).view(np.float32)
-        q = np.round(w / candidate)
-        same = _as_bits(q.astype(np.float32) * candidate) == _as_bits(w)
-        hit = ~exact & same.reshape(w.shape).all(axis=0)
-        best[hit], codes[:, hit] = candidate[hit], q[:, hit]
-        exact |= hit
-        if exact.all():
-            return best, codes.astype(np.int8)
-    return None
-
-
 def _channel_book(array: np.ndarray) -> _Book | None:
     """Per-channel books of int8 codes and one scale per channel (kind CHANNEL).
 
@@ -245,9 +201,12 @@ def _channel_book(array: np.ndarray) -> _Book | None:
     layer as a whole up to k per channel: one book per channel keeps each
     index within k symbols.
     """
-    grid = channel_grid(array)
+    grid = int8_grid.channel_grid(array)
     if grid is None:
-        return None
+        layer = int8_grid.layer_grid(array)
+        if layer is None:
+            return None
+        grid = (8, *layer)
     bits, scales, codes = grid
     flat = codes.reshape(-1)
     positions = np.flatnonzero(flat)
@@ -262,6 +221,41 @@ def _channel_book(array: np.ndarray) -> _Book | None:
     payload = (bytes([bits]) + scales.astype("<f4").tobytes()
                + np.asarray([len(b) for b in books], np.uint8).tobytes() + table.tobytes())
     return _Book(CHANNEL, positions, index, max((len(b) for b in books), default=0), payload)
+
+
+def _layer_book(array: np.ndarray) -> _Book | None:
+    """One book of int8 codes for the layer and a signed bfloat16 scale per channel
+    (kind LAYER), for a kernel on the layer grid (``int8_grid.layer_grid``).
+
+    A channel's sign goes into its scale, so channels whose BatchNorm factors differ
+    in sign still index one book of at most k codes.
+    """
+    grid = int8_grid.layer_grid(array)
+    if grid is None or np.signbit(array[array == 0]).any():  # -0.0 would come back as 0.0
+        return None
+    scales, codes = grid
+    signs = _channel_signs(codes)
+    flat = (codes.astype(np.int64) * signs).reshape(-1)
+    positions = np.flatnonzero(flat)
+    book = np.unique(flat[positions])
+    index = np.searchsorted(book, flat[positions])
+    signed = (scales * signs).astype(np.float32)  # an exact sign flip
+    short = (signed.view("<u4") >> 16).astype("<u2")  # exact: the scales are bfloat16
+    payload = book.astype(np.int8).tobytes() + short.tobytes()
+    return _Book(LAYER, positions, index, len(book), payload)
+
+
+def _channel_signs(codes: np.ndarray) -> np.ndarray:
+    """+1 or -1 per channel (column), so that the signed columns share the fewest codes."""
+    sets = [set(column[column != 0].tolist()) for column in codes.T]
+    signs = np.ones(len(sets), np.int64)
+    seen: set = set()
+    for c in sorted(range(len(sets)), key=lambda c: -len(sets[c])):
+        flipped = {-x for x in sets[c]}
+        if len(flipped & seen) > len(sets[c] & seen):
+            signs[c], sets[c] = -1, flipped
+        seen |= sets[c]
+    return signs
 
 
 def _coded_header(book: _Book, bits: int, entries: int, gap_lengths, index_lengths,
@@ -324,12 +318,13 @@ def _leaf_parts(name: str, array: np.ndarray, code: bool | None):
     if code is False:
         return raw, {}
     raw_size = len(raw["raw"]) + 1
-    books = [book for book in (_value_book(bit_patterns), _channel_book(array)) if book]
+    books = [book for book in (_value_book(bit_patterns), _channel_book(array),
+                               _layer_book(array)) if book]
     # Each distinct value costs its codebook entry plus a code-length byte: when
     # that alone reaches the raw size (unshared weights), coding cannot win.
     if code is None:
         books = [b for b in books if b.k * (array.dtype.itemsize + 1) < raw_size
-                 or b.kind == CHANNEL]
+                 or b.kind in (CHANNEL, LAYER)]
     if not books:
         return raw, {}
     (size, bits), book = min(((_best_coding(b), b) for b in books), key=lambda c: c[0][0])
@@ -418,7 +413,7 @@ def _read_leaf(reader: _Reader, dtype: np.dtype, shape: tuple[int, ...]) -> np.n
     if kind == RAW:
         flat = np.frombuffer(reader.take(size * dtype.itemsize), patterns)
         return flat.astype(patterns.newbyteorder("=")).view(dtype).reshape(shape)
-    if kind not in (CODED, CHANNEL):
+    if kind not in (CODED, CHANNEL, LAYER):
         raise ValueError(f"unknown leaf kind {kind}")
     reader.take(1)  # the gap width b: implied by the gap code, kept for readers
     k, count = reader.varint(), reader.varint()
@@ -426,6 +421,10 @@ def _read_leaf(reader: _Reader, dtype: np.dtype, shape: tuple[int, ...]) -> np.n
     gap_bytes, index_bytes = reader.varint(), reader.varint()
     if kind == CHANNEL:
         book = _read_channel_book(reader, shape[-1])
+    elif kind == LAYER:
+        codes = np.frombuffer(reader.take(k), np.int8)
+        short = np.frombuffer(reader.take(2 * shape[-1]), "<u2").astype(np.uint32)
+        book = (codes, (short << 16).view(np.float32))
     else:
         book = np.frombuffer(reader.take(k * dtype.itemsize), patterns)
         book = book.astype(patterns.newbyteorder("="))
@@ -435,6 +434,8 @@ def _read_leaf(reader: _Reader, dtype: np.dtype, shape: tuple[int, ...]) -> np.n
         raise ValueError("corrupt file: cluster index out of range")
     if kind == CHANNEL:
         return _scatter_channels(gaps, index, k, *book, size).reshape(shape)
+    if kind == LAYER:
+        return _scatter_layer(gaps, index, k, *book, size).reshape(shape)
     return _scatter(gaps, index, book, size, dtype).reshape(shape)
 
 
@@ -459,6 +460,17 @@ def _scatter_channels(gaps, index, k: int, scales, counts, codes, size: int) -> 
     starts = np.cumsum(counts) - counts
     flat = np.zeros(size, np.float32)
     flat[positions] = codes[starts[channel] + index].astype(np.float32) * scales[channel]
+    return flat
+
+
+def _scatter_layer(gaps, index, k: int, codes, scales, size: int) -> np.ndarray:
+    positions = np.cumsum(gaps + 1) - 1
+    if len(positions) and positions[-1] >= size:
+        raise ValueError("corrupt file: relative indices run past the tensor")
+    real = index < k
+    positions = positions[real]
+    flat = np.zeros(size, np.float32)
+    flat[positions] = codes[index[real]].astype(np.float32) * scales[positions % len(scales)]
     return flat
 
 

@@ -22,9 +22,13 @@ Which kernels are quantized, and with how many bits, come from the recipe's
 ``LayerRule``s (``ucpjax.rules``); the int8 ``.tflite`` holds every kernel in
 8 bits, so fewer bits are for the packed file and for ablations.
 
-Which scale a kernel gets follows the converter:
+Which scale a kernel gets:
 
-* Conv kernels (4-D) are always quantized per output channel.
+* Conv kernels (4-D) are quantized per output channel. A weight-shared conv
+  (its k values, or its k values times a per-channel factor once BatchNorm is
+  folded into it) goes on the layer grid (``ucpjax.int8_grid``): one book of k
+  codes for the layer, QAT training the shared values and each channel's factor.
+  Other convs get the converter's grid (``scale = max|w| / 127`` per channel).
 * Dense kernels (2-D) are per output channel unless ``dense_per_tensor`` is
   True: the converter switch ``_experimental_disable_per_channel_quantization_for_dense_layers``
   is global, so when one Dense kernel is weight-shared (it must keep its k
@@ -48,11 +52,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ucpjax import batchnorm, constraints, equalize
+from ucpjax import batchnorm, constraints, equalize, int8_grid
 from ucpjax import rules as rules_lib
 from ucpjax import train as train_lib
 from ucpjax.config import ConfigError, check
-from ucpjax.packing import MIN_PEAK
+from ucpjax.int8_grid import MIN_PEAK
 from ucpjax.pooling import GlobalAveragePool
 from ucpjax.residual import Add
 from ucpjax.rules import DEFAULT_RULES, Rules
@@ -68,8 +72,8 @@ CALIBRATION_SIZE = 512
 # Scale of an activation range [0, 0] (a dead tensor), to avoid dividing by zero.
 _MIN_SCALE = 1e-8
 
-# Per leaf of a params tree: how its values are quantized.
-NONE, PER_TENSOR, PER_CHANNEL = "none", "tensor", "channel"
+# Per leaf of a params tree: how its values are quantized (LAYER: the layer grid).
+NONE, PER_TENSOR, PER_CHANNEL, LAYER = "none", "tensor", "channel", "layer"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -142,7 +146,7 @@ def fake_quant(x: jax.Array, scale, zero_point, *, qmin: int, qmax: int) -> jax.
 # its half-dozen ops would otherwise each compile on their own.
 @functools.partial(jax.jit, static_argnames=("mode", "bits"))
 def weight_scale(w: jax.Array, mode: str, bits: int) -> jax.Array:
-    """``max(max|w|, packing.MIN_PEAK) / qmax`` over the tensor or per output (last)
+    """``max(max|w|, int8_grid.MIN_PEAK) / qmax`` over the tensor or per output (last)
     axis, as TFLite's converter computes it (it widens ranges below 1e-6).
 
     Returns:
@@ -158,7 +162,34 @@ def weight_scale(w: jax.Array, mode: str, bits: int) -> jax.Array:
 
 
 def _quantize_leaf(w, mode: str, bits: int):
+    if mode == LAYER:
+        return _onto_layer_grid(w, bits)
     return w if mode == NONE else _fake_quant_leaf(w, mode, bits)
+
+
+def _onto_layer_grid(w, bits: int):
+    """``w`` on the layer grid: as it is when already there, else its book decoded
+    (host-side: the book is read from the values)."""
+    if int8_grid.layer_grid(np.asarray(w), bits) is not None:
+        return w
+    return _layer_book(w, bits).decode()
+
+
+def _layer_book(w, bits: int) -> int8_grid.LayerGridBook | None:
+    """The layer-grid book of a weight-shared kernel (its k values times a factor
+    per channel), else None.
+
+    As in ``constraints.codebook``, k must be at most a quarter of the non-zeros;
+    and a kernel on the converter's grid is taken as quantized, not as shared
+    (its codes times its scales factor the same way).
+    """
+    w = np.asarray(w)
+    if int8_grid.channel_grid(w) is not None:
+        return None
+    book = int8_grid.layer_grid_book(w, bits, constraints.MAX_CLUSTERS)
+    if book is None or len(book.centroids) > np.count_nonzero(w) // 4:
+        return None
+    return book
 
 
 @functools.partial(jax.jit, static_argnames=("mode", "bits"))
@@ -201,6 +232,11 @@ def _weight_shared(w, bits: int) -> bool:
     return not (_on_grid(w, PER_CHANNEL, bits) and not _on_grid(w, PER_TENSOR, bits))
 
 
+def _layer_shared(w, bits: int) -> bool:
+    return int8_grid.layer_grid(np.asarray(w), bits) is not None or (
+        _layer_book(w, bits) is not None)
+
+
 def weight_bits(params, config: QuantizeConfig, rules: Rules = DEFAULT_RULES):
     """Pytree like ``params``: each leaf's weight bits (its rule's, else ``weight_bits``)."""
     bits = rules_lib.setting(params, rules, "bits", config.weight_bits)
@@ -231,11 +267,12 @@ def dense_per_tensor(params, config: QuantizeConfig, rules: Rules = DEFAULT_RULE
 
 
 def weight_modes(params, config: QuantizeConfig, rules: Rules = DEFAULT_RULES):
-    """Per leaf: NONE (not selected), PER_TENSOR or PER_CHANNEL.
+    """Per leaf: NONE (not selected), PER_TENSOR, PER_CHANNEL or LAYER.
 
     Conv kernels (4-D) are per channel always: the converter quantizes convs per
-    channel, so a clustered conv keeps at most k values per output channel, not
-    per tensor (the report counts both).
+    channel. A weight-shared one (per layer, or per layer up to a factor per
+    channel) is LAYER, which keeps its k codes for the whole layer; others
+    PER_CHANNEL.
     """
     dense_tensor = dense_per_tensor(params, config, rules)
 
@@ -243,7 +280,7 @@ def weight_modes(params, config: QuantizeConfig, rules: Rules = DEFAULT_RULES):
         if not sel:
             return NONE
         if np.ndim(w) == 4:
-            return PER_CHANNEL
+            return LAYER if _layer_shared(w, bits) else PER_CHANNEL
         if np.ndim(w) == 2:
             return PER_TENSOR if dense_tensor else PER_CHANNEL
         if np.ndim(w) < 2 or not config.per_channel or _weight_shared(w, bits):
@@ -446,10 +483,14 @@ def quantize(params, config: QuantizeConfig, *, apply_fn, data, seed: int,
     modes, bits = weight_modes(params, config, rules), weight_bits(params, config, rules)
     ranges = calibrate(apply_fn, fake_quant_weights(params, modes, bits),
                        calibration)
+    # Layer-grid kernels train as their book, which decodes onto the grid itself.
+    books = jax.tree.map(lambda w, m, b: int8_grid.layer_grid_book(
+        np.asarray(w), b, constraints.MAX_CLUSTERS) if m == LAYER else None, params, modes, bits)
+    training_modes = jax.tree.map(lambda m: NONE if m == LAYER else m, modes)
     trained, state, history = constraints.fit_preserving(
-        params, qat_loss(apply_fn, modes, bits, config),
+        params, qat_loss(apply_fn, training_modes, bits, config),
         x=data.x_train, y=data.y_train, config=config.train, seed=seed, rules=rules,
-        extra=ranges, per_channel=True, desc="quantize")
+        extra=ranges, per_channel=True, books=books, desc="quantize")
     ranges = jax.device_get(state.extra)
     quantized = fake_quant_weights(trained, modes, bits)
     report = {**equalized, **_report(quantized, modes, bits, config, ranges)}
@@ -478,13 +519,17 @@ def _report(params, modes, bits, config: QuantizeConfig, ranges) -> dict[str, An
         w = np.asarray(w)
         name = f"quantize/{rules_lib.path_name(path)}"
         report[f"{name}/bits"] = leaf_bits
-        s = np.asarray(weight_scale(jnp.asarray(w), mode, leaf_bits)).ravel()
-        s = s[np.abs(w).reshape(-1, s.size).max(0) > 0] if mode == PER_CHANNEL else s
+        if mode == LAYER:
+            s, codes = int8_grid.layer_grid(w, leaf_bits)
+            report[f"{name}/layer_codes"] = int(np.unique(codes[codes != 0]).size)
+        else:
+            s = np.asarray(weight_scale(jnp.asarray(w), mode, leaf_bits)).ravel()
+        s = s[np.abs(w).reshape(-1, s.size).max(0) > 0] if mode != PER_TENSOR else s
         scales.append(s)
-        report[f"{name}/per_channel"] = int(mode == PER_CHANNEL)
+        report[f"{name}/per_channel"] = int(mode != PER_TENSOR)
         # Distinct non-zero values (zero is always representable and not counted).
         report[f"{name}/distinct"] = int(np.unique(w[w != 0]).size)
-        if mode == PER_CHANNEL:
+        if mode != PER_TENSOR:
             columns = w.reshape(-1, w.shape[-1]).T
             report[f"{name}/distinct_per_channel_max"] = max(
                 int(np.unique(c[c != 0]).size) for c in columns)
