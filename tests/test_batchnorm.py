@@ -134,3 +134,18 @@ def test_depthwise_batchnorm_net_keeps_accuracy_and_k_codes_per_channel(mnist_sm
     assert final["packed_bytes"] <= final["tflite_zip_bytes"]
     depthwise = np.asarray(result.variables["params"]["Conv_1"]["kernel"])  # (3, 3, 1, 32)
     assert np.count_nonzero(depthwise.reshape(-1, 32), axis=0).min() >= 2
+
+
+def test_clustered_convs_exported_without_qat_go_on_their_layer_grid(mnist_small):
+    """Post-training quantization (cluster last): the .tflite holds each clustered
+    conv on its layer grid, as the JAX int8 model it is checked against does."""
+    module = models.DepthwiseCnn()
+    variables = _trained(module, mnist_small, epochs=4)
+    result = ucpjax.compress(module, variables, train=(mnist_small.x_train, mnist_small.y_train),
+                             test=(mnist_small.x_test, mnist_small.y_test),
+                             recipe=dataclasses.replace(_recipe(), stages=("prune", "cluster")),
+                             check=False)
+    final = result.report["final"]
+    assert final["tflite_within_tolerance"] and final["tflite_agreement"] >= 0.97
+    stored = export.weights_check(result.tflite, result.variables["params"])
+    assert stored["Conv_1/kernel/codes"] <= 16 and stored["Conv_2/kernel/codes"] <= 16

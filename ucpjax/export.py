@@ -417,7 +417,12 @@ def int8_tflite(apply_fn: Callable, params, dataset, *, config: ExportConfig,
                           f"{reason + ': ' if reason else ''}{err}); use operations TFLite's "
                           "int8 kernels have (Conv/Dense, ReLU, ReLU6, BatchNorm, 2-D "
                           "pooling)") from None
-    tflite = write_layer_grids(tflite, params, rules)
+    # After QAT the params are on their grids already; after another last stage
+    # (post-training quantization) a clustered conv goes on its layer grid here too,
+    # as ``simulated_int8`` holds it.
+    on_grid = quantize.quantize_weights(
+        params, dataclasses.replace(quantize_config, per_channel=not per_tensor), rules)
+    tflite = write_layer_grids(tflite, on_grid, rules)
     return strip_strings(tflite) if config.strip_strings else tflite
 
 
