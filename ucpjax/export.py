@@ -432,11 +432,11 @@ _CONV_LAYOUTS = {3: ((3, 0, 1, 2), 0), 4: ((2, 0, 1, 3), 3)}
 
 
 def write_layer_grids(model_bytes: bytes, params, rules: Rules = DEFAULT_RULES) -> bytes:
-    """The ``.tflite`` with every conv kernel that QAT put on the layer grid stored on it.
+    """The ``.tflite`` with every conv kernel of ``params`` on the layer grid stored on it.
 
     The converter recomputes each channel's scale as ``max|w| / 127`` and rounds the
-    codes again, which moves a channel whose largest code is not 127 off the values
-    QAT trained (``ucpjax.int8_grid``). Each such kernel is found by its layout and
+    codes again, which moves a channel whose largest code is not 127 off the grid's
+    values (``ucpjax.int8_grid``). Each such kernel is found by its layout and
     zeros (and, among equals, by the smallest difference), and its codes and scales
     are written as the params hold them; the bias's scale (input scale times weight
     scale, which TFLite's kernels require) and its int32 values follow. Kernels in
