@@ -39,7 +39,7 @@ MIN_PEAK = np.float32(5e-7)
 _FACTOR_RTOL = 1e-5
 
 
-def qmax_of(bits: int) -> int:
+def weight_qmax(bits: int) -> int:
     """Largest code of the narrow symmetric weight grid (127 for 8 bits)."""
     return 2 ** (bits - 1) - 1
 
@@ -56,7 +56,7 @@ def channel_grid(array: np.ndarray) -> tuple[int, np.ndarray, np.ndarray] | None
         return None
     peak = np.abs(w).max(axis=0)
     for bits in range(8, 1, -1):
-        found = _exact_scales(w, np.maximum(peak, MIN_PEAK) / np.float32(qmax_of(bits)))
+        found = _exact_scales(w, np.maximum(peak, MIN_PEAK) / np.float32(weight_qmax(bits)))
         if found is not None:
             return bits, *found
     return None
@@ -119,7 +119,7 @@ def layer_grid(array: np.ndarray, bits: int = 8) -> tuple[np.ndarray, np.ndarray
     w = _columns(array)
     if w is None:
         return None
-    qmax = qmax_of(bits)
+    qmax = weight_qmax(bits)
     peak = np.abs(w).max(axis=0)
     # Channel c's largest value is some code m times its scale: try every m.
     multiples = np.arange(1, qmax + 1, dtype=np.float32)
@@ -227,7 +227,7 @@ def layer_grid_book(array: np.ndarray, bits: int = 8, max_k: int = 16) -> LayerG
     if np.abs(decoded - w).max() > _FACTOR_RTOL * np.abs(w).max():
         return None
     return LayerGridBook(jnp.asarray(shared, jnp.float32), jnp.asarray(factors, jnp.float32),
-                         jnp.asarray(index.reshape(array.shape)), qmax_of(bits))
+                         jnp.asarray(index.reshape(array.shape)), weight_qmax(bits))
 
 
 def _nearest(values: np.ndarray, table: np.ndarray) -> np.ndarray:

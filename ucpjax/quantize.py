@@ -56,7 +56,7 @@ from ucpjax import batchnorm, constraints, equalize, int8_grid
 from ucpjax import rules as rules_lib
 from ucpjax import train as train_lib
 from ucpjax.config import ConfigError, check
-from ucpjax.int8_grid import MIN_PEAK
+from ucpjax.int8_grid import MIN_PEAK, weight_qmax
 from ucpjax.pooling import GlobalAveragePool
 from ucpjax.residual import Add
 from ucpjax.rules import DEFAULT_RULES, Rules
@@ -106,11 +106,6 @@ class QuantizeConfig:
             check(isinstance(bits, int) and not isinstance(bits, bool) and 2 <= bits <= 8,
                   name, bits, "an integer in 2..8")
         check(0 < self.ema_decay < 1, "ema_decay", self.ema_decay, "must be in (0, 1)")
-
-
-def weight_qmax(bits: int) -> int:
-    """Largest code of the narrow symmetric weight grid (127 for 8 bits)."""
-    return 2 ** (bits - 1) - 1
 
 
 def activation_range(bits: int) -> tuple[int, int]:
