@@ -29,6 +29,8 @@ def huffman_code_lengths(freqs: np.ndarray, max_length: int = MAX_CODE_LENGTH) -
         lengths[used] = 1
     if len(used) <= 1:
         return lengths
+    if len(used) > 2 ** max_length:
+        raise ValueError(f"{len(used)} symbols do not fit codes of at most {max_length} bits")
     weights = freqs[used]
     while True:
         depth = _tree_depths(weights)

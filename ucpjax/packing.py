@@ -5,10 +5,14 @@ tensor (Han et al., 2016, section 4):
 
 * the flattened positions of its non-zero weights as *relative indices*: the
   number of zeros before each entry, in a fixed bit width ``b`` (1..8, chosen
-  per leaf for the smallest total). A gap longer than ``2**b - 1`` is bridged by
-  *filler* entries (gap ``2**b - 1``, cluster index ``k``, which stands for an
-  exact zero). As the gaps are then Huffman-coded, ``b`` sets the alphabet
-  (``2**b`` gap symbols) and so the trade between fillers and code lengths;
+  per leaf for the smallest total). The positions run in the array's order or
+  output channel by output channel (the last axis first), whichever codes
+  smaller: a first layer's zeros follow its inputs (an MNIST digit's border
+  pixels), so its kernel codes smaller one unit's weights after another. A
+  gap longer than ``2**b - 1`` is bridged by *filler* entries (gap
+  ``2**b - 1``, cluster index ``k``, which stands for an exact zero). As the
+  gaps are then Huffman-coded, ``b`` sets the alphabet (``2**b`` gap symbols)
+  and so the trade between fillers and code lengths;
 * one cluster index per entry into a per-leaf codebook of the ``k`` distinct
   non-zero values (stored in the leaf's dtype);
 * the gap stream and the index stream each Huffman-coded (canonical code; the
@@ -27,16 +31,21 @@ exactly. A leaf that is not weight-shared still works: its codebook holds all
 its distinct values. Whichever of that and the raw little-endian bytes is
 smaller is written (``coded=None``), so a dense float kernel costs its raw size
 plus a few header bytes. Leaves that are not selected (biases, BatchNorm
-statistics) are always raw. Decoding gives the same arrays bit for bit, with
-the same dtypes and shapes.
+statistics) are raw, except a 1-D float32 leaf that is exactly ``codes * step``
+in float32 for one step (biases on ``ucpjax.bias_grid``'s short grid), which
+stores the step and its codes in as few bits as they need. Decoding gives the
+same arrays bit for bit, with the same dtypes and shapes.
 
 File layout (integers are LEB128 varints unless said otherwise)::
 
     b"UCPK" | u8 version | varint number of leaves | leaf records
-    leaf record: name | dtype name | ndim, dims | u8 kind (0 raw, 1 coded, 2 channel)
+    leaf record: name | dtype name | ndim, dims | u8 kind (0 raw, 1 coded, 2 channel,
+                 3 layer, 4 step)
       raw:   size * itemsize bytes
-      coded: u8 b | k | number of entries | gap code lengths (count, u8 each)
-             | index code lengths (count, u8 each) | gap stream byte count
+      step:  u8 bits | float32 step | the codes plus 2^(bits-1), ``bits`` bits each,
+             least significant bit first; the value is code * step
+      coded: u8 b (plus 128 when scanned channel by channel) | k | number of entries
+             | gap code lengths | index code lengths | gap stream byte count
              | index stream byte count | codebook (k * itemsize bytes, little-endian)
              | gap stream | index stream
       channel: as coded, but the codebook is u8 bits | one float32 scale per
@@ -47,7 +56,8 @@ File layout (integers are LEB128 varints unless said otherwise)::
       layer: as coded, but the codebook is the layer's k int8 codes | one
              signed bfloat16 scale per output channel (2 bytes, little-endian);
              the value is code * scale.
-    strings are a varint byte count followed by UTF-8.
+    code lengths are a count | u8 width w | the lengths, w bits each, least
+    significant bit first; strings are a varint byte count followed by UTF-8.
 
 Only nested dicts (Flax params) are supported; keys must not contain "/".
 """
@@ -59,13 +69,13 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ucpjax import int8_grid
+from ucpjax import bias_grid, int8_grid
 from ucpjax.huffman import huffman_code_lengths, huffman_decode, huffman_encode
 from ucpjax.rules import DEFAULT_RULES, Rules, rule_for
 
 MAGIC = b"UCPK"
-VERSION = 1
-RAW, CODED, CHANNEL, LAYER = 0, 1, 2, 3
+VERSION = 2
+RAW, CODED, CHANNEL, LAYER, STEP = 0, 1, 2, 3, 4
 MAX_GAP_BITS = 8
 
 
@@ -110,14 +120,10 @@ def _entries(positions: np.ndarray, index: np.ndarray, k: int,
     return entry_gaps, entry_index
 
 
-def _scatter(gaps: np.ndarray, index: np.ndarray, codebook: np.ndarray, size: int,
+def _scatter(positions: np.ndarray, index: np.ndarray, codebook: np.ndarray, size: int,
              dtype: np.dtype) -> np.ndarray:
-    positions = np.cumsum(gaps + 1) - 1
-    if len(positions) and positions[-1] >= size:
-        raise ValueError("corrupt file: relative indices run past the tensor")
-    table = np.concatenate([codebook, np.zeros(1, codebook.dtype)])
     flat = np.zeros(size, f"u{dtype.itemsize}")
-    flat[positions] = table[index]
+    flat[positions] = codebook[index]
     return flat.view(dtype)
 
 
@@ -138,10 +144,27 @@ def _string(s: str) -> bytes:
 
 
 def _table(lengths: np.ndarray) -> bytes:
-    """Code lengths up to the last used symbol, one byte each."""
+    """Code lengths up to the last used symbol, each in the bits the longest needs."""
     used = np.flatnonzero(lengths)
     count = int(used[-1]) + 1 if len(used) else 0
-    return _varint(count) + np.asarray(lengths[:count], np.uint8).tobytes()
+    width = int(lengths.max(initial=0)).bit_length()
+    return _varint(count) + bytes([width]) + _pack_bits(lengths[:count], width)
+
+
+def _pack_bits(values: np.ndarray, bits: int) -> bytes:
+    """Non-negative ints below ``2**bits``, ``bits`` each, least significant bit first."""
+    planes = (np.asarray(values, np.int64)[:, None] >> np.arange(bits)) & 1
+    return np.packbits(planes.astype(np.uint8).reshape(-1), bitorder="little").tobytes()
+
+
+def _unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
+    planes = np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little")
+    return (planes[:count * bits].reshape(count, bits).astype(np.int64)
+            << np.arange(bits)).sum(axis=1)
+
+
+def _packed_size(count: int, bits: int) -> int:
+    return -(-count * bits // 8)
 
 
 class _Reader:
@@ -167,7 +190,8 @@ class _Reader:
         return self.take(self.varint()).decode()
 
     def table(self) -> np.ndarray:
-        return np.frombuffer(self.take(self.varint()), np.uint8).astype(np.int64)
+        count, width = self.varint(), self.take(1)[0]
+        return _unpack_bits(self.take(_packed_size(count, width)), width, count)
 
 
 # ---------------------------------------------------------------- leaves
@@ -177,13 +201,38 @@ def _stream_bytes(freqs: np.ndarray, lengths: np.ndarray) -> int:
     return 0 if np.count_nonzero(lengths) <= 1 else -(-int(freqs @ lengths) // 8)
 
 
-class _Book:
-    """What a coded record stores besides its streams: the non-zeros' positions, their
-    index into the book (``k`` stands for a filler zero), and the book's bytes."""
+# Scan orders of a coded leaf's non-zeros: the array's, or channel by channel.
+AS_STORED, BY_CHANNEL = 0, 1
 
-    def __init__(self, kind: int, positions, index, k: int, payload: bytes):
+
+def _scanned(positions: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Positions in the array's order -> in the channel-by-channel order."""
+    channels = shape[-1]
+    return (positions % channels) * (int(np.prod(shape)) // channels) + positions // channels
+
+
+def _unscanned(positions: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of ``_scanned``."""
+    rows = int(np.prod(shape)) // shape[-1]
+    return (positions % rows) * shape[-1] + positions // rows
+
+
+class _Book:
+    """What a coded record stores besides its streams: the non-zeros' positions (in
+    the scan ``order``), their index into the book (``k`` stands for a filler zero),
+    and the book's bytes."""
+
+    def __init__(self, kind: int, positions, index, k: int, payload: bytes,
+                 order: int = AS_STORED):
         self.kind, self.positions, self.index, self.k = kind, positions, index, k
-        self.payload = payload
+        self.payload, self.order = payload, order
+
+    def by_channel(self, shape: tuple[int, ...]) -> _Book:
+        """The same book with its entries scanned channel by channel."""
+        positions = _scanned(self.positions, shape)
+        order = np.argsort(positions, kind="stable")
+        return _Book(self.kind, positions[order], self.index[order], self.k, self.payload,
+                     BY_CHANNEL)
 
 
 def _value_book(bit_patterns: np.ndarray) -> _Book:
@@ -260,7 +309,7 @@ def _channel_signs(codes: np.ndarray) -> np.ndarray:
 
 def _coded_header(book: _Book, bits: int, entries: int, gap_lengths, index_lengths,
                   gap_bytes: int, index_bytes: int) -> bytes:
-    return (bytes([book.kind, bits]) + _varint(book.k) + _varint(entries)
+    return (bytes([book.kind, bits | book.order << 7]) + _varint(book.k) + _varint(entries)
             + _table(gap_lengths) + _table(index_lengths)
             + _varint(gap_bytes) + _varint(index_bytes))
 
@@ -293,7 +342,8 @@ def _coded_parts(book: _Book, bits: int):
                            len(gap_stream), len(index_stream))
     parts = {"header": header, "codebook": book.payload, "gaps": gap_stream,
              "indices": index_stream}
-    return parts, {"gap_bits": bits, "entries": len(gaps)}
+    return parts, {"gap_bits": bits, "entries": len(gaps),
+                   "by_channel": int(book.order == BY_CHANNEL)}
 
 
 def _best_coding(book: _Book) -> tuple[int, int]:
@@ -304,7 +354,7 @@ def _best_coding(book: _Book) -> tuple[int, int]:
     return sizes[best], best
 
 
-def _leaf_parts(name: str, array: np.ndarray, code: bool | None):
+def _leaf_parts(name: str, array: np.ndarray, code: bool | None, selected: bool = True):
     """A leaf record split into named parts whose concatenation is the record.
 
     Returns:
@@ -317,6 +367,8 @@ def _leaf_parts(name: str, array: np.ndarray, code: bool | None):
            "raw": bit_patterns.astype(bit_patterns.dtype.newbyteorder("<")).tobytes()}
     if code is False:
         return raw, {}
+    if not selected:
+        return _step_parts(head, array) or raw, {}
     raw_size = len(raw["raw"]) + 1
     books = [book for book in (_value_book(bit_patterns), _channel_book(array),
                                _layer_book(array)) if book]
@@ -327,11 +379,26 @@ def _leaf_parts(name: str, array: np.ndarray, code: bool | None):
                  or b.kind in (CHANNEL, LAYER)]
     if not books:
         return raw, {}
+    if array.ndim >= 2 and array.shape[-1] > 1:
+        books += [b.by_channel(array.shape) for b in books]
     (size, bits), book = min(((_best_coding(b), b) for b in books), key=lambda c: c[0][0])
     if code is None and raw_size <= size:
         return raw, {}
     parts, info = _coded_parts(book, bits)
     return {"header": head + parts.pop("header"), **parts}, info
+
+
+def _step_parts(head: bytes, array: np.ndarray) -> dict | None:
+    """The STEP record of a leaf on one float32 step, when smaller than raw."""
+    grid = bias_grid.read_grid(array)
+    if grid is None:
+        return None
+    bits, step, codes = grid
+    packed = _pack_bits(codes + (1 << (bits - 1)), bits)
+    if 6 + len(packed) >= array.nbytes:
+        return None
+    return {"header": head + bytes([STEP, bits]) + np.float32(step).astype("<f4").tobytes(),
+            "codebook": packed}
 
 
 def _flatten(tree, prefix: str = "") -> list[tuple[str, np.ndarray]]:
@@ -354,7 +421,7 @@ def _flatten(tree, prefix: str = "") -> list[tuple[str, np.ndarray]]:
 def _records(params, rules: Rules, coded: bool | None):
     for name, array in _flatten(params):
         chosen = rule_for(name, rules) is not None
-        yield name, _leaf_parts(name, array, coded if chosen else False)
+        yield name, _leaf_parts(name, array, coded, selected=chosen)
 
 
 # ---------------------------------------------------------------- public API
@@ -413,9 +480,17 @@ def _read_leaf(reader: _Reader, dtype: np.dtype, shape: tuple[int, ...]) -> np.n
     if kind == RAW:
         flat = np.frombuffer(reader.take(size * dtype.itemsize), patterns)
         return flat.astype(patterns.newbyteorder("=")).view(dtype).reshape(shape)
+    if kind == STEP:
+        bits = reader.take(1)[0]
+        if dtype != np.float32 or not 1 <= bits <= 16:
+            raise ValueError(f"corrupt file: a step record of {bits} bits, dtype {dtype}")
+        step = np.frombuffer(reader.take(4), "<f4").astype(np.float32)[0]
+        codes = _unpack_bits(reader.take(_packed_size(size, bits)), bits, size) - (1 << (bits - 1))
+        return (codes.astype(np.float32) * step).reshape(shape)
     if kind not in (CODED, CHANNEL, LAYER):
         raise ValueError(f"unknown leaf kind {kind}")
-    reader.take(1)  # the gap width b: implied by the gap code, kept for readers
+    # The gap width b (implied by the gap code, kept for readers) and the scan order.
+    order = reader.take(1)[0] >> 7
     k, count = reader.varint(), reader.varint()
     gap_lengths, index_lengths = reader.table(), reader.table()
     gap_bytes, index_bytes = reader.varint(), reader.varint()
@@ -432,11 +507,18 @@ def _read_leaf(reader: _Reader, dtype: np.dtype, shape: tuple[int, ...]) -> np.n
     index = huffman_decode(reader.take(index_bytes), index_lengths, count)
     if count and index.max() > k:
         raise ValueError("corrupt file: cluster index out of range")
+    positions = np.cumsum(gaps + 1) - 1
+    if len(positions) and positions[-1] >= size:
+        raise ValueError("corrupt file: relative indices run past the tensor")
+    if order == BY_CHANNEL:
+        positions = _unscanned(positions, shape)
+    real = index < k  # the others are fillers
+    positions, index = positions[real], index[real]
     if kind == CHANNEL:
-        return _scatter_channels(gaps, index, k, *book, size).reshape(shape)
+        return _scatter_channels(positions, index, *book, size).reshape(shape)
     if kind == LAYER:
-        return _scatter_layer(gaps, index, k, *book, size).reshape(shape)
-    return _scatter(gaps, index, book, size, dtype).reshape(shape)
+        return _scatter_layer(positions, index, *book, size).reshape(shape)
+    return _scatter(positions, index, book, size, dtype).reshape(shape)
 
 
 def _read_channel_book(reader: _Reader, channels: int):
@@ -448,12 +530,7 @@ def _read_channel_book(reader: _Reader, channels: int):
     return scales, counts, codes
 
 
-def _scatter_channels(gaps, index, k: int, scales, counts, codes, size: int) -> np.ndarray:
-    positions = np.cumsum(gaps + 1) - 1
-    if len(positions) and positions[-1] >= size:
-        raise ValueError("corrupt file: relative indices run past the tensor")
-    real = index < k
-    positions, index = positions[real], index[real]
+def _scatter_channels(positions, index, scales, counts, codes, size: int) -> np.ndarray:
     channel = positions % len(scales)
     if np.any(index >= counts[channel]):
         raise ValueError("corrupt file: code index past its channel's book")
@@ -463,14 +540,9 @@ def _scatter_channels(gaps, index, k: int, scales, counts, codes, size: int) -> 
     return flat
 
 
-def _scatter_layer(gaps, index, k: int, codes, scales, size: int) -> np.ndarray:
-    positions = np.cumsum(gaps + 1) - 1
-    if len(positions) and positions[-1] >= size:
-        raise ValueError("corrupt file: relative indices run past the tensor")
-    real = index < k
-    positions = positions[real]
+def _scatter_layer(positions, index, codes, scales, size: int) -> np.ndarray:
     flat = np.zeros(size, np.float32)
-    flat[positions] = codes[index[real]].astype(np.float32) * scales[positions % len(scales)]
+    flat[positions] = codes[index].astype(np.float32) * scales[positions % len(scales)]
     return flat
 
 

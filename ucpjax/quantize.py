@@ -35,8 +35,11 @@ Which scale a kernel gets:
   values, which only one scale per tensor does) or ``per_channel=False``,
   every Dense kernel gets one scale per tensor.
 
-Biases stay float. TFLite stores them as int32 with scale ``s_in * s_w``; that
-rounding (below 1e-6 relative for typical layers) is not modelled.
+Biases train as floats. TFLite stores them as int32 with scale ``s_in * s_w``;
+that rounding (below 1e-6 relative for typical layers) is not modelled. With
+``bias_bits`` set, each bias is put on the short grid after training
+(``ucpjax.bias_grid``): its int32 a ``bias_bits``-bit code shifted left, on the
+``s_in`` the export's calibration will give its layer.
 """
 
 from __future__ import annotations
@@ -47,12 +50,13 @@ from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ucpjax import batchnorm, constraints, equalize, int8_grid
+from ucpjax import batchnorm, bias_grid, constraints, equalize, int8_grid
 from ucpjax import rules as rules_lib
 from ucpjax import train as train_lib
 from ucpjax.config import ConfigError, check
@@ -89,6 +93,10 @@ class QuantizeConfig:
       ema_decay: decay of the moving averages of the activation ranges.
       equalize: first rescale the channels that feed each depthwise conv so that
         they share its int8 input range (``ucpjax.equalize``; the same function).
+      bias_bits: None keeps TFLite's int32 biases as the converter rounds them;
+        2..16 puts each Dense/Conv bias on ``ucpjax.bias_grid``'s short grid after
+        training (smaller zipped ``.tflite`` and packed file; not trained, so it
+        moves the model by up to half a grid step per bias).
       train: the fine-tuning budget.
     """
 
@@ -97,6 +105,7 @@ class QuantizeConfig:
     per_channel: bool = True
     ema_decay: float = 0.99
     equalize: bool = True
+    bias_bits: int | None = None
     train: TrainConfig = dataclasses.field(
         default_factory=lambda: TrainConfig(epochs=1, learning_rate=1e-4))
 
@@ -106,6 +115,10 @@ class QuantizeConfig:
             check(isinstance(bits, int) and not isinstance(bits, bool) and 2 <= bits <= 8,
                   name, bits, "an integer in 2..8")
         check(0 < self.ema_decay < 1, "ema_decay", self.ema_decay, "must be in (0, 1)")
+        check(self.bias_bits is None or (isinstance(self.bias_bits, int)
+                                         and not isinstance(self.bias_bits, bool)
+                                         and 2 <= self.bias_bits <= 16),
+              "bias_bits", self.bias_bits, "None or an integer in 2..16")
 
 
 def activation_range(bits: int) -> tuple[int, int]:
@@ -448,7 +461,7 @@ def qat_loss(apply_fn, modes, bits, config: QuantizeConfig):
 
 
 def quantize(params, config: QuantizeConfig, *, apply_fn, data, seed: int,
-             rules: Rules = DEFAULT_RULES):
+             rules: Rules = DEFAULT_RULES, representative_x: np.ndarray | None = None):
     """Quantization-aware fine-tuning, then the weights put on their int grid.
 
     Zeros and weight sharing of earlier stages are kept (``constraints.fit_preserving``),
@@ -462,10 +475,14 @@ def quantize(params, config: QuantizeConfig, *, apply_fn, data, seed: int,
       data: a ``ucpjax.data.Dataset``.
       seed: training seed.
       rules: the quantized leaves and their bits.
+      representative_x: the inputs the export calibrates its activation ranges on
+        (``ExportConfig.representative_samples`` training examples), for
+        ``bias_bits``; by default the first 512 training examples.
 
     Returns:
       ``(params, report)``: params equal to ``quantize_weights(trained, config,
-      rules)`` and a flat report (``quantize/...``).
+      rules)`` (biases on their short grid with ``bias_bits``) and a flat report
+      (``quantize/...``).
     """
     if isinstance(apply_fn, batchnorm.LiveBatchNorm):
         raise ConfigError("quantize: the model's BatchNorm is not folded; the int8 model holds "
@@ -488,6 +505,11 @@ def quantize(params, config: QuantizeConfig, *, apply_fn, data, seed: int,
         extra=ranges, per_channel=True, books=books, desc="quantize")
     ranges = jax.device_get(state.extra)
     quantized = fake_quant_weights(trained, modes, bits)
+    if config.bias_bits is not None:
+        quantized, short = short_biases(
+            apply_fn, quantized, modes, bits, config.bias_bits,
+            calibration if representative_x is None else representative_x)
+        equalized["quantize/short_bias_layers"] = len(short)
     report = {**equalized, **_report(quantized, modes, bits, config, ranges)}
     report["quantize/train_loss"] = history[-1]["loss"]
     report["quantize/val_accuracy"] = train_lib.accuracy(
@@ -496,6 +518,46 @@ def quantize(params, config: QuantizeConfig, *, apply_fn, data, seed: int,
     report["quantize/val_accuracy_float_activations"] = train_lib.accuracy(
         apply_fn, quantized, data.x_val, data.y_val)
     return quantized, report
+
+
+def short_biases(apply_fn, params, modes, bits, bias_bits: int, representative_x):
+    """``(params, names)``: ``params`` with each Dense/Conv bias on ``bias_grid``'s
+    short grid, and the names of the layers whose biases went on it.
+
+    A bias's int32 scale is its layer's input scale, as the export calibrates it
+    on ``representative_x``, times its kernel's scales; that input scale depends on
+    the biases of the layers before, so layers go in the order the model calls
+    them, each calibrated after those before it moved. Layers called more than
+    once (several input scales), whose kernel is not quantized, or whose biases
+    would not convert exactly (``bias_grid.onto_grid``) keep their biases.
+    """
+    flat = flax.traverse_util.flatten_dict(params, sep="/")
+    flat_modes = flax.traverse_util.flatten_dict(modes, sep="/")
+    flat_bits = flax.traverse_util.flatten_dict(bits, sep="/")
+    x = np.asarray(representative_x, np.float32)
+    names = visit_order(apply_fn, params, x.shape[1:])
+    repeated = {name.split("#")[0] for name in names if "#" in name}
+    short = []
+    for name in names:
+        kernel, bias = f"{name}/kernel", f"{name}/bias"
+        if name in repeated or bias not in flat or flat_modes.get(kernel, NONE) == NONE:
+            continue
+        ranges = calibrate(apply_fn, flax.traverse_util.unflatten_dict(flat, sep="/"), x)
+        input_scale, _ = activation_qparams(ranges[name]["min"], ranges[name]["max"], 8)
+        scale = np.float32(input_scale) * _kernel_scales(flat[kernel], flat_modes[kernel],
+                                                          flat_bits[kernel])
+        on_grid = bias_grid.onto_grid(np.asarray(flat[bias]), scale, bias_bits)
+        if on_grid is not None:
+            flat[bias] = on_grid
+            short.append(name)
+    return flax.traverse_util.unflatten_dict(flat, sep="/"), short
+
+
+def _kernel_scales(w, mode: str, bits: int) -> np.ndarray:
+    """The scales the ``.tflite`` gives kernel ``w`` (quantized by ``mode``), flat."""
+    if mode == LAYER:
+        return int8_grid.layer_grid(np.asarray(w), bits)[0]
+    return np.asarray(weight_scale(jnp.asarray(w), mode, bits), np.float32).reshape(-1)
 
 
 def _report(params, modes, bits, config: QuantizeConfig, ranges) -> dict[str, Any]:

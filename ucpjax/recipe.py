@@ -61,8 +61,10 @@ def _cluster(params, recipe, shared: StageInputs):
 
 
 def _quantize(params, recipe, shared: StageInputs):
+    representative_x = shared.data.x_train[:recipe.export.representative_samples]
     return quantize.quantize(params, recipe.quantize, apply_fn=shared.apply_fn,
-                             data=shared.data, seed=shared.seed, rules=shared.rules)
+                             data=shared.data, seed=shared.seed, rules=shared.rules,
+                             representative_x=representative_x)
 
 
 # name -> stage: ``stage(params, recipe, shared) -> (params, report)``.
