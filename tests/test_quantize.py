@@ -7,7 +7,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ucpjax import constraints, data, devices, int8_grid, models, quantize, train
+from ucpjax import bias_grid, constraints, data, devices, int8_grid, models, quantize, train
 from ucpjax.config import ConfigError
 
 SMALL_TRAIN = train.TrainConfig(epochs=0.25, batch_size=64, learning_rate=1e-3)
@@ -188,6 +188,17 @@ def test_qat_keeps_clusters_zeros_and_lands_on_the_grid(lenet, mnist):
     assert report["quantize/act/Dense_1/zero_point"] == -128
 
 
+def test_bias_bits_put_every_bias_on_a_short_grid(lenet, mnist):
+    params, apply_fn = lenet
+    config = quantize.QuantizeConfig(bias_bits=6, train=SMALL_TRAIN)
+    q, report = quantize.quantize(_cluster_and_prune(params), config, apply_fn=apply_fn,
+                                  data=mnist, seed=0)
+    assert report["quantize/short_bias_layers"] == 3
+    for layer in ("Dense_0", "Dense_1", "Dense_2"):  # per tensor: one step per layer
+        bits, _, codes = bias_grid.read_grid(np.asarray(q[layer]["bias"]))
+        assert bits <= 6 and np.count_nonzero(codes) > 0
+
+
 def test_ranges_contain_zero_and_train_step_does_not_recompile(lenet, mnist):
     params, apply_fn = lenet
     config = quantize.QuantizeConfig(ema_decay=0.5)
@@ -221,7 +232,8 @@ def test_ranges_contain_zero_and_train_step_does_not_recompile(lenet, mnist):
 
 @pytest.mark.parametrize("field, value", [
     ("weight_bits", 1), ("weight_bits", 9), ("activation_bits", 16), ("activation_bits", 0),
-    ("ema_decay", 1.0), ("ema_decay", 0.0),
+    ("ema_decay", 1.0), ("ema_decay", 0.0), ("bias_bits", 1), ("bias_bits", 17),
+    ("bias_bits", True),
 ])
 def test_invalid_config_names_the_field(field, value):
     with pytest.raises(ConfigError, match=field):
