@@ -196,11 +196,35 @@ def test_cluster_stage_keeps_zeros_and_at_most_k_values(lenet_setup):
     assert all("bias" not in key for key in rep)
 
 
+def test_a_teacher_guides_the_centroid_fine_tuning(lenet_setup):
+    dataset, apply_fn, params = lenet_setup
+    # A teacher that answers otherwise than the labels: another random init.
+    teacher_params = models.init(models.create("lenet300"), (28, 28, 1), seed=7)["params"]
+    teacher_answers = np.asarray(train_lib.predict(apply_fn, teacher_params, dataset.x_val))
+    agreement = {}
+    for alpha in (0.0, 1.0):
+        config = cluster.ClusterConfig(
+            num_clusters=8, init="density", iterations=10, teacher_alpha=alpha,
+            fine_tune=train_lib.TrainConfig(epochs=1, batch_size=64, learning_rate=1e-2))
+        tuned, _ = cluster.cluster(params, config, apply_fn=apply_fn, data=dataset, seed=0,
+                                   teacher=(apply_fn, teacher_params))
+        for name in ("Dense_0", "Dense_1"):  # still k shared values on the same zeros
+            w = np.asarray(tuned[name]["kernel"])
+            assert len(np.unique(w[w != 0])) <= 8
+        answers = np.asarray(train_lib.predict(apply_fn, tuned, dataset.x_val))
+        agreement[alpha] = np.mean(answers.argmax(-1) == teacher_answers.argmax(-1))
+    assert agreement[1.0] > agreement[0.0] + 0.1, agreement
+    with pytest.raises(ValueError, match="cluster.teacher_alpha > 0 needs a teacher"):
+        cluster.cluster(params, config, apply_fn=apply_fn, data=dataset, seed=0)
+
+
 @pytest.mark.parametrize("field, kwargs, message", [
     ("num_clusters", {"num_clusters": 1}, "fewer than 2 clusters"),
     ("num_clusters", {"num_clusters": 1000}, "<= 256"),
     ("init", {"init": "random"}, "must be one of"),
     ("iterations", {"iterations": 0}, ">= 1"),
+    ("teacher_alpha", {"teacher_alpha": 1.5}, "[0, 1]"),
+    ("teacher_temperature", {"teacher_temperature": 0}, "> 0"),
 ])
 def test_bad_configs_name_the_field(field, kwargs, message):
     with pytest.raises(ConfigError, match=field) as err:

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ucpjax import batchnorm, constraints
+from ucpjax import batchnorm, constraints, distill
 from ucpjax import rules as rules_lib
 from ucpjax import train as train_lib
 from ucpjax.config import check
@@ -46,6 +46,9 @@ class ClusterConfig:
       init: one of INITS; Deep Compression found linear best.
       iterations: Lloyd iterations.
       fine_tune: budget of the centroid fine-tuning, or None to skip it.
+      teacher_alpha, teacher_temperature: as ``PruneConfig``'s, for the centroid
+        fine-tuning: a teacher's softened logits in its loss (None: the labels
+        alone).
     """
 
     num_clusters: int = 16
@@ -53,6 +56,8 @@ class ClusterConfig:
     iterations: int = 30
     fine_tune: train_lib.TrainConfig | None = dataclasses.field(
         default_factory=lambda: train_lib.TrainConfig(epochs=2, learning_rate=1e-4))
+    teacher_alpha: float | None = None
+    teacher_temperature: float | None = None
 
     def __post_init__(self):
         k = self.num_clusters
@@ -62,6 +67,10 @@ class ClusterConfig:
               f"must be <= {rules_lib.MAX_CLUSTERS}")
         check(self.init in INITS, "init", self.init, f"must be one of {INITS}")
         check(self.iterations >= 1, "iterations", self.iterations, "must be >= 1")
+        check(self.teacher_alpha is None or 0 <= self.teacher_alpha <= 1, "teacher_alpha",
+              self.teacher_alpha, "must be in [0, 1], or None")
+        check(self.teacher_temperature is None or self.teacher_temperature > 0,
+              "teacher_temperature", self.teacher_temperature, "must be > 0, or None")
 
 
 # ---------------------------------------------------------------------------
@@ -423,7 +432,7 @@ def share_leaf(w: np.ndarray, requested: int, config: ClusterConfig, key,
 
 
 def cluster(params, config: ClusterConfig, *, apply_fn, data, seed: int,
-            rules: Rules = DEFAULT_RULES):
+            rules: Rules = DEFAULT_RULES, teacher=None):
     """Shares each selected leaf's non-zero weights among k centroids, then fine-tunes them.
 
     Args:
@@ -433,6 +442,8 @@ def cluster(params, config: ClusterConfig, *, apply_fn, data, seed: int,
       data: a ``ucpjax.data.Dataset``.
       seed: fixes forgy / kmeans++ draws and fine-tuning.
       rules: which leaves are clustered, and per-leaf k.
+      teacher: ``(apply_fn, params)`` of the teacher; needed when
+        ``config.teacher_alpha`` > 0, unused otherwise.
 
     Returns:
       ``(params, report)``; per leaf ``cluster/<leaf>/{k, distinct, wcss,
@@ -458,9 +469,12 @@ def cluster(params, config: ClusterConfig, *, apply_fn, data, seed: int,
     report["cluster/val_accuracy_before_fine_tune"] = train_lib.accuracy(
         batchnorm.settled(apply_fn, params, data.x_train), params, data.x_val, data.y_val)
     if config.fine_tune is not None:
+        make_loss, extra = distill.teacher_loss(apply_fn, teacher, alpha=config.teacher_alpha,
+                                                temperature=config.teacher_temperature,
+                                                stage="cluster")
         params, _, history = constraints.fit_preserving(
-            params, constraints.cross_entropy(apply_fn), x=data.x_train, y=data.y_train,
-            config=config.fine_tune, seed=seed, rules=rules, desc="cluster")
+            params, make_loss, x=data.x_train, y=data.y_train, config=config.fine_tune,
+            seed=seed, rules=rules, extra=extra, desc="cluster")
         report["cluster/train_loss"] = history[-1]["loss"]
     for w, name in zip(jax.tree.leaves(params), names, strict=True):
         if name in ks:

@@ -131,6 +131,24 @@ def make_distill_loss(apply_fn: ApplyFn, teacher_apply_fn: ApplyFn, *, temperatu
     return make_loss
 
 
+def teacher_loss(apply_fn: ApplyFn, teacher, *, alpha: float | None,
+                 temperature: float | None, stage: str):
+    """``(make_loss, extra)`` for ``constraints.fit_preserving`` in another stage's
+    training: the labels alone when ``alpha`` is None or 0, else Hinton's loss
+    against ``teacher`` (``(apply_fn, params)``) with weight ``alpha`` on its
+    softened logits at ``temperature`` (None: ``DistillConfig``'s)."""
+    if not alpha:
+        return constraints.cross_entropy(apply_fn), None
+    if teacher is None:
+        raise ValueError(f"{stage}.teacher_alpha > 0 needs a teacher: pass teacher=(apply_fn, "
+                         "params)")
+    teacher_apply_fn, teacher_params = teacher
+    make_loss = make_distill_loss(apply_fn, teacher_apply_fn,
+                                  temperature=temperature or DistillConfig.temperature,
+                                  alpha=alpha)
+    return make_loss, {"teacher": teacher_params}
+
+
 def distill(params, config: DistillConfig, *, apply_fn: ApplyFn, data, seed: int,
             teacher_apply_fn: ApplyFn, teacher_params,
             rules: Rules = DEFAULT_RULES) -> tuple[Any, dict]:

@@ -435,22 +435,6 @@ def sparsity_report(params, rules: Rules = DEFAULT_RULES, prefix: str = "prune")
     return report
 
 
-def _loss(apply_fn, config: PruneConfig, teacher):
-    """``(make_loss, extra)`` of both phases: cross-entropy, or with ``teacher_alpha``
-    the distillation loss against ``teacher``."""
-    if not config.teacher_alpha:
-        return constraints.cross_entropy(apply_fn), None
-    if teacher is None:
-        raise ValueError("prune.teacher_alpha > 0 needs a teacher: pass teacher=(apply_fn, "
-                         "params)")
-    teacher_apply_fn, teacher_params = teacher
-    make_loss = distill.make_distill_loss(apply_fn, teacher_apply_fn,
-                                          temperature=config.teacher_temperature
-                                          or distill.DistillConfig.temperature,
-                                          alpha=config.teacher_alpha)
-    return make_loss, {"teacher": teacher_params}
-
-
 def prune(params, config: PruneConfig, *, apply_fn, data, seed: int,
           rules: Rules = DEFAULT_RULES, curves=None, teacher=None) -> tuple[Any, dict]:
     """Gradual magnitude pruning, then fine-tuning with the final zeros fixed.
@@ -503,7 +487,9 @@ def prune(params, config: PruneConfig, *, apply_fn, data, seed: int,
                                   target=config.channel_sparsity, power=config.power, **ramp)
         pruning = optax.chain(channels.channel_pruning(
             groups, share, frequency=config.frequency, **ramp), pruning)
-    make_loss, extra = _loss(apply_fn, config, teacher)
+    make_loss, extra = distill.teacher_loss(apply_fn, teacher, alpha=config.teacher_alpha,
+                                            temperature=config.teacher_temperature,
+                                            stage="prune")
     params, _, history = constraints.fit_preserving(
         params, make_loss, x=data.x_train, y=data.y_train, config=config.train, seed=seed,
         rules=rules, extra=extra, last_transform=pruning, desc="prune")

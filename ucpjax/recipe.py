@@ -56,8 +56,9 @@ def _distill(params, recipe, shared: StageInputs):
 
 
 def _cluster(params, recipe, shared: StageInputs):
+    teacher = (shared.teacher.apply_fn(), shared.teacher.params) if shared.teacher else None
     return cluster.cluster(params, recipe.cluster, apply_fn=shared.apply_fn, data=shared.data,
-                           seed=shared.seed, rules=shared.rules)
+                           seed=shared.seed, rules=shared.rules, teacher=teacher)
 
 
 def _quantize(params, recipe, shared: StageInputs):
