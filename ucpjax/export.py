@@ -461,27 +461,34 @@ def write_layer_grids(model_bytes: bytes, params, rules: Rules = DEFAULT_RULES) 
         match = _matching_grid(stored, kernel.quantization, grids, *layout)
         if match is None:
             continue
-        name, scales, codes = match
+        name, scales, codes, bias = match
         del grids[name]
         model.buffers[kernel.buffer].data = codes.reshape(-1).view(np.uint8)
         kernel.quantization.scale = scales
         if len(op.inputs) > 2 and op.inputs[2] >= 0:
-            _rescale_bias(model, graph.tensors[op.inputs[2]],
+            tensor = graph.tensors[op.inputs[2]]
+            if bias is None:  # a bias the converter made (zeros): its own values
+                bias = model.buffers[tensor.buffer].data.view(np.int32) * np.asarray(
+                    tensor.quantization.scale, np.float64)
+            _rescale_bias(model, tensor, bias,
                           graph.tensors[op.inputs[0]].quantization.scale[0], scales)
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
 def _layer_grid_kernels(params, rules: Rules) -> dict:
-    """``{leaf name: (kernel, scales, codes shaped like the kernel)}`` of 4-D selected
-    leaves on the layer grid."""
+    """``{leaf name: (kernel, scales, codes shaped like the kernel, bias or None)}`` of
+    4-D selected leaves on the layer grid."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     chosen = jax.tree.leaves(selected(params, rules))
+    leaves = {path_name(path): np.asarray(w) for path, w in flat}
     grids = {}
     for (path, w), sel in zip(flat, chosen, strict=True):
         w = np.asarray(w)
         grid = int8_grid.layer_grid(w) if sel and w.ndim == 4 else None
         if grid is not None:
-            grids[path_name(path)] = (w, grid[0], grid[1].reshape(w.shape))
+            name = path_name(path)
+            bias = leaves.get(name.rpartition("/")[0] + "/bias")
+            grids[name] = (w, grid[0], grid[1].reshape(w.shape), bias)
     return grids
 
 
@@ -494,7 +501,7 @@ def _matching_grid(stored: np.ndarray, quant, grids: dict, axes: tuple, channel_
     shape[channel_axis] = -1
     values = stored * np.asarray(quant.scale, np.float32).reshape(shape)
     best = None
-    for name, (w, scales, codes) in grids.items():
+    for name, (w, scales, codes, bias) in grids.items():
         target = w.transpose(axes)
         if target.shape != stored.shape or not np.array_equal(target == 0, stored == 0):
             continue
@@ -503,18 +510,18 @@ def _matching_grid(stored: np.ndarray, quant, grids: dict, axes: tuple, channel_
         steps = np.abs(values - target) / scales.reshape(shape)
         error = float(steps.max(initial=0.0))
         if error <= 1.0 and (best is None or error < best[0]):
-            best = (error, name, scales, codes.transpose(axes))
+            best = (error, name, scales, codes.transpose(axes), bias)
     return None if best is None else best[1:]
 
 
-def _rescale_bias(model, bias, input_scale: float, scales) -> None:
-    """The int32 bias put on the scales ``input_scale * scales`` (the same real values)."""
-    data = model.buffers[bias.buffer].data.view(np.int32)
-    real = data.astype(np.float64) * np.asarray(bias.quantization.scale, np.float64)
+def _rescale_bias(model, tensor, bias: np.ndarray, input_scale: float, scales) -> None:
+    """The int32 ``tensor`` rewritten as ``bias`` (the params') on the scales
+    ``input_scale * scales``, rounded once, as the converter rounds (so a bias on
+    ``ucpjax.bias_grid``'s short grid keeps its zero low bits)."""
     new_scales = (np.float32(input_scale) * scales).astype(np.float32)
-    codes = np.round(real / new_scales.astype(np.float64))
-    model.buffers[bias.buffer].data = codes.astype("<i4").view(np.uint8)
-    bias.quantization.scale = new_scales
+    codes = np.round(bias.astype(np.float64) / new_scales.astype(np.float64))
+    model.buffers[tensor.buffer].data = codes.astype("<i4").view(np.uint8)
+    tensor.quantization.scale = new_scales
 
 
 def _int8_and_faithfulness(apply_fn, params, dataset, x, y, config: ExportConfig,
