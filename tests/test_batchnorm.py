@@ -115,8 +115,11 @@ def test_depthwise_batchnorm_net_keeps_accuracy_and_k_codes_per_channel(mnist_sm
     variables = _trained(module, mnist_small)
     dense = train.accuracy(Model(module, variables).apply_fn(), variables["params"],
                            mnist_small.x_test, mnist_small.y_test)
+    recipe = _recipe()
+    recipe = dataclasses.replace(recipe, quantize=dataclasses.replace(recipe.quantize,
+                                                                      bias_bits=8))
     result = ucpjax.compress(module, variables, train=(mnist_small.x_train, mnist_small.y_train),
-                             test=(mnist_small.x_test, mnist_small.y_test), recipe=_recipe())
+                             test=(mnist_small.x_test, mnist_small.y_test), recipe=recipe)
     final = result.report["final"]
     assert dense >= 0.8  # a net worth compressing
     # A smoke budget (3 epochs of pruning on 2,000 images; 0.2 points per test
@@ -134,6 +137,16 @@ def test_depthwise_batchnorm_net_keeps_accuracy_and_k_codes_per_channel(mnist_sm
     assert final["packed_bytes"] <= final["tflite_zip_bytes"]
     depthwise = np.asarray(result.variables["params"]["Conv_1"]["kernel"])  # (3, 3, 1, 32)
     assert np.count_nonzero(depthwise.reshape(-1, 32), axis=0).min() >= 2
+    # Short biases: every layer's, the folded BatchNorms' included, is an 8-bit code
+    # shifted left in the .tflite's int32 (the layer-grid convs' written by the export).
+    assert result.report["stages"]["quantize/short_bias_layers"] == 5
+    interp = export.interpreter(result.tflite)
+    biases = [interp.get_tensor(d["index"]).astype(np.int64) for d in interp.get_tensor_details()
+              if d["dtype"] == np.int32 and len(d["shape"]) == 1 and d["shape"][0] > 4]
+    assert len(biases) == 5
+    for ints in biases:
+        shift = min(int(v & -v).bit_length() - 1 for v in np.abs(ints[ints != 0]))
+        assert np.abs(ints >> shift).max() <= 127
 
 
 def test_clustered_convs_exported_without_qat_go_on_their_layer_grid(mnist_small):

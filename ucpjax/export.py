@@ -422,7 +422,8 @@ def int8_tflite(apply_fn: Callable, params, dataset, *, config: ExportConfig,
     # as ``simulated_int8`` holds it.
     on_grid = quantize.quantize_weights(
         params, dataclasses.replace(quantize_config, per_channel=not per_tensor), rules)
-    tflite = write_layer_grids(tflite, on_grid, rules)
+    biases = quantize.layer_biases(apply_fn, params, dataset.input_shape)
+    tflite = write_layer_grids(tflite, on_grid, rules, biases)
     return strip_strings(tflite) if config.strip_strings else tflite
 
 
@@ -431,7 +432,8 @@ def int8_tflite(apply_fn: Callable, params, dataset, *, config: ExportConfig,
 _CONV_LAYOUTS = {3: ((3, 0, 1, 2), 0), 4: ((2, 0, 1, 3), 3)}
 
 
-def write_layer_grids(model_bytes: bytes, params, rules: Rules = DEFAULT_RULES) -> bytes:
+def write_layer_grids(model_bytes: bytes, params, rules: Rules = DEFAULT_RULES,
+                      biases: dict[str, tuple[str, ...]] | None = None) -> bytes:
     """The ``.tflite`` with every conv kernel of ``params`` on the layer grid stored on it.
 
     The converter recomputes each channel's scale as ``max|w| / 127`` and rounds the
@@ -439,10 +441,12 @@ def write_layer_grids(model_bytes: bytes, params, rules: Rules = DEFAULT_RULES) 
     values (``ucpjax.int8_grid``). Each such kernel is found by its layout and
     zeros (and, among equals, by the smallest difference), and its codes and scales
     are written as the params hold them; the bias's scale (input scale times weight
-    scale, which TFLite's kernels require) and its int32 values follow. Kernels in
-    TFLite's sparse format are left as converted.
+    scale, which TFLite's kernels require) and its int32 values follow, from the
+    params' biases: ``biases`` maps a layer to the paths of the biases added to its
+    output (``quantize.layer_biases``; by default the layer's own ``bias``). Kernels
+    in TFLite's sparse format are left as converted.
     """
-    grids = _layer_grid_kernels(params, rules)
+    grids = _layer_grid_kernels(params, rules, biases or {})
     if not grids:
         return model_bytes
     from tensorflow.lite.tools import flatbuffer_utils
@@ -475,7 +479,7 @@ def write_layer_grids(model_bytes: bytes, params, rules: Rules = DEFAULT_RULES) 
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
-def _layer_grid_kernels(params, rules: Rules) -> dict:
+def _layer_grid_kernels(params, rules: Rules, biases: dict[str, tuple[str, ...]]) -> dict:
     """``{leaf name: (kernel, scales, codes shaped like the kernel, bias or None)}`` of
     4-D selected leaves on the layer grid."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
@@ -487,7 +491,9 @@ def _layer_grid_kernels(params, rules: Rules) -> dict:
         grid = int8_grid.layer_grid(w) if sel and w.ndim == 4 else None
         if grid is not None:
             name = path_name(path)
-            bias = leaves.get(name.rpartition("/")[0] + "/bias")
+            layer = name.rpartition("/")[0]
+            found = [leaves[p] for p in biases.get(layer, (f"{layer}/bias",)) if p in leaves]
+            bias = np.sum(found, axis=0, dtype=np.float32) if found else None
             grids[name] = (w, grid[0], grid[1].reshape(w.shape), bias)
     return grids
 

@@ -537,20 +537,52 @@ def short_biases(apply_fn, params, modes, bits, bias_bits: int, representative_x
     x = np.asarray(representative_x, np.float32)
     names = visit_order(apply_fn, params, x.shape[1:])
     repeated = {name.split("#")[0] for name in names if "#" in name}
+    biases = layer_biases(apply_fn, params, x.shape[1:])
     short = []
     for name in names:
-        kernel, bias = f"{name}/kernel", f"{name}/bias"
-        if name in repeated or bias not in flat or flat_modes.get(kernel, NONE) == NONE:
+        kernel, paths = f"{name}/kernel", biases.get(name)
+        if name in repeated or paths is None or flat_modes.get(kernel, NONE) == NONE:
             continue
         ranges = calibrate(apply_fn, flax.traverse_util.unflatten_dict(flat, sep="/"), x)
         input_scale, _ = activation_qparams(ranges[name]["min"], ranges[name]["max"], 8)
         scale = np.float32(input_scale) * _kernel_scales(flat[kernel], flat_modes[kernel],
                                                           flat_bits[kernel])
-        on_grid = bias_grid.onto_grid(np.asarray(flat[bias]), scale, bias_bits)
-        if on_grid is not None:
-            flat[bias] = on_grid
+        total = np.sum([np.asarray(flat[path]) for path in paths], axis=0, dtype=np.float32)
+        on_grid = bias_grid.onto_grid(total, scale, bias_bits)
+        if on_grid is not None:  # the first bias holds the sum: x + 0.0 == x exactly
+            flat.update({paths[0]: on_grid, **{p: np.zeros_like(on_grid) for p in paths[1:]}})
             short.append(name)
     return flax.traverse_util.unflatten_dict(flat, sep="/"), short
+
+
+def layer_biases(apply_fn, params, input_shape: tuple[int, ...]) -> dict[str, tuple[str, ...]]:
+    """``{Dense/Conv layer: paths of the biases added to its output}`` (traced only):
+    its own bias and that of the folded BatchNorm it feeds (``ucpjax.fold`` leaves
+    it the identity plus a trainable bias), whichever it has. TFLite's converter
+    folds their sum into the layer's int32 bias."""
+    keys = set(flax.traverse_util.flatten_dict(params, sep="/"))
+    found, last = {}, [None, None]
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name != "__call__":
+            return out
+        name = "/".join(context.module.path)
+        if isinstance(context.module, (nn.Dense, nn.Conv)):
+            last[:] = out, name
+            if f"{name}/bias" in keys:
+                found[name] = (f"{name}/bias",)
+        elif (isinstance(context.module, nn.BatchNorm) and args and args[0] is last[0]
+              and f"{name}/bias" in keys):
+            found[last[1]] = (*found.get(last[1], ()), f"{name}/bias")
+        return out
+
+    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    with nn.intercept_methods(interceptor):
+        # A new function each call: eval_shape caches traces by function, and a
+        # cached one would not run the interceptor.
+        jax.eval_shape(lambda p, x: apply_fn(p, x), params, x)
+    return found
 
 
 def _kernel_scales(w, mode: str, bits: int) -> np.ndarray:
