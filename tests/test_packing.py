@@ -1,6 +1,7 @@
 """Tests of ucpjax.packing: bit-exact round trips, Huffman optimality, real params."""
 
 import math
+import pathlib
 
 import jax
 import numpy as np
@@ -238,3 +239,15 @@ def test_unit_after_unit_scan_is_chosen_when_smaller_and_round_trips(shape, grid
     # Stored input after input, the same entries cost more.
     as_stored = packing._best_coding(packing._value_book(packing._as_bits(kernel)))[0]
     assert layer["total"] - layer["header"] < as_stored
+
+
+def test_version_1_files_still_decode():
+    """``tests/data/packed_v1.ucpj`` was written by the version-1 encoder (one byte per
+    Huffman code length) from the tree below."""
+    rng = np.random.default_rng(0)
+    w = np.where(rng.random((40, 30)) < 0.2,
+                 rng.choice(np.float32([-0.5, 0.25, 1.0]), (40, 30)), 0).astype(np.float32)
+    b = rng.normal(size=30).astype(np.float32)
+    data = (pathlib.Path(__file__).parent / "data" / "packed_v1.ucpj").read_bytes()
+    assert data[4] == 1
+    _assert_same({"Dense_0": {"kernel": w, "bias": b}}, packing.decode(data))

@@ -168,8 +168,8 @@ def _packed_size(count: int, bits: int) -> int:
 
 
 class _Reader:
-    def __init__(self, data: bytes):
-        self.stream = io.BytesIO(data)
+    def __init__(self, data: bytes, version: int = VERSION):
+        self.stream, self.version = io.BytesIO(data), version
 
     def take(self, n: int) -> bytes:
         out = self.stream.read(n)
@@ -190,6 +190,8 @@ class _Reader:
         return self.take(self.varint()).decode()
 
     def table(self) -> np.ndarray:
+        if self.version == 1:  # a byte per code length
+            return np.frombuffer(self.take(self.varint()), np.uint8).astype(np.int64)
         count, width = self.varint(), self.take(1)[0]
         return _unpack_bits(self.take(_packed_size(count, width)), width, count)
 
@@ -454,9 +456,11 @@ def decode(data: bytes) -> dict:
 
     if data[:4] != MAGIC:
         raise ValueError("not a ucpjax packed file (bad magic)")
-    if data[4] != VERSION:
+    # Version 1 differs only in its code-length tables (it has no step records and
+    # no channel-by-channel scans), so its files still decode.
+    if data[4] not in (1, VERSION):
         raise ValueError(f"unsupported packed file version {data[4]}")
-    reader = _Reader(data[5:])
+    reader = _Reader(data[5:], data[4])
     tree: dict = {}
     for _ in range(reader.varint()):
         name = reader.string()
@@ -511,6 +515,8 @@ def _read_leaf(reader: _Reader, dtype: np.dtype, shape: tuple[int, ...]) -> np.n
     if len(positions) and positions[-1] >= size:
         raise ValueError("corrupt file: relative indices run past the tensor")
     if order == BY_CHANNEL:
+        if len(shape) < 2 or shape[-1] < 1:
+            raise ValueError("corrupt file: a channel-by-channel scan of a tensor without channels")
         positions = _unscanned(positions, shape)
     real = index < k  # the others are fillers
     positions, index = positions[real], index[real]

@@ -505,12 +505,13 @@ def quantize(params, config: QuantizeConfig, *, apply_fn, data, seed: int,
         extra=ranges, per_channel=True, books=books, desc="quantize")
     ranges = jax.device_get(state.extra)
     quantized = fake_quant_weights(trained, modes, bits)
+    report = dict(equalized)
     if config.bias_bits is not None:
         quantized, short = short_biases(
             apply_fn, quantized, modes, bits, config.bias_bits,
             calibration if representative_x is None else representative_x)
-        equalized["quantize/short_bias_layers"] = len(short)
-    report = {**equalized, **_report(quantized, modes, bits, config, ranges)}
+        report["quantize/short_bias_layers"] = len(short)
+    report.update(_report(quantized, modes, bits, config, ranges))
     report["quantize/train_loss"] = history[-1]["loss"]
     report["quantize/val_accuracy"] = train_lib.accuracy(
         quantized_apply(apply_fn, ranges, config.activation_bits), quantized,
@@ -549,8 +550,10 @@ def short_biases(apply_fn, params, modes, bits, bias_bits: int, representative_x
                                                           flat_bits[kernel])
         total = np.sum([np.asarray(flat[path]) for path in paths], axis=0, dtype=np.float32)
         on_grid = bias_grid.onto_grid(total, scale, bias_bits)
-        if on_grid is not None:  # the first bias holds the sum: x + 0.0 == x exactly
-            flat.update({paths[0]: on_grid, **{p: np.zeros_like(on_grid) for p in paths[1:]}})
+        if on_grid is not None:
+            # The first bias holds the sum, the others zero (x + 0.0 == x exactly).
+            flat.update({path: np.zeros_like(on_grid) for path in paths[1:]})
+            flat[paths[0]] = on_grid
             short.append(name)
     return flax.traverse_util.unflatten_dict(flat, sep="/"), short
 
