@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ucpjax import bias_grid, data, export, measure, models, packing, quantize, train
+from ucpjax import bias_grid, export, measure, packing, quantize, train
 from ucpjax.rules import LayerRule
 
 CALIBRATION = 300
@@ -43,22 +43,6 @@ def test_read_grid_refuses_unshared_floats_and_negative_zero():
     assert bias_grid.read_grid(np.zeros((4, 4), np.float32)) is None  # not 1-D
 
 
-@pytest.fixture(scope="module")
-def mnist():
-    return data.load("mnist").take(5000, 2000)
-
-
-@pytest.fixture(scope="module")
-def trained(mnist):
-    model = models.create("lenet300")
-    params = models.init(model, mnist.input_shape)["params"]
-    config = train.TrainConfig(epochs=1, batch_size=32, learning_rate=2e-3)
-    optimizer = train.make_optimizer(config, train.total_steps(config, len(mnist.x_train)))
-    state, _ = train.fit(params, train.classification_loss(model), optimizer,
-                         mnist.x_train, mnist.y_train, config=config, seed=0)
-    return train.inference_fn(model, {}), jax.tree.map(np.asarray, state.params)
-
-
 def _int32_biases(model_bytes: bytes) -> list[np.ndarray]:
     interp = export.interpreter(model_bytes)
     return [interp.get_tensor(d["index"]) for d in interp.get_tensor_details()
@@ -66,13 +50,16 @@ def _int32_biases(model_bytes: bytes) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("per_channel", [True, False])
-def test_short_biases_land_in_the_tflite_as_shifted_codes(trained, mnist, per_channel):
-    apply_fn, params = trained
+def test_short_biases_land_in_the_tflite_as_shifted_codes(lenet300_trained, mnist_5k,
+                                                         per_channel):
+    apply_fn, params = lenet300_trained
+    mnist = mnist_5k
     config = quantize.QuantizeConfig(per_channel=per_channel)
     params = quantize.quantize_weights(params, config)
     modes, bits = quantize.weight_modes(params, config), quantize.weight_bits(params, config)
     rep = mnist.x_train[:CALIBRATION]
     short, layers = quantize.short_biases(apply_fn, params, modes, bits, 8, rep)
+    short = jax.tree.map(np.asarray, short)
     assert layers == ["Dense_0", "Dense_1", "Dense_2"]
 
     def convert(p):

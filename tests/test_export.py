@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from ucpjax import (
-    data,
     export,
     int8_grid,
     measure,
@@ -31,19 +30,13 @@ CALIBRATION = 300  # representative examples given to the converter
 
 
 @pytest.fixture(scope="module")
-def mnist():
-    return data.load("mnist").take(5000, 2000)
+def mnist(mnist_5k):
+    return mnist_5k
 
 
 @pytest.fixture(scope="module")
-def trained(mnist):
-    model = models.create("lenet300")
-    params = models.init(model, mnist.input_shape)["params"]
-    config = train.TrainConfig(epochs=1, batch_size=32, learning_rate=2e-3)
-    optimizer = train.make_optimizer(config, train.total_steps(config, len(mnist.x_train)))
-    state, _ = train.fit(params, train.classification_loss(model), optimizer,
-                         mnist.x_train, mnist.y_train, config=config, seed=0)
-    return train.inference_fn(model, {}), state.params
+def trained(lenet300_trained):
+    return lenet300_trained
 
 
 @pytest.fixture(scope="module")

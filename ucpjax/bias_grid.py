@@ -8,8 +8,9 @@ the packed file an eighth of it. On the short grid a bias is ``code << shift`` o
 that scale: a ``bits``-bit code (``|code| <= 2^(bits-1) - 1``) and one shift per
 layer, the smallest that fits the layer's largest bias. The int32 TFLite's
 kernels read keeps its meaning; it has ``shift`` zero low bits and a
-sign-extended code above them, which deflate takes in about a byte, and the
-packed file stores the codes and one float32 step (``read_grid``).
+sign-extended code above them, which deflate takes in about 2 bytes (LeNet-300-100's
+300 first-layer biases, zipped alone: 994 -> 590 B), and the packed file stores the codes and
+one float32 step (``read_grid``).
 """
 
 from __future__ import annotations
