@@ -43,9 +43,9 @@ def _prune(params, recipe, shared: StageInputs):
                                         flush=True))
         curves = {name: {float(s): drop for s, drop in entry["prune"].items()}
                   for name, entry in table["layers"].items()}
-    teacher = (shared.teacher.apply_fn(), shared.teacher.params) if shared.teacher else None
     return prune.prune(params, recipe.prune, apply_fn=shared.apply_fn, data=shared.data,
-                       seed=shared.seed, rules=shared.rules, curves=curves, teacher=teacher)
+                       seed=shared.seed, rules=shared.rules, curves=curves,
+                       teacher=_teacher(shared))
 
 
 def _distill(params, recipe, shared: StageInputs):
@@ -56,9 +56,13 @@ def _distill(params, recipe, shared: StageInputs):
 
 
 def _cluster(params, recipe, shared: StageInputs):
-    teacher = (shared.teacher.apply_fn(), shared.teacher.params) if shared.teacher else None
     return cluster.cluster(params, recipe.cluster, apply_fn=shared.apply_fn, data=shared.data,
-                           seed=shared.seed, rules=shared.rules, teacher=teacher)
+                           seed=shared.seed, rules=shared.rules, teacher=_teacher(shared))
+
+
+def _teacher(shared: StageInputs):
+    """``(apply_fn, params)`` of the recipe's teacher for a stage's own loss, or None."""
+    return (shared.teacher.apply_fn(), shared.teacher.params) if shared.teacher else None
 
 
 def _quantize(params, recipe, shared: StageInputs):
