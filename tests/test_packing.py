@@ -221,16 +221,16 @@ def _by_unit(shape, channel_axis_grid=False):
         start = rng.integers(0, rows - rows // 8)
         flat[start:start + rows // 8, unit] = rng.choice([-2.0, -1.0, 1.0, 3.0], rows // 8)
     if channel_axis_grid:  # codes times a scale per channel: the converter's int8 grid
-        codes = rng.integers(-127, 128, size=flat.shape).astype(np.float32)
-        codes[:, :] = np.where(flat != 0, codes, 0)
-        codes[np.argmax(flat != 0, axis=0), np.arange(shape[-1])] = 127
-        flat = codes * np.linspace(0.01, 0.02, shape[-1], dtype=np.float32)
+        codes = np.where(flat != 0, rng.integers(-127, 128, size=flat.shape), 0)
+        codes[np.argmax(flat != 0, axis=0), np.arange(shape[-1])] = 127  # each channel's peak
+        flat = (codes * np.linspace(0.01, 0.02, shape[-1], dtype=np.float32)).astype(np.float32)
     return flat.reshape(shape)
 
 
 @pytest.mark.parametrize("shape,grid", [((400, 30), False), ((5, 5, 8, 16), True)])
 def test_unit_after_unit_scan_is_chosen_when_smaller_and_round_trips(shape, grid):
     kernel = _by_unit(shape, grid)
+    assert not grid or int8_grid.channel_grid(kernel) is not None  # per-channel books
     rules = (LayerRule(pattern="kernel"),)
     layer = packing.size_breakdown({"kernel": kernel}, rules=rules)["layers"]["kernel"]
     assert layer["by_channel"] == 1
