@@ -3,14 +3,16 @@
 TFLite stores a Dense/Conv bias as int32 on the scale ``s_in * s_w`` (the input's
 scale times the kernel's, per output channel where the kernel has a scale per
 channel). Its low bits are noise to deflate: in LeNet-300-100 compressed 62x,
-the 410 biases were 1,557 of the zipped ``.tflite``'s 17,010 B, and as float32 in
-the packed file an eighth of it. On the short grid a bias is ``code << shift`` on
-that scale: a ``bits``-bit code (``|code| <= 2^(bits-1) - 1``) and one shift per
-layer, the smallest that fits the layer's largest bias. The int32 TFLite's
-kernels read keeps its meaning; it has ``shift`` zero low bits and a
-sign-extended code above them, which deflate takes in about 2 bytes (LeNet-300-100's
-300 first-layer biases, zipped alone: 994 -> 590 B), and the packed file stores the codes and
-one float32 step (``read_grid``).
+the 410 biases, each layer's zipped alone, took 1,557 B (the whole ``.tflite``
+zipped: 17,010 B), and as float32 an eighth of the packed file.
+
+On the short grid a bias is ``code << shift`` on that scale: a ``bits``-bit code
+(``|code| <= 2^(bits-1) - 1``) and one shift per layer, the smallest that fits
+the layer's largest bias. The int32 TFLite's kernels read keeps its meaning; it
+has ``shift`` zero low bits and a sign-extended code above them, which deflate
+takes in about 2 bytes (LeNet-300-100's 300 first-layer biases, zipped alone:
+994 -> 590 B), and the packed file stores the codes and one float32 step
+(``read_grid``).
 """
 
 from __future__ import annotations

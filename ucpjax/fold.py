@@ -22,6 +22,12 @@ _WEIGHTED = (nn.Dense, nn.Conv)
 
 def find_batchnorm_pairs(model: nn.Module, variables, input_shape) -> list[tuple]:
     """``[(layer_path, batchnorm_path, epsilon)]`` for each BatchNorm fed by a layer."""
+    return batchnorm_pairs(lambda v, x: model.apply(v, x, train=False), variables, input_shape)
+
+
+def batchnorm_pairs(apply_fn, variables, input_shape) -> list[tuple]:
+    """``find_batchnorm_pairs`` of ``apply_fn(variables, x)`` (traced only): of a model
+    whose BatchNorms are folded, too (each then the identity plus its bias)."""
     last_output, producer, pairs = [None], [None], []
 
     def interceptor(next_fun, args, kwargs, context):
@@ -37,7 +43,9 @@ def find_batchnorm_pairs(model: nn.Module, variables, input_shape) -> list[tuple
 
     x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
     with nn.intercept_methods(interceptor):
-        jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
+        # A new function each call: eval_shape caches traces by function, and a
+        # cached one would not run the interceptor.
+        jax.eval_shape(lambda v, x: apply_fn(v, x), variables, x)
     return pairs
 
 

@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ucpjax import batchnorm, bias_grid, constraints, equalize, int8_grid
+from ucpjax import batchnorm, bias_grid, constraints, equalize, fold, int8_grid
 from ucpjax import rules as rules_lib
 from ucpjax import train as train_lib
 from ucpjax.config import ConfigError, check
@@ -559,32 +559,17 @@ def short_biases(apply_fn, params, modes, bits, bias_bits: int, representative_x
 
 
 def layer_biases(apply_fn, params, input_shape: tuple[int, ...]) -> dict[str, tuple[str, ...]]:
-    """``{Dense/Conv layer: paths of the biases added to its output}`` (traced only):
-    its own bias and that of the folded BatchNorm it feeds (``ucpjax.fold`` leaves
+    """``{layer with a kernel: paths of the biases added to its output}`` (traced
+    only): its own bias and that of the folded BatchNorm it feeds (``ucpjax.fold`` leaves
     it the identity plus a trainable bias), whichever it has. TFLite's converter
     folds their sum into the layer's int32 bias."""
     keys = set(flax.traverse_util.flatten_dict(params, sep="/"))
-    found, last = {}, [None, None]
-
-    def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        if context.method_name != "__call__":
-            return out
-        name = "/".join(context.module.path)
-        if isinstance(context.module, (nn.Dense, nn.Conv)):
-            last[:] = out, name
-            if f"{name}/bias" in keys:
-                found[name] = (f"{name}/bias",)
-        elif (isinstance(context.module, nn.BatchNorm) and args and args[0] is last[0]
-              and f"{name}/bias" in keys):
-            found[last[1]] = (*found.get(last[1], ()), f"{name}/bias")
-        return out
-
-    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
-    with nn.intercept_methods(interceptor):
-        # A new function each call: eval_shape caches traces by function, and a
-        # cached one would not run the interceptor.
-        jax.eval_shape(lambda p, x: apply_fn(p, x), params, x)
+    found = {key.removesuffix("/bias"): (key,) for key in keys
+             if key.endswith("/bias") and key.removesuffix("/bias") + "/kernel" in keys}
+    for layer_path, bn_path, _ in fold.batchnorm_pairs(apply_fn, params, input_shape):
+        layer, bias = "/".join(layer_path), "/".join((*bn_path, "bias"))
+        if bias in keys:
+            found[layer] = (*found.get(layer, ()), bias)
     return found
 
 
