@@ -64,15 +64,18 @@ def _pruned_normal(n=3000, seed=0):
     return w
 
 
-def _numpy_lloyd(x, centroids, iterations):
-    """Float64 reference: (centroids, WCSS of each iteration's clusters about new means)."""
+def _numpy_lloyd(x, centroids, iterations, weights=None):
+    """Float64 reference: (centroids, (weighted) WCSS of each iteration's clusters about
+    their new means)."""
+    weights = np.ones_like(x) if weights is None else weights
     c, history = np.asarray(centroids, np.float64), []
     for _ in range(iterations):
         c = np.sort(c)
         idx = np.searchsorted((c[1:] + c[:-1]) / 2, x)
-        groups = [x[idx == j] for j in range(len(c))]
-        c = np.array([g.mean() if g.size else cj for g, cj in zip(groups, c, strict=True)])
-        history.append(sum(((g - cj) ** 2).sum() for g, cj in zip(groups, c, strict=True)))
+        c = np.array([np.average(x[idx == j], weights=weights[idx == j])
+                      if np.any(idx == j) else cj for j, cj in enumerate(c)])
+        history.append(sum((weights[idx == j] * (x[idx == j] - cj) ** 2).sum()
+                           for j, cj in enumerate(c)))
     return np.sort(c), np.array(history)
 
 
@@ -98,6 +101,25 @@ def test_kmeans_matches_float64_lloyd_and_objective_never_increases(init):
     nearest = np.abs(w[nz, None] - np.asarray(centroids)[None]).min(1)
     np.testing.assert_allclose(np.abs(w[nz] - np.asarray(centroids)[assignment[nz]]), nearest,
                                atol=1e-7)
+
+
+def test_weighted_kmeans_matches_float64_and_unit_weights_change_nothing():
+    w = _pruned_normal()
+    values, mask = jnp.asarray(w), jnp.asarray(w != 0)
+    importance = np.random.default_rng(2).exponential(1.0, w.shape).astype(np.float32)
+    kwargs = {"k": 8, "init": "linear", "key": jax.random.key(1), "iterations": 20}
+    centroids, assignment, history = cluster.kmeans(values, mask, **kwargs,
+                                                    importance=jnp.asarray(importance))
+    start = cluster.initial_centroids(values, mask, k=8, init="linear", key=kwargs["key"])
+    nz = w != 0
+    ref_c, ref_h = _numpy_lloyd(w[nz].astype(np.float64), start, 20,
+                                importance[nz].astype(np.float64))
+    np.testing.assert_allclose(centroids, ref_c, atol=1e-6)
+    np.testing.assert_allclose(history, ref_h, rtol=1e-5)
+    assert not np.allclose(centroids, cluster.kmeans(values, mask, **kwargs)[0], atol=1e-4)
+    ones = cluster.kmeans(values, mask, **kwargs, importance=jnp.ones_like(values))
+    for got, plain in zip(ones, cluster.kmeans(values, mask, **kwargs), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(plain))
 
 
 def test_second_call_with_same_shapes_does_not_recompile():
@@ -225,6 +247,7 @@ def test_a_teacher_guides_the_centroid_fine_tuning(lenet_setup):
     ("iterations", {"iterations": 0}, ">= 1"),
     ("teacher_alpha", {"teacher_alpha": 1.5}, "[0, 1]"),
     ("teacher_temperature", {"teacher_temperature": 0}, "> 0"),
+    ("criterion", {"criterion": "hessian"}, "one of"),
 ])
 def test_bad_configs_name_the_field(field, kwargs, message):
     with pytest.raises(ConfigError, match=field) as err:

@@ -264,6 +264,7 @@ def test_a_teacher_guides_the_pruned_net_towards_its_own_answers(mnist, lenet):
     ("power", {"power": 0}),
     ("teacher_alpha", {"teacher_alpha": 1.5}),
     ("teacher_temperature", {"teacher_temperature": 0}),
+    ("criterion", {"criterion": "gradient"}),
 ])
 def test_invalid_config_names_field(field, kwargs):
     with pytest.raises(ConfigError, match=rf"^{field}="):

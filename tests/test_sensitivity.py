@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from ucpjax import cluster, data, models, prune, sensitivity, train
+from ucpjax import cluster, data, models, prune, saliency, sensitivity, train
 from ucpjax.train import TrainConfig
 
 
@@ -38,6 +38,22 @@ def test_drops_are_the_accuracy_lost_by_one_layer_alone(trained):
     # Pruning the 1,000-weight output layer to 1% hurts more than halving it.
     entry = table["layers"]["Dense_2/kernel"]
     assert entry["prune"]["0.99"] > entry["prune"]["0.5"] and entry["size"] == 1000
+
+
+def test_the_activation_criterion_prunes_as_the_prune_stage_would(trained):
+    params, apply_fn, mnist = trained
+    table = sensitivity.measure(params, apply_fn=apply_fn, data=mnist, sparsities=(0.95,),
+                                clusters=(), criterion="activation")
+    assert table["criterion"] == "activation"
+    scale = saliency.input_scales(apply_fn, params, mnist.x_train[:saliency.SAMPLES])
+    kernel = params["Dense_0"]["kernel"]
+    alone = {**params, "Dense_0": {**params["Dense_0"], "kernel": prune.prune_once(
+        kernel, 0.95, scale=scale["Dense_0"]["kernel"])}}
+    assert not np.array_equal(alone["Dense_0"]["kernel"] != 0,
+                              np.asarray(prune.prune_once(kernel, 0.95)) != 0)
+    base = train.accuracy(apply_fn, params, mnist.x_val, mnist.y_val)
+    expected = 100 * (base - train.accuracy(apply_fn, alone, mnist.x_val, mnist.y_val))
+    assert table["layers"]["Dense_0/kernel"]["prune"]["0.95"] == pytest.approx(expected)
     assert "Dense_2/kernel" in sensitivity.markdown(table)
 
 

@@ -67,7 +67,8 @@ def _sensitivity_command(args) -> int:
     model, dataset = experiment.dense_model(config)
     table = sensitivity.measure(
         model.params, apply_fn=model.apply_fn(), data=dataset, rules=config.recipe.rules,
-        min_per_channel=config.recipe.prune.min_per_channel, seed=config.seed,
+        min_per_channel=config.recipe.prune.min_per_channel,
+        criterion=config.recipe.prune.criterion, seed=config.seed,
         progress=lambda name: print(f"measuring {name} ...", flush=True))
     folder.write_json("sensitivity.json", table)
     folder.write_bytes("sensitivity.md", sensitivity.markdown(table).encode())

@@ -13,6 +13,11 @@ and squares are taken once, and every iteration is ``k`` binary searches plus
 float32 values lose digits, so they are kept as float-float pairs (hi + lo,
 error-free additions); with them the centroids and the objective match a
 float64 computation closely.
+
+With ``criterion="activation"`` each weight's squared error counts by the mean
+square of the input it multiplies (``ucpjax.saliency``): the k-means then
+minimises the error of the layer's output, not of its weights, and a
+centroid is its members' mean weighted so.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ucpjax import batchnorm, constraints, distill
+from ucpjax import batchnorm, constraints, distill, saliency
 from ucpjax import rules as rules_lib
 from ucpjax import train as train_lib
 from ucpjax.config import check
@@ -49,6 +54,9 @@ class ClusterConfig:
       teacher_alpha, teacher_temperature: as ``PruneConfig``'s, for the centroid
         fine-tuning: a teacher's softened logits in its loss (None: the labels
         alone).
+      criterion: how the k-means weighs each weight's error: ``magnitude``
+        (alike) or ``activation`` (by its input's mean square, measured as
+        ``PruneConfig.criterion`` measures it). None: ``magnitude``.
     """
 
     num_clusters: int = 16
@@ -58,6 +66,7 @@ class ClusterConfig:
         default_factory=lambda: train_lib.TrainConfig(epochs=2, learning_rate=1e-4))
     teacher_alpha: float | None = None
     teacher_temperature: float | None = None
+    criterion: str | None = None
 
     def __post_init__(self):
         k = self.num_clusters
@@ -71,6 +80,8 @@ class ClusterConfig:
               self.teacher_alpha, "must be in [0, 1], or None")
         check(self.teacher_temperature is None or self.teacher_temperature > 0,
               "teacher_temperature", self.teacher_temperature, "must be > 0, or None")
+        check(self.criterion is None or self.criterion in saliency.CRITERIA, "criterion",
+              self.criterion, f"one of {saliency.CRITERIA}, or None")
 
 
 # ---------------------------------------------------------------------------
@@ -145,6 +156,8 @@ def _dd_range(prefix, start, stop):
 # ---------------------------------------------------------------------------
 # k-means
 
+_TINY = float(np.finfo(np.float32).tiny)
+
 def _sort_key(x):
     """An int32 whose order is the float order (XLA sorts ints much faster than floats)."""
     bits = jax.lax.bitcast_convert_type(x, jnp.int32)
@@ -157,6 +170,13 @@ def _sorted_members(values, mask):
     keys = jax.lax.sort(_sort_key(values))
     count = jnp.sum(mask, dtype=jnp.int32)
     return jax.lax.bitcast_convert_type(_sort_key(keys), jnp.float32), count
+
+
+def _sorted_importance(values, mask, importance):
+    """``importance`` in the order ``_sorted_members`` puts ``values``; 0 past the members."""
+    values = jnp.where(mask, values.astype(jnp.float32), jnp.inf)
+    importance = jnp.where(mask, importance.astype(jnp.float32), 0.0)
+    return jax.lax.sort((_sort_key(values), importance), num_keys=1)[1]
 
 
 def _initial(sorted_values, count, values, mask, *, k: int, init: str, key):
@@ -235,11 +255,20 @@ def initial_centroids(values, mask, *, k: int, init: str, key) -> jax.Array:
     return _initial(sorted_values, count, values, mask, k=k, init=init, key=key)
 
 
-def _lloyd(sorted_values, count, centroids, iterations: int):
-    """Lloyd iterations on sorted members; returns (sorted centroids, history)."""
+def _lloyd(sorted_values, count, centroids, iterations: int, sorted_importance=None):
+    """Lloyd iterations on sorted members; returns (sorted centroids, history).
+
+    With ``sorted_importance`` (per member, >= 0) the means and the objective are
+    weighted by it; clusters stay the runs cut at the midpoints.
+    """
     valid = jnp.arange(sorted_values.shape[0]) < count
     members = jnp.where(valid, sorted_values, 0.0)
-    hi, lo = _dd_cumsum(jnp.stack([members, members * members]))
+    if sorted_importance is None:
+        hi, lo = _dd_cumsum(jnp.stack([members, members * members]))
+    else:
+        weighted = sorted_importance * members
+        hi, lo = _dd_cumsum(jnp.stack([weighted, weighted * members, sorted_importance]))
+        weights = (hi[2], lo[2])
     sums, squares = (hi[0], lo[0]), (hi[1], lo[1])
 
     def step(c, _):
@@ -249,15 +278,20 @@ def _lloyd(sorted_values, count, centroids, iterations: int):
         bounds = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.minimum(cuts, count),
                                   count[None]])
         start, stop = bounds[:-1], bounds[1:]
-        n = (stop - start).astype(jnp.float32)
+        if sorted_importance is None:
+            n = (stop - start).astype(jnp.float32)
+        else:
+            n = sum(_dd_range(weights, start, stop))
         s_hi, s_lo = _dd_range(sums, start, stop)
         q_hi, q_lo = _dd_range(squares, start, stop)
-        c = jnp.where(n > 0, (s_hi + s_lo) / jnp.maximum(n, 1), c)  # empty: keep the old one
+        # Empty (or weightless): keep the old one. max(n, tiny) guards the division only.
+        c = jnp.where(n > 0, (s_hi + s_lo) / jnp.maximum(n, _TINY), c)
         # Within-cluster SS about the new means: (n Q - S^2) / n, in float-float.
         nq, nq_err = _two_prod(n, q_hi)
         ss, ss_err = _two_prod(s_hi, s_hi)
         diff = _dd_add((nq, nq_err + n * q_lo), (-ss, -(ss_err + 2 * s_hi * s_lo)))
-        wcss = jnp.where(n > 0, jnp.maximum(diff[0] + diff[1], 0.0) / jnp.maximum(n, 1), 0.0)
+        wcss = jnp.where(n > 0, jnp.maximum(diff[0] + diff[1], 0.0) / jnp.maximum(n, _TINY),
+                         0.0)
         return c, jnp.sum(wcss)
 
     centroids, history = jax.lax.scan(step, centroids.astype(jnp.float32), None,
@@ -293,7 +327,7 @@ def lloyd(values, mask, centroids, *, iterations: int):
 
 
 @functools.partial(jax.jit, static_argnames=("k", "init", "iterations"))
-def kmeans(values, mask, *, k: int, init: str, key, iterations: int):
+def kmeans(values, mask, *, k: int, init: str, key, iterations: int, importance=None):
     """1-D k-means of ``values[mask]`` (Lloyd's algorithm, ``iterations`` steps).
 
     Args:
@@ -304,19 +338,23 @@ def kmeans(values, mask, *, k: int, init: str, key, iterations: int):
       init: ``linear``, ``density``, ``forgy`` or ``kmeans++`` (static).
       key: a JAX PRNG key (forgy and kmeans++ draw from it).
       iterations: Lloyd iterations (static, >= 1); all of them run.
+      importance: optional non-negative float array like ``values``: each value's
+        weight in the means and in the sum of squares (None: all alike).
 
     Returns:
       ``(centroids, assignment, history)``: float32 ``(k,)`` centroids, ascending
       (a cluster that empties keeps its previous centroid); int32 index of the
       nearest centroid per value, ``k`` where ``mask`` is False; float32
-      ``(iterations,)`` within-cluster sum of squares of each iteration's
-      clusters about their updated means, which never increases.
+      ``(iterations,)`` (weighted) within-cluster sum of squares of each
+      iteration's clusters about their updated means, which never increases.
     """
     if init not in INITS:
         raise ValueError(f"init={init!r}: must be one of {INITS}")
     sorted_values, count = _sorted_members(values, mask)
     start = _initial(sorted_values, count, values, mask, k=k, init=init, key=key)
-    centroids, history = _lloyd(sorted_values, count, start, iterations)
+    sorted_importance = (None if importance is None
+                         else _sorted_importance(values, mask, importance))
+    centroids, history = _lloyd(sorted_values, count, start, iterations, sorted_importance)
     return centroids, _assign(values, mask, centroids), history
 
 
@@ -403,12 +441,14 @@ def _at_most_distinct(values: np.ndarray, k: int) -> bool:
 
 
 def share_leaf(w: np.ndarray, requested: int, config: ClusterConfig, key,
-               padded_size: int = 0) -> tuple[np.ndarray, dict]:
+               padded_size: int = 0, importance=None) -> tuple[np.ndarray, dict]:
     """Clusters one leaf to ``requested`` values; returns the shared weights and its report.
 
     The non-zeros are padded to a power of two of at least ``padded_size``: leaves
     padded alike (and with the same k) share one compile of ``kmeans``. Padding
     leaves linear and density starts unchanged; forgy and k-means++ draw over it.
+    ``importance``: optional, broadcastable to ``w``: each weight's weight in the
+    k-means (``kmeans``).
     """
     values = w.reshape(-1).astype(np.float32)
     where = np.flatnonzero(values)
@@ -422,8 +462,11 @@ def share_leaf(w: np.ndarray, requested: int, config: ClusterConfig, key,
         info.update(k=len(np.unique(nonzero)), kept=1, wcss=0.0)
         return w, info
     padded, padded_mask = _padded(nonzero, padded_size)
+    if importance is not None:
+        importance = _padded(np.broadcast_to(importance, w.shape).reshape(-1)[where],
+                             padded_size)[0]
     centroids, assignment, _ = kmeans(padded, padded_mask, k=k, init=config.init, key=key,
-                                      iterations=config.iterations)
+                                      iterations=config.iterations, importance=importance)
     members = np.asarray(centroids)[np.asarray(assignment)[:count]]
     shared = np.zeros_like(values)
     shared[where] = members
@@ -456,12 +499,15 @@ def cluster(params, config: ClusterConfig, *, apply_fn, data, seed: int,
     root = jax.random.key(seed)
     report, out, ks = {}, [], {}
     padded_size = common_padded_size(w for (_, w), k in zip(flat, wanted) if k)
+    scales = jax.tree.leaves(saliency.scales(config.criterion, apply_fn, params, data.x_train),
+                             is_leaf=lambda f: f is None)
     for i, ((_, w), name, k) in enumerate(zip(flat, names, wanted, strict=True)):
         if not k:
             out.append(w)
             continue
+        importance = None if scales[i] is None else np.square(scales[i])
         shared, info = share_leaf(np.asarray(w), k, config, jax.random.fold_in(root, i),
-                                  padded_size)
+                                  padded_size, importance)
         out.append(jnp.asarray(shared))
         ks[name] = info["k"]
         report.update({f"cluster/{name}/{key}": value for key, value in info.items()})

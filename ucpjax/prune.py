@@ -2,7 +2,9 @@
 
 The sparsity of each pruned leaf follows a cubic ramp from ``initial`` to
 ``target`` between two steps of the pruning phase; every ``frequency`` steps
-(and at both ends of the ramp) the smallest-magnitude weights are masked.
+(and at both ends of the ramp) the lowest-scoring weights are masked: the
+smallest in magnitude, or in magnitude times their input's RMS
+(``ucpjax.saliency``).
 The masks live in the state of an optax transform that sits last in the
 chain, so pruned weights are exactly zero after every update and the training
 loop needs no hook. A fine-tuning phase with the final zeros fixed follows.
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ucpjax import batchnorm, channels, constraints, distill, train
+from ucpjax import batchnorm, channels, constraints, distill, saliency, train
 from ucpjax import rules as rules_lib
 from ucpjax.config import ConfigError, check
 from ucpjax.rules import DEFAULT_RULES, Rules
@@ -77,7 +79,12 @@ class PruneConfig:
         stage). None or 0: the labels alone.
       teacher_temperature: softmax temperature of that soft term; None: the
         distill stage's default (4).
-      (Both default to None, so a run folder made before they existed resumes.)
+      criterion: what ranks the weights (``ucpjax.saliency``): ``magnitude``
+        (``|w|``) or ``activation`` (``|w|`` times the RMS of the input it
+        multiplies, measured once at the start of the stage on the first
+        ``saliency.SAMPLES`` training examples). None: ``magnitude``.
+      (These three default to None, so a run folder made before they existed
+      resumes.)
       train: budget of the pruning phase.
       fine_tune: budget of the fine-tuning phase, or None to skip it.
     """
@@ -93,6 +100,7 @@ class PruneConfig:
     channel_sparsity: float = 0.0
     teacher_alpha: float | None = None
     teacher_temperature: float | None = None
+    criterion: str | None = None
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(epochs=10))
     fine_tune: TrainConfig | None = dataclasses.field(
         default_factory=lambda: TrainConfig(epochs=2, learning_rate=1e-4))
@@ -117,6 +125,8 @@ class PruneConfig:
               self.teacher_alpha, "must be in [0, 1], or None")
         check(self.teacher_temperature is None or self.teacher_temperature > 0,
               "teacher_temperature", self.teacher_temperature, "must be > 0, or None")
+        check(self.criterion is None or self.criterion in saliency.CRITERIA, "criterion",
+              self.criterion, f"one of {saliency.CRITERIA}, or None")
 
 
 def _is_none(x) -> bool:
@@ -180,6 +190,10 @@ def _order_keys(x: jax.Array) -> jax.Array:
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
+def _score(weights: jax.Array, scale) -> jax.Array:
+    return jnp.abs(weights) if scale is None else jnp.abs(weights) * scale
+
+
 def _count(sparsity: jax.Array, size: int) -> jax.Array:
     return jnp.round(sparsity * size).astype(jnp.int32)
 
@@ -212,14 +226,16 @@ def _keep_with_floor(scores: jax.Array, num_pruned, protected: jax.Array) -> jax
 def magnitude_pruning(
     targets, *, initial_sparsity: float = 0.0, begin_step: int, end_step: int,
     frequency: int = 1, power: float = 3.0, global_leaves=None, min_per_channel: int = 0,
+    scales=None,
 ) -> optax.GradientTransformation:
     """Elementwise magnitude masks in the optimizer state; put it last in the chain.
 
     At steps ``begin_step, begin_step + frequency, ...`` and at ``end_step``
     the masks are recomputed from the magnitudes of the weights after this
-    update (``params + updates``): in each leaf (or over the ``global_leaves``
-    together) the smallest weights are masked so that the count of masked
-    entries is ``round(sparsity(step) * size)``. Masked entries stay masked
+    update (``params + updates``), each times its ``scales`` entry if given:
+    in each leaf (or over the ``global_leaves`` together) the lowest-scoring
+    weights are masked so that the count of masked entries is
+    ``round(sparsity(step) * size)``. Masked entries stay masked
     and weights that are zero at ``init`` start masked. The update of a masked
     entry is ``-params``, so the weight is exactly 0.0 after every step.
     Mask updates run under ``lax.cond``: no recompilation per step.
@@ -234,6 +250,8 @@ def magnitude_pruning(
       global_leaves: optional pytree of bools like params: these leaves are
         ranked together by one threshold; they must share one target.
       min_per_channel: non-zeros each output channel keeps (see ``PruneConfig``).
+      scales: optional pytree like params: per leaf, None or non-negative
+        factors broadcastable to it (``saliency.input_scales``).
 
     Returns:
       An ``optax.GradientTransformation`` whose update needs ``params``.
@@ -246,6 +264,10 @@ def magnitude_pruning(
     if len(group) != len(target_list):
         raise ValueError("global_leaves must have the structure of targets")
     group = [g and t is not None for g, t in zip(group, target_list)]
+    scale_list = ([None] * len(target_list) if scales is None
+                  else jax.tree.flatten(scales, is_leaf=_is_none)[0])
+    if len(scale_list) != len(target_list):
+        raise ValueError("scales must have the structure of targets")
     global_targets = {t for t, g in zip(target_list, group) if g}
     if len(global_targets) > 1:
         raise ValueError(f"global_leaves must share one target, got {sorted(global_targets)}")
@@ -265,8 +287,8 @@ def magnitude_pruning(
         new = list(masks)
         candidates = [p + u for p, u in zip(p_list, u_list)]
         # Already-masked entries score -1, below every magnitude, so they stay masked.
-        scores = [None if t is None else jnp.where(m, jnp.abs(c), -1.0)
-                  for m, c, t in zip(masks, candidates, target_list)]
+        scores = [None if t is None else jnp.where(m, _score(c, f), -1.0)
+                  for m, c, t, f in zip(masks, candidates, target_list, scale_list)]
         floor = [None if s is None else _protected(s, min_per_channel) for s in scores]
         for i, target in enumerate(target_list):
             if target is not None and not group[i]:
@@ -402,16 +424,18 @@ def _own_target(params, rules: Rules) -> Any:
 # Jitted whole (one compile per shape): op by op, its bisection and floor compile
 # dozens of small programs, and ``ucpjax.sensitivity`` calls it on every layer.
 @functools.partial(jax.jit, static_argnames=("min_per_channel",))
-def prune_once(weights, sparsity: float, min_per_channel: int = 0) -> jax.Array:
-    """Zeros the smallest-magnitude weights so that ``round(sparsity * size)`` are zero.
+def prune_once(weights, sparsity: float, min_per_channel: int = 0, scale=None) -> jax.Array:
+    """Zeros the lowest-scoring weights so that ``round(sparsity * size)`` are zero.
 
-    Existing zeros count as pruned; each output channel keeps ``min_per_channel``
-    non-zeros. Only zeros are added, so a weight-shared tensor keeps at most its
-    distinct non-zero values (weight-shared leaves are pruned this way, and
-    ``ucpjax.sensitivity`` prunes one layer alone this way).
+    A weight's score is its magnitude, times its ``scale`` entry if given
+    (``saliency.input_scales``). Existing zeros count as pruned; each output
+    channel keeps ``min_per_channel`` non-zeros. Only zeros are added, so a
+    weight-shared tensor keeps at most its distinct non-zero values
+    (weight-shared leaves are pruned this way, and ``ucpjax.sensitivity``
+    prunes one layer alone this way).
     """
     w = jnp.asarray(weights)
-    scores = jnp.where(w != 0, jnp.abs(w), -1.0)
+    scores = jnp.where(w != 0, _score(w, scale), -1.0)
     keep = _keep_with_floor(scores, _count(jnp.float32(sparsity), w.size),
                             _protected(scores, min_per_channel))
     return jnp.where(keep, w, 0.0)
@@ -457,13 +481,14 @@ def prune(params, config: PruneConfig, *, apply_fn, data, seed: int,
       ``prune/val_accuracy`` and ``prune/loss`` (last epoch's training loss).
     """
     targets = leaf_targets(params, config, rules, curves)
+    scales = saliency.scales(config.criterion, apply_fn, params, data.x_train)
     books = constraints.codebooks(params, rules)
     shared = jax.tree.map(lambda b: b is not None, books,
                           is_leaf=lambda b: b is None or isinstance(b, constraints.Codebook))
     # Weight-shared leaves cannot be masked weight by weight: pruned once, up front.
     params = jax.tree.map(
-        lambda w, t, s: prune_once(w, t, config.min_per_channel) if s and t else w,
-        params, targets, shared, is_leaf=_is_none)
+        lambda w, t, s, f: prune_once(w, t, config.min_per_channel, f) if s and t else w,
+        params, targets, shared, scales, is_leaf=_is_none)
     mask_targets = jax.tree.map(lambda t, s: None if s else t, targets, shared, is_leaf=_is_none)
     global_leaves = None
     if config.scope == "global":
@@ -476,7 +501,7 @@ def prune(params, config: PruneConfig, *, apply_fn, data, seed: int,
     pruning = magnitude_pruning(
         mask_targets, initial_sparsity=config.initial_sparsity, **ramp,
         frequency=config.frequency, power=config.power, global_leaves=global_leaves,
-        min_per_channel=config.min_per_channel)
+        min_per_channel=config.min_per_channel, scales=scales)
     groups = None
     if config.channel_sparsity:
         if any(jax.tree.leaves(shared)):

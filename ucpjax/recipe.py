@@ -38,6 +38,7 @@ def _prune(params, recipe, shared: StageInputs):
         table = sensitivity.measure(params, apply_fn=shared.apply_fn, data=shared.data,
                                     rules=shared.rules, clusters=(),
                                     min_per_channel=recipe.prune.min_per_channel,
+                                    criterion=recipe.prune.criterion,
                                     seed=shared.seed, progress=lambda name: print(
                                         f"prune: measuring the sensitivity of {name} ...",
                                         flush=True))

@@ -415,7 +415,8 @@ def _sensitivity(out: pathlib.Path, config: Experiment, dense, dataset, log) -> 
         table = sensitivity.measure(
             dense.params, apply_fn=dense.apply_fn(), data=dataset, rules=config.recipe.rules,
             sparsities=SPARSITIES, clusters=CLUSTERS,
-            min_per_channel=config.recipe.prune.min_per_channel, seed=config.seed,
+            min_per_channel=config.recipe.prune.min_per_channel,
+            criterion=config.recipe.prune.criterion, seed=config.seed,
             progress=lambda name: log(f"measuring the sensitivity of {name} ..."))
         folder.write_json("sensitivity.json", table)
     return table

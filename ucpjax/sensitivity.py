@@ -20,7 +20,7 @@ import re
 import jax
 import numpy as np
 
-from ucpjax import batchnorm, cluster, prune, train
+from ucpjax import batchnorm, cluster, prune, saliency, train
 from ucpjax import rules as rules_lib
 from ucpjax.rules import DEFAULT_RULES, LayerRule, Rules
 
@@ -30,7 +30,7 @@ CLUSTERS = (4, 8, 16, 32, 64)
 
 def measure(params, *, apply_fn, data, rules: Rules = DEFAULT_RULES,
             sparsities=SPARSITIES, clusters=CLUSTERS, min_per_channel: int = 0,
-            seed: int = 0, progress=lambda name: None) -> dict:
+            criterion: str | None = None, seed: int = 0, progress=lambda name: None) -> dict:
     """The accuracy drop of each compressible leaf pruned or clustered alone.
 
     Args:
@@ -42,16 +42,20 @@ def measure(params, *, apply_fn, data, rules: Rules = DEFAULT_RULES,
       sparsities: the pruning grid (fractions of zeros).
       clusters: the grid of k.
       min_per_channel: non-zeros kept in each output channel (``PruneConfig``).
+      criterion: what ranks the weights pruned (``PruneConfig.criterion``).
       seed: fixes the k-means draws.
       progress: called with each leaf's name before it is measured.
 
     Returns:
-      ``{"val_accuracy": base, "layers": {name: {"size", "prune": {s: drop},
-      "cluster": {k: drop}}}}``, drops in accuracy points (positive: worse).
+      ``{"val_accuracy": base, "criterion", "layers": {name: {"size", "prune":
+      {s: drop}, "cluster": {k: drop}}}}``, drops in accuracy points (positive:
+      worse).
     """
     base = train.accuracy(apply_fn, params, data.x_val, data.y_val)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     leaves = [leaf for _, leaf in flat]
+    scales = jax.tree.leaves(saliency.scales(criterion, apply_fn, params, data.x_train),
+                             is_leaf=lambda f: f is None)
     layers = {}
     padded_size = cluster.common_padded_size(
         w for path, w in flat if rules_lib.rule_for(rules_lib.path_name(path), rules) is not None)
@@ -72,13 +76,14 @@ def measure(params, *, apply_fn, data, rules: Rules = DEFAULT_RULES,
         key = jax.random.fold_in(jax.random.key(seed), i)
         layers[name] = {
             "size": int(w.size),
-            "prune": {str(s): drop(prune.prune_once(w, s, min_per_channel)) for s in sparsities},
+            "prune": {str(s): drop(prune.prune_once(w, s, min_per_channel, scales[i]))
+                      for s in sparsities},
             "cluster": {str(k): drop(cluster.share_leaf(
                 w, k, cluster.ClusterConfig(num_clusters=k, fine_tune=None), key,
                 padded_size)[0])
                 for k in clusters},
         }
-    return {"val_accuracy": base, "layers": layers}
+    return {"val_accuracy": base, "criterion": criterion or "magnitude", "layers": layers}
 
 
 def allocate(table: dict, *, max_drop: float) -> tuple[LayerRule, ...]:
