@@ -16,7 +16,8 @@ any training: the message is recorded), and, as controls, the module pool
 pruned with the former default ``scope="layer"`` (uniform 75% per layer) and
 without equalising the depthwise conv's input channels (``QuantizeConfig.equalize``);
 and, as the alternative allocation, per-layer sparsities chosen from measured
-pruning curves (``scope="sensitivity"``).
+pruning curves (``scope="sensitivity"``); and weights pruned and clustered by
+their inputs (``criterion="activation"``, ``ucpjax.saliency``).
 A seed draws the dense model's initialisation, its batches and the compression's;
 rows of earlier calls (other seeds, other variants) stay in the table, and a variant
 run under several seeds gets its mean and sample spread.
@@ -35,6 +36,7 @@ import jax
 
 import ucpjax
 from ucpjax import data, experiment, models, train
+from ucpjax.cluster import ClusterConfig
 from ucpjax.config import ConfigError
 from ucpjax.model import Model, check_quantizable
 from ucpjax.prune import PruneConfig
@@ -50,13 +52,16 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 
-VARIANTS = {  # name: (pool, prune scope, equalize the depthwise conv's input channels)
-    "flatten": ("flatten", "erk", True),
-    "GlobalAveragePool": ("module", "erk", True),
-    "bare jnp.mean": ("mean", "erk", True),
-    "GlobalAveragePool with scope=layer (former default)": ("module", "layer", True),
-    "GlobalAveragePool without equalization (former default)": ("module", "erk", False),
-    "GlobalAveragePool with scope=sensitivity": ("module", "sensitivity", True),
+# name: (pool, prune scope, equalize the depthwise conv's input channels, the prune and
+# cluster stages' criterion)
+VARIANTS = {
+    "flatten": ("flatten", "erk", True, None),
+    "GlobalAveragePool": ("module", "erk", True, None),
+    "bare jnp.mean": ("mean", "erk", True, None),
+    "GlobalAveragePool with scope=layer (former default)": ("module", "layer", True, None),
+    "GlobalAveragePool without equalization (former default)": ("module", "erk", False, None),
+    "GlobalAveragePool with scope=sensitivity": ("module", "sensitivity", True, None),
+    "GlobalAveragePool with criterion=activation": ("module", "erk", True, "activation"),
 }
 
 
@@ -73,11 +78,12 @@ def dense(module, dataset, epochs: float, seed: int) -> tuple[dict, float]:
                                            dataset.y_test)
 
 
-def run_variant(name: str, variant: tuple[str, str, bool], dataset, epochs: float,
-                smoke: bool, seed: int) -> dict:
-    pool, scope, equalize = variant
+def run_variant(name: str, variant: tuple[str, str, bool, str | None], dataset,
+                epochs: float, smoke: bool, seed: int) -> dict:
+    pool, scope, equalize, criterion = variant
     module = models.DepthwiseCnn(pool=pool)
-    recipe = Recipe(prune=PruneConfig(target_sparsity=0.75, scope=scope),
+    recipe = Recipe(prune=PruneConfig(target_sparsity=0.75, scope=scope, criterion=criterion),
+                    cluster=ClusterConfig(criterion=criterion),
                     quantize=QuantizeConfig(equalize=equalize), seed=seed)
     if smoke:
         recipe = experiment.smoke(experiment.Experiment(recipe=recipe)).recipe
