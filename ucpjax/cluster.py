@@ -156,7 +156,9 @@ def _dd_range(prefix, start, stop):
 # ---------------------------------------------------------------------------
 # k-means
 
+# Guards divisions by a cluster's weight; only weightless clusters come near it.
 _TINY = float(np.finfo(np.float32).tiny)
+
 
 def _sort_key(x):
     """An int32 whose order is the float order (XLA sorts ints much faster than floats)."""
