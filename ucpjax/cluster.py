@@ -166,19 +166,17 @@ def _sort_key(x):
     return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
 
 
-def _sorted_members(values, mask):
-    """``(sorted, count)``: clustered values ascending, then +inf for the rest."""
+def _sorted_members(values, mask, importance=None):
+    """``(sorted, count, sorted importance)``: clustered values ascending, then +inf
+    for the rest; ``importance`` in the same order (0 past the members), or None."""
     values = jnp.where(mask, values.astype(jnp.float32), jnp.inf)
-    keys = jax.lax.sort(_sort_key(values))
     count = jnp.sum(mask, dtype=jnp.int32)
-    return jax.lax.bitcast_convert_type(_sort_key(keys), jnp.float32), count
-
-
-def _sorted_importance(values, mask, importance):
-    """``importance`` in the order ``_sorted_members`` puts ``values``; 0 past the members."""
-    values = jnp.where(mask, values.astype(jnp.float32), jnp.inf)
-    importance = jnp.where(mask, importance.astype(jnp.float32), 0.0)
-    return jax.lax.sort((_sort_key(values), importance), num_keys=1)[1]
+    if importance is None:
+        keys, importance = jax.lax.sort(_sort_key(values)), None
+    else:
+        importance = jnp.where(mask, importance.astype(jnp.float32), 0.0)
+        keys, importance = jax.lax.sort((_sort_key(values), importance), num_keys=1)
+    return jax.lax.bitcast_convert_type(_sort_key(keys), jnp.float32), count, importance
 
 
 def _initial(sorted_values, count, values, mask, *, k: int, init: str, key):
@@ -253,7 +251,7 @@ def initial_centroids(values, mask, *, k: int, init: str, key) -> jax.Array:
     """
     if init not in INITS:
         raise ValueError(f"init={init!r}: must be one of {INITS}")
-    sorted_values, count = _sorted_members(values, mask)
+    sorted_values, count, _ = _sorted_members(values, mask)
     return _initial(sorted_values, count, values, mask, k=k, init=init, key=key)
 
 
@@ -323,7 +321,7 @@ def lloyd(values, mask, centroids, *, iterations: int):
     Returns:
       ``(centroids, assignment, history)`` as in ``kmeans``.
     """
-    sorted_values, count = _sorted_members(values, mask)
+    sorted_values, count, _ = _sorted_members(values, mask)
     centroids, history = _lloyd(sorted_values, count, centroids, iterations)
     return centroids, _assign(values, mask, centroids), history
 
@@ -352,10 +350,8 @@ def kmeans(values, mask, *, k: int, init: str, key, iterations: int, importance=
     """
     if init not in INITS:
         raise ValueError(f"init={init!r}: must be one of {INITS}")
-    sorted_values, count = _sorted_members(values, mask)
+    sorted_values, count, sorted_importance = _sorted_members(values, mask, importance)
     start = _initial(sorted_values, count, values, mask, k=k, init=init, key=key)
-    sorted_importance = (None if importance is None
-                         else _sorted_importance(values, mask, importance))
     centroids, history = _lloyd(sorted_values, count, start, iterations, sorted_importance)
     return centroids, _assign(values, mask, centroids), history
 
@@ -382,7 +378,7 @@ def centroids_by_init(weights, k: int, key, iterations: int,
 @functools.partial(jax.jit, static_argnames=("k", "iterations"))
 def _every_init(values, mask, *, k: int, key, iterations: int) -> dict[str, jax.Array]:
     # All initialisations in one program: one compile instead of one per init.
-    sorted_values, count = _sorted_members(values, mask)
+    sorted_values, count, _ = _sorted_members(values, mask)
     found = {}
     for init in INITS:
         start = _initial(sorted_values, count, values, mask, k=k, init=init, key=key)
