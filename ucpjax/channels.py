@@ -303,7 +303,7 @@ def _scores(producers, group_of) -> tuple[Score, ...]:
     return tuple(scores)
 
 
-def _leaf(tree, path):
+def leaf_at(tree, path):
     for name in path:
         if not isinstance(tree, Mapping) or name not in tree:
             return None
@@ -328,11 +328,11 @@ def group_scores(params, groups: ChannelGroups) -> jax.Array:
     total = jnp.zeros(groups.count + 1, jnp.float32)  # the last bin takes -1 (no group)
     count = jnp.zeros(groups.count + 1, jnp.float32)
     for score in groups.scores:
-        scale = None if score.batchnorm_scale is None else _leaf(params, score.batchnorm_scale)
+        scale = None if score.batchnorm_scale is None else leaf_at(params, score.batchnorm_scale)
         if scale is not None:
             raw = jnp.abs(scale)
         else:
-            kernel = _leaf(params, score.kernel)
+            kernel = leaf_at(params, score.kernel)
             raw = jnp.sqrt(jnp.sum(jnp.square(kernel.reshape(-1, kernel.shape[-1])), axis=0))
         relative = raw / (jnp.mean(raw) + 1e-12)
         index = jnp.asarray(_along(score.group, raw.shape[0]))
@@ -415,7 +415,7 @@ def removed_groups(variables: dict, groups: ChannelGroups) -> np.ndarray:
     channels output zeros and cutting them out changes nothing."""
     zero = np.ones(groups.count, bool)
     for sl in groups.slices:
-        leaf = _leaf(variables.get(sl.collection, {}), sl.path)
+        leaf = leaf_at(variables.get(sl.collection, {}), sl.path)
         if not sl.output or leaf is None:
             continue
         leaf = np.moveaxis(np.asarray(leaf), sl.axis, 0)
@@ -429,7 +429,7 @@ def shrink(variables: dict, groups: ChannelGroups, removed: np.ndarray) -> dict:
     """``variables`` with every slice of the ``removed`` groups cut out."""
     cuts: dict = {}
     for sl in groups.slices:
-        leaf = _leaf(variables.get(sl.collection, {}), sl.path)
+        leaf = leaf_at(variables.get(sl.collection, {}), sl.path)
         if leaf is None:
             continue
         group = _along(sl.group, np.shape(leaf)[sl.axis])

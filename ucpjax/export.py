@@ -43,6 +43,9 @@ class ToleranceError(RuntimeError):
     """The .tflite model is not faithful to the JAX model (see ``check``)."""
 
 
+CHANNEL_ORDERS = (None, "similar", "model")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ExportConfig:
     """How the final model is exported, measured and checked.
@@ -65,6 +68,9 @@ class ExportConfig:
     min_agreement: float = 0.995
     tie_steps: float = 2.0
     strip_strings: bool = True  # ship the .tflite without names and converter metadata
+    # Hidden channels in the order that zips smallest (``ucpjax.channel_order``; None
+    # or "similar") or as the model built them ("model"): the same function either way.
+    channel_order: str | None = None
 
     def __post_init__(self):
         check_field(self.representative_samples >= 1, "representative_samples",
@@ -77,6 +83,8 @@ class ExportConfig:
                     "must be in [0, 1]")
         check_field(0 <= self.tie_steps < 1000, "tie_steps", self.tie_steps,
                     "must be in [0, 1000)")
+        check_field(self.channel_order in CHANNEL_ORDERS, "channel_order", self.channel_order,
+                    f"must be one of {', '.join(map(str, CHANNEL_ORDERS))}")
 
 
 def to_tflite(

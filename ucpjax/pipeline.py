@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ucpjax import channels, cluster, distill, from_nnx, inputs, measure, packing
+from ucpjax import channel_order, channels, cluster, distill, from_nnx, inputs, measure, packing
 from ucpjax import data as data_lib
 from ucpjax import export as export_lib
 from ucpjax import report as report_lib
@@ -134,6 +134,7 @@ def _run(model, dataset, recipe, folder, start, teacher, check_export, unmodeled
         rows.append(done["row"])
         reports.update(done["report"])
     model = model.folded(dataset.input_shape)  # what ships (a no-op after QAT, which folds)
+    model = _reordered(model, dataset, recipe, log)
     model, slimming = _slimmed(model, dataset, recipe, log)
     final, tflite = _finish(model, dataset, recipe, rows[-1], folder, log)
     final.update(slimming)
@@ -221,6 +222,32 @@ def _preflight(model: Model, dataset, recipe: Recipe, unmodeled: list[str], log,
             ("agreement", "accuracy_gap")}
 
 
+def _reordered(model: Model, dataset, recipe: Recipe, log) -> Model:
+    """The model with its hidden channels in the order that zips smallest
+    (``channel_order``); it must compute the same logits."""
+    if recipe.export.channel_order == "model" or not recipe.export.enabled:
+        return model
+    groups = channels.find_groups(model.apply_fn(), model.params, dataset.input_shape)
+    ordered = dataclasses.replace(model, variables=channel_order.similar_first(
+        model.variables, groups))
+    error, scale = _logit_error(model, ordered, dataset.x_test[:512])
+    if not error <= 1e-4 * scale:
+        raise export_lib.ToleranceError(
+            f"the model with its channels reordered differs from it by {error:.3g} in the "
+            "logits (a layer the channel tracer does not understand); set "
+            "export.channel_order=model")
+    log(f"channels reordered to zip smaller: {groups.count} channel groups in "
+        f"{len(groups.families())} families")
+    return ordered
+
+
+def _logit_error(model: Model, other: Model, x) -> tuple[float, float]:
+    """``(max |logit difference|, max(max |logit|, 1))`` of two models on ``x``."""
+    reference = train_lib.predict(model.apply_fn(), model.params, x)
+    error = np.max(np.abs(reference - train_lib.predict(other.apply_fn(), other.params, x)))
+    return float(error), max(float(np.max(np.abs(reference))), 1.0)
+
+
 def _slimmed(model: Model, dataset, recipe: Recipe, log) -> tuple[Model, dict]:
     """The model with its removed channels cut out (``channels``), when the recipe
     prunes channels; it must compute the masked model's logits."""
@@ -231,17 +258,14 @@ def _slimmed(model: Model, dataset, recipe: Recipe, log) -> tuple[Model, dict]:
     slim = Model(channels.Slimmed(model.module),
                  channels.shrink(model.variables, groups, removed), model.frozen,
                  folded_bn=model.folded_bn)
-    x = dataset.x_test[:512]
-    reference = train_lib.predict(model.apply_fn(), model.params, x)
     try:
-        error = float(np.max(np.abs(reference - train_lib.predict(slim.apply_fn(),
-                                                                  slim.params, x))))
+        error, scale = _logit_error(model, slim, dataset.x_test[:512])
     except Exception as err:  # any failure of the user's code at the new widths
         raise export_lib.ToleranceError(
             f"the model with {int(removed.sum())} channels cut out does not run "
             f"({type(err).__name__}: {str(err).splitlines()[0]}); build the layers from "
             "fixed widths, not from x.shape, or set prune.channel_sparsity=0") from err
-    if not error <= 1e-4 * max(float(np.max(np.abs(reference))), 1.0):
+    if not error <= 1e-4 * scale:
         raise export_lib.ToleranceError(
             f"the model with {int(removed.sum())} channels cut out differs from the masked "
             f"model by {error:.3g} in the logits (a layer the channel tracer does not "
