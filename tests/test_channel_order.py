@@ -53,18 +53,24 @@ def test_reordered_model_computes_the_same_logits(name, pool):
 
 
 def test_channels_read_alike_end_up_side_by_side():
-    # Eight hidden units whose input rows in the next layer alternate two patterns.
-    pattern = np.array([[1.0, 0.0, 0.0, 2.0], [0.0, 3.0, 3.0, 0.0]], np.float32)
-    reads = pattern[np.arange(8) % 2]  # (hidden, out)
-    variables = {"params": {"a": {"kernel": jnp.ones((3, 8))}, "b": {"kernel": jnp.asarray(reads)}}}
-    group = np.arange(8, dtype=np.int32)
+    # 256 hidden units whose input rows in the next layer each take one of four sparse
+    # patterns at random; in chain order each pattern is one block, and the kernels zip
+    # smaller.
+    rng = np.random.default_rng(0)
+    patterns = np.where(rng.random((4, 64)) < 0.8, 0, rng.integers(1, 4, (4, 64)))
+    patterns = patterns.astype(np.float32)
+    variables = {"params": {"a": {"kernel": jnp.ones((3, 256))},
+                            "b": {"kernel": jnp.asarray(patterns[rng.integers(0, 4, 256)])}}}
+    group = np.arange(256, dtype=np.int32)
     groups = ChannelGroups(
         slices=(Slice("params", ("a", "kernel"), -1, group, True),
                 Slice("params", ("b", "kernel"), -2, group, False)),
-        scores=(), family=np.zeros(8, np.int32))
-    ordered = np.asarray(channel_order.similar_first(variables, groups)["params"]["b"]["kernel"])
-    changes = np.count_nonzero(np.any(ordered[1:] != ordered[:-1], axis=1))
-    assert changes == 1  # one block of each pattern (it alternated: 7 changes)
+        scores=(), family=np.zeros(256, np.int32))
+    ordered = channel_order.similar_first(variables, groups)
+    rows = np.asarray(ordered["params"]["b"]["kernel"])
+    assert np.count_nonzero(np.any(rows[1:] != rows[:-1], axis=1)) == 3
+    assert (channel_order.kernel_zip_bytes(ordered["params"])
+            < channel_order.kernel_zip_bytes(variables["params"]))
 
 
 def test_a_family_of_uneven_slices_keeps_its_order():

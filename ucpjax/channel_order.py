@@ -14,17 +14,23 @@ bytes. Channels whose rows hold the same codes (zeros above all, in a pruned net
 put next to each other make longer runs and repeats that deflate copies. The order
 is a greedy chain: from the channel read by the most non-zero weights, always the
 channel whose rows differ from the last one's in the fewest entries.
-LeNet-300-100 pruned to 95% and clustered to 4 values: 3.4% fewer zipped bytes.
+LeNet-300-100 pruned to 95% and clustered to 4 values: 3.7-3.9% fewer zipped bytes.
+
+A chain is a guess at what deflate likes, and on a model whose hidden channels
+are few it can miss (pcqat_mnist's 12 conv channels: 10 bytes more). So the
+export keeps it only where ``kernel_zip_bytes``, the kernels' int8 codes zipped
+as TFLite lays them out (output channel first), says it pays.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ucpjax import channels
+from ucpjax import channels, measure
 from ucpjax.channels import ChannelGroups, Slice
 
 
@@ -40,6 +46,19 @@ def similar_first(variables: dict, groups: ChannelGroups) -> dict:
             chain = family[_chain(_signatures(family, leaves, variables))]
             orders.update(zip(family.tolist(), chain.tolist()))
     return _permuted(variables, leaves, orders)
+
+
+def kernel_zip_bytes(params) -> int:
+    """Zipped bytes of every kernel's int8 codes, output channel first as in TFLite's
+    layouts, on the converter's per-channel grid (``round(127 w / max|w|)``)."""
+    codes = []
+    for w in jax.tree.leaves(params):
+        w = np.moveaxis(np.asarray(w, np.float32), -1, 0)
+        if w.ndim < 2:
+            continue
+        peak = np.max(np.abs(w.reshape(len(w), -1)), axis=1).reshape(-1, *[1] * (w.ndim - 1))
+        codes.append(np.round(127 * w / np.maximum(peak, 1e-30)).astype(np.int8).tobytes())
+    return measure.zip_bytes(b"".join(codes))
 
 
 def _positions(sl: Slice, variables: dict) -> dict | None:
