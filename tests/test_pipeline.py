@@ -23,7 +23,7 @@ DEFAULT = ROOT / "experiments" / "lenet300_mnist.py"
 FINAL_KEYS = {"jax_accuracy", "jax_int8_accuracy", "tflite_accuracy", "float32_bytes",
               "tflite_bytes", "tflite_zip_bytes", "packed_bytes", "compression_tflite_zip",
               "compression_packed", "sparsity", "macs_dense", "macs_nonzero",
-              "latency_int8_us", "latency_float_us"}
+              "latency_int8_us", "latency_float_us", "channels_reordered"}
 
 
 def _cli(*args, check=True):

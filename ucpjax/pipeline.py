@@ -134,10 +134,10 @@ def _run(model, dataset, recipe, folder, start, teacher, check_export, unmodeled
         rows.append(done["row"])
         reports.update(done["report"])
     model = model.folded(dataset.input_shape)  # what ships (a no-op after QAT, which folds)
-    model = _reordered(model, dataset, recipe, log)
+    model, ordering = _reordered(model, dataset, recipe, log)
     model, slimming = _slimmed(model, dataset, recipe, log)
     final, tflite = _finish(model, dataset, recipe, rows[-1], folder, log)
-    final.update(slimming)
+    final.update(ordering, **slimming)
     report = {"rows": rows, "stages": reports, "final": final, "recipe": to_dict(recipe)}
     if folder:
         _write_report(folder, report, before_cluster or model, recipe)
@@ -222,18 +222,19 @@ def _preflight(model: Model, dataset, recipe: Recipe, unmodeled: list[str], log,
             ("agreement", "accuracy_gap")}
 
 
-def _reordered(model: Model, dataset, recipe: Recipe, log) -> Model:
+def _reordered(model: Model, dataset, recipe: Recipe, log) -> tuple[Model, dict]:
     """The model with its hidden channels in the order that zips smallest
-    (``channel_order``); it must compute the same logits."""
+    (``channel_order``), and the report's ``channels_reordered``; it must compute
+    the same logits."""
     if recipe.export.channel_order == "model" or not recipe.export.enabled:
-        return model
+        return model, {"channels_reordered": False}
     groups = channels.find_groups(model.apply_fn(), model.params, dataset.input_shape)
     ordered = dataclasses.replace(model, variables=channel_order.similar_first(
         model.variables, groups))
     before, after = (channel_order.kernel_zip_bytes(m.params) for m in (model, ordered))
     if after >= before:
         log(f"channel order kept: reordered kernels zip to {after:,} B, as built {before:,} B")
-        return model
+        return model, {"channels_reordered": False}
     error, scale = _logit_error(model, ordered, dataset.x_test[:512])
     if not error <= 1e-4 * scale:
         raise export_lib.ToleranceError(
@@ -242,7 +243,7 @@ def _reordered(model: Model, dataset, recipe: Recipe, log) -> Model:
             "export.channel_order=model")
     log(f"channels reordered to zip smaller: {groups.count} channel groups in "
         f"{len(groups.families())} families, kernels {before:,} -> {after:,} B zipped")
-    return ordered
+    return ordered, {"channels_reordered": True}
 
 
 def _logit_error(model: Model, other: Model, x) -> tuple[float, float]:

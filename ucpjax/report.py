@@ -9,8 +9,8 @@ _ROW_COLUMNS = (("stage", "stage", "{}"), ("accuracy", "test acc", "{:.4f}"),
 
 # jax_accuracy: float activations; jax_int8_accuracy: int8 activations as the .tflite has them.
 _FINAL_KEYS = ("jax_accuracy", "jax_int8_accuracy", "tflite_accuracy", "tflite_agreement",
-               "tflite_near_ties", "tflite_max_logit_error_steps",
-               "float32_bytes", "tflite_bytes", "tflite_zip_bytes", "packed_bytes",
+               "tflite_near_ties", "tflite_max_logit_error_steps", "float32_bytes",
+               "tflite_bytes", "tflite_zip_bytes", "packed_bytes", "channels_reordered",
                "compression_tflite_zip", "compression_packed", "sparsity", "macs_dense",
                "macs_nonzero", "channel_groups_removed", "macs_slimmed", "latency_int8_us",
                "latency_float_us", "weights_faithful", "tflite_within_tolerance")
