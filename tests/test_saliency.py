@@ -66,34 +66,6 @@ def test_input_scales_are_the_rms_of_what_each_weight_multiplies():
                                    params[name]["kernel"].shape) == params[name]["kernel"].shape
 
 
-class _NormedNet(nn.Module):
-    """A conv whose output goes through a BatchNorm, and one whose output does not."""
-
-    @nn.compact
-    def __call__(self, x):
-        x = nn.BatchNorm(use_running_average=True, name="bn")(nn.Conv(4, (3, 3), name="conv")(x))
-        return nn.Conv(2, (1, 1), name="plain")(nn.relu(x))
-
-
-def test_a_batchnorm_after_a_layer_scales_each_output_channel_by_its_gain():
-    module, x = _NormedNet(), np.array(jax.random.normal(jax.random.key(0), (6, 5, 5, 3)))
-    variables = module.init(jax.random.key(1), x)
-    gamma, var = jnp.array([2.0, -0.5, 1.0, 0.1]), jnp.array([4.0, 1.0, 0.25, 9.0])
-    variables["params"]["bn"]["scale"] = gamma
-    variables["batch_stats"]["bn"]["var"] = var
-    stats = {"batch_stats": variables["batch_stats"]}
-    apply_fn = lambda p, x: module.apply({"params": p, **stats}, x)  # noqa: E731
-    scales = saliency.input_scales(apply_fn, variables["params"], x, batch_size=4)
-    seen = _inputs_of(module, variables, x)
-    rms = np.sqrt(np.mean(seen["conv"][0].reshape(-1, 3) ** 2, axis=0))
-    gain = np.abs(gamma) / np.sqrt(var + 1e-5)  # Flax's epsilon
-    np.testing.assert_allclose(scales["conv"]["kernel"][0, 0], rms[:, None] * gain[None, :],
-                               rtol=1e-4)
-    # No BatchNorm after it: the input RMS alone.
-    plain = np.sqrt(np.mean(seen["plain"][0].reshape(-1, 4) ** 2, axis=0))
-    np.testing.assert_allclose(scales["plain"]["kernel"][0, 0, :, 0], plain, rtol=1e-5)
-
-
 def test_a_large_weight_on_a_dead_input_goes_first():
     w = jnp.array([[5.0, 4.0], [1.0, 2.0], [0.5, 3.0]])  # (in, out); input 0 is always zero
     scale = jnp.array([[0.0], [1.0], [1.0]])
