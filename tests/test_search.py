@@ -38,6 +38,18 @@ def test_the_path_prices_each_step_by_cost_per_byte_and_only_shrinks():
     assert search.predicted_bytes(1000, 0.5, 4) == pytest.approx(1000 * (1 + 0.5 * 2) / 8)
 
 
+def test_a_path_from_a_candidate_starts_at_its_allocation_and_steps_beyond_it():
+    start = {"big/kernel": (0.5, 16), "small/kernel": (0.0, 4)}
+    path = search.greedy_path(TABLE, start=start)
+    assert path[0]["allocation"] == start and path[0]["predicted_drop"] == pytest.approx(0.3)
+    for before, after in zip(path, path[1:]):  # one leaf moves, never back
+        moved = [n for n in start if before["allocation"][n] != after["allocation"][n]]
+        assert len(moved) == 1
+        (s0, k0), (s1, k1) = before["allocation"][moved[0]], after["allocation"][moved[0]]
+        assert s1 >= s0 and k1 <= k0
+    assert path[-1]["allocation"] == {"big/kernel": (0.9, 4), "small/kernel": (0.9, 4)}
+
+
 def test_refinement_pushes_when_under_backs_off_when_over_and_bisects():
     path = [{"predicted_bytes": 2.0 ** -i} for i in range(12)]
     assert search.index_for(path, 0.3) == 2 and search.index_for(path, 1e-9) == 11
@@ -104,7 +116,7 @@ def test_a_config_that_does_not_load_is_refused_before_compute(tmp_path, capsys)
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory):
     out = tmp_path_factory.mktemp("search")
-    summary = search.search(PCQAT, out, max_drop=2.0, objective="packed", refinements=1,
+    summary = search.search(PCQAT, out, max_drop=2.0, objective="packed", refinements=2,
                             smoke=True, overrides=TINY, log=lambda line: None)
     return out, summary
 
@@ -112,7 +124,7 @@ def searched(tmp_path_factory):
 def test_every_candidate_is_a_row_and_the_choice_keeps_the_budget(searched):
     out, summary = searched
     rows = summary["rows"]
-    assert [r["candidate"] for r in rows] == list(range(len(rows))) and 1 <= len(rows) <= 2
+    assert [r["candidate"] for r in rows] == list(range(len(rows))) and 1 <= len(rows) <= 3
     assert json.loads((out / "search.json").read_text())["rows"] == rows
     table = (out / "search.md").read_text()
     assert all(f"| {r['name']} |" in table for r in rows)
@@ -121,6 +133,10 @@ def test_every_candidate_is_a_row_and_the_choice_keeps_the_budget(searched):
         report = json.loads((out / row["name"] / "report.json").read_text())
         assert row["packed_bytes"] == report["final"]["packed_bytes"]
         assert math.isfinite(row["val_drop"])
+    # Each candidate within budget but the last re-planned the path from its weights.
+    for row in rows[:-1]:
+        replanned = (out / row["name"] / "local_sensitivity.json").exists()
+        assert replanned == (row["val_drop"] <= 2.0)
     if summary["chosen"] is None:
         assert summary["closest"] in {r["name"] for r in rows}
         assert not (out / "best_experiment.py").exists()
@@ -154,7 +170,7 @@ def test_rerunning_restores_finished_candidates(searched, monkeypatch):
 
     for name in recipe.STAGES:
         monkeypatch.setitem(recipe.STAGES, name, refuse)
-    again = search.search(PCQAT, out, max_drop=2.0, objective="packed", refinements=1,
+    again = search.search(PCQAT, out, max_drop=2.0, objective="packed", refinements=2,
                           smoke=True, overrides=TINY, log=lambda line: None)
     assert again["rows"] == summary["rows"]
 
