@@ -33,9 +33,10 @@ The rule, stated once:
    budget and a smaller one over it are known, the next target is their
    geometric mean. The search stops early when no untried point is left between.
 5. *Re-plan* from every candidate within budget. One-shot drops measured on the
-   dense model rank the steps badly far from it: at LeNet-300-100's 96% a dense
-   layer loses 17 points pruned one step further, a fine-tuned one 2.4, while
-   halving k costs about the same in both (measured, RESULTS.md). So the
+   dense model rank the steps badly far from it: pruning LeNet-300-100's first
+   layer from 96 to 97% adds 12.6 points to its drop from the dense model but
+   costs 2.4 from a candidate fine-tuned at 96%, while halving the second
+   layer's k costs 2.2 and 1.9 (RESULTS.md). So the
    sensitivity is measured again on that candidate's weights before QAT (each leaf
    pruned or clustered alone beyond its own sparsity and k, no fine-tuning), and the path
    is rebuilt from its allocation on those local drops; the refinement goes on
