@@ -37,8 +37,9 @@ The rule, stated once:
    layer from 96 to 97% adds 12.6 points to its drop from the dense model but
    costs 2.4 from a candidate fine-tuned at 96%, while halving the second
    layer's k costs 2.2 and 1.9 (RESULTS.md). So the
-   sensitivity is measured again on that candidate's weights before QAT (each leaf
-   pruned or clustered alone beyond its own sparsity and k, no fine-tuning), and the path
+   sensitivity is measured again on that candidate's weights before clustering
+   (each leaf pruned or clustered alone beyond its own sparsity and k, no
+   fine-tuning), and the path
    is rebuilt from its allocation on those local drops; the refinement goes on
    along the new path, with the candidate as its within-budget start.
 6. *Choose.* The smallest candidate by the objective's measured bytes whose
@@ -279,12 +280,14 @@ def candidate_name(rules) -> str:
 
 
 def stage_model(run: pathlib.Path, config: Experiment, dense, dataset, *,
-                before_qat: bool = False):
-    """A finished run's last stage (``before_qat``: the one before a last QAT stage) as a
-    ``Model``; BatchNorm live unless that stage folded it."""
+                before_sharing: bool = False):
+    """A finished run's last stage as a ``Model``, BatchNorm live unless that stage
+    folded it; ``before_sharing``: the last stage before the first cluster or quantize
+    stage (the weights before any are shared or put on a grid)."""
     names = ["dense", *config.recipe.stages]
-    if before_qat and names[-1] == "quantize":
-        names.pop()
+    if before_sharing:
+        shared = [i for i, n in enumerate(names) if n in ("cluster", "quantize") and i > 0]
+        names = names[:shared[0]] if shared else names
     # Quantization-aware training folds BatchNorm first, so its checkpoint is folded.
     like = dense.folded(dataset.input_shape) if names[-1] == "quantize" else dense
     loaded = RunFolder(run).load_stage(len(names) - 1, names[-1], like.variables)
@@ -421,19 +424,22 @@ def _candidates(config: Experiment, out: pathlib.Path, max_drop: float, refineme
 def _local_sensitivity(row: dict, config: Experiment, context: dict, log) -> dict:
     """The sensitivity table of a candidate's weights on the search's grids (module
     docstring, step 5), measured once and kept in its run folder. The weights are
-    those before QAT: there BatchNorm is still live, so a conv's k shared values are
-    not yet multiplied by a factor per channel."""
+    those before clustering (and before QAT folds BatchNorm): clustered weights have
+    lost the slack that lets a pruned net recover, so from them one more sparsity
+    step looks 5x dearer than from the weights the candidate's rules cluster."""
     folder = RunFolder(row["run"])
     table = folder.read_json("local_sensitivity.json")
-    if table is None or _grid(table) != (SPARSITIES, CLUSTERS):
+    if (table is None or _grid(table) != (SPARSITIES, CLUSTERS)
+            or table.get("weights") != "before sharing"):
         final = stage_model(pathlib.Path(row["run"]), config, context["dense"],
-                            context["dataset"], before_qat=True)
+                            context["dataset"], before_sharing=True)
         log(f"measuring the sensitivity of {row['name']}'s weights to re-plan from it ...")
         table = sensitivity.measure(
             final.params, apply_fn=final.apply_fn(), data=context["dataset"],
             rules=rules_of(row), sparsities=SPARSITIES, clusters=CLUSTERS,
             min_per_channel=config.recipe.prune.min_per_channel,
             criterion=config.recipe.prune.criterion, seed=config.seed)
+        table["weights"] = "before sharing"
         folder.write_json("local_sensitivity.json", table)
     return table
 
