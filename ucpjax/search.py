@@ -35,11 +35,10 @@ The rule, stated once:
 5. *Re-plan* from every candidate within budget. One-shot drops measured on the
    dense model rank the steps badly far from it: pruning LeNet-300-100's first
    layer from 96 to 97% adds 12.6 points to its drop from the dense model but
-   costs 2.4 from a candidate fine-tuned at 96%, while halving the second
-   layer's k costs 2.2 and 1.9 (RESULTS.md). So the
-   sensitivity is measured again on that candidate's weights before clustering
-   (each leaf pruned or clustered alone beyond its own sparsity and k, no
-   fine-tuning), and the path
+   0.5 from a candidate's weights fine-tuned at 96%, while halving the second
+   layer's k costs 2.2 and 1.9 (RESULTS.md). So the sensitivity is measured
+   again on that candidate's weights before clustering (each leaf pruned or
+   clustered alone beyond its own sparsity and k, no fine-tuning), and the path
    is rebuilt from its allocation on those local drops; the refinement goes on
    along the new path, with the candidate as its within-budget start.
 6. *Choose.* The smallest candidate by the objective's measured bytes whose
