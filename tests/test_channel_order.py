@@ -31,7 +31,7 @@ def _sparse(variables, seed=0):
 
 
 @pytest.mark.parametrize("name,pool", [("lenet300", None), ("depthwise_cnn", "flatten"),
-                                       ("depthwise_cnn", "gap"), ("resnet8", None),
+                                       ("depthwise_cnn", "module"), ("resnet8", None),
                                        ("mobilenet_cifar", None)])
 def test_reordered_model_computes_the_same_logits(name, pool):
     module = models.DepthwiseCnn(pool=pool) if pool else models.create(name)
