@@ -68,7 +68,7 @@ class ExportConfig:
     min_agreement: float = 0.995
     tie_steps: float = 2.0
     strip_strings: bool = True  # ship the .tflite without names and converter metadata
-    # Hidden channels in the order that zips smallest (``ucpjax.channel_order``; None
+    # Hidden channels reordered to zip smaller (``ucpjax.channel_order``; None
     # or "similar") or as the model built them ("model"): the same function either way.
     channel_order: str | None = None
 

@@ -223,7 +223,7 @@ def _preflight(model: Model, dataset, recipe: Recipe, unmodeled: list[str], log,
 
 
 def _reordered(model: Model, dataset, recipe: Recipe, log) -> tuple[Model, dict]:
-    """The model with its hidden channels in the order that zips smallest
+    """The model with its hidden channels reordered to zip smaller
     (``channel_order``), and the report's ``channels_reordered``; it must compute
     the same logits."""
     if recipe.export.channel_order == "model" or not recipe.export.enabled:
