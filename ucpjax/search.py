@@ -39,8 +39,10 @@ The rule, stated once:
    layer's k costs 2.2 and 1.9 (RESULTS.md). So the sensitivity is measured
    again on that candidate's weights before clustering (each leaf pruned or
    clustered alone beyond its own sparsity and k, no fine-tuning), and the path
-   is rebuilt from its allocation on those local drops; the refinement goes on
-   along the new path, with the candidate as its within-budget start.
+   is rebuilt on those local drops from the candidate's sparsities at the largest
+   k, so that a layer's k can come back up where that is cheap in bytes; the
+   refinement goes on along the new path, its last point at least as large as the
+   candidate standing in for it as the within-budget start.
 6. *Choose.* The smallest candidate by the objective's measured bytes whose
    validation drop is within ``D``; the pipeline has already exported it and
    measured its ``.tflite`` on the test set. ``DIR/best_experiment.py`` holds its
@@ -412,9 +414,12 @@ def _candidates(config: Experiment, out: pathlib.Path, max_drop: float, refineme
             bar.set_postfix(val_drop=f"{row['val_drop']:.2f}")
         on_path.append({**row, "index": index})
         if fresh and within(row["val_drop"], max_drop) and len(rows) <= refinements:
-            path = greedy_path(_local_sensitivity(row, config, context, log),
-                               start=path[index]["allocation"])
-            on_path = [{**row, "index": 0}]
+            # From its sparsities at the largest k: a layer's k may then come back up
+            # where that is cheap in bytes (the new path need not pass through it).
+            anchor = path[index]
+            path = greedy_path(_local_sensitivity(row, config, context, log), start={
+                leaf: (s, max(CLUSTERS)) for leaf, (s, _) in anchor["allocation"].items()})
+            on_path = [{**row, "index": _index_at_least(path, anchor["predicted_bytes"])}]
         index = next_index(path, on_path, max_drop)
     bar.close()
     return rows
