@@ -287,7 +287,7 @@ def stage_model(run: pathlib.Path, config: Experiment, dense, dataset, *,
     stage (the weights before any are shared or put on a grid)."""
     names = ["dense", *config.recipe.stages]
     if before_sharing:
-        shared = [i for i, n in enumerate(names) if n in ("cluster", "quantize") and i > 0]
+        shared = [i for i, n in enumerate(names) if n in ("cluster", "quantize")]
         names = names[:shared[0]] if shared else names
     # Quantization-aware training folds BatchNorm first, so its checkpoint is folded.
     like = dense.folded(dataset.input_shape) if names[-1] == "quantize" else dense
