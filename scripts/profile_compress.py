@@ -29,7 +29,17 @@ import time
 
 import jax
 
-from ucpjax import cluster, compile_cache, experiment, export, measure, packing, pipeline, train
+from ucpjax import (
+    checkpoints,
+    cluster,
+    compile_cache,
+    experiment,
+    export,
+    measure,
+    packing,
+    pipeline,
+    train,
+)
 from ucpjax.devices import use_cpu_cores
 from ucpjax.model import Model
 from ucpjax.run_folder import RunFolder
@@ -42,7 +52,7 @@ TIMED = (
     (train, "accuracy", "evaluation (JAX)"),
     (train, "predict", "evaluation (JAX)"),
     (Model, "settled", "BatchNorm re-estimation"),
-    (train, "save_checkpoint", "checkpoints"),
+    (checkpoints, "save", "checkpoints"),
     (RunFolder, "write_json", "checkpoints"),
     (RunFolder, "write_bytes", "checkpoints"),
     (cluster, "share_leaf", "k-means"),

@@ -96,11 +96,11 @@ def _images(d: pathlib.Path, splits=("train", "test"), labels=("cat", "dog"), n=
 def _checkpoint_folder(d: pathlib.Path, model: str, truncate: bool = False,
                        val_size: int = 5000):
     """A `ucpjax train`-like folder: ``checkpoint/`` of ``model`` and ``metrics.json``."""
-    from ucpjax import models, train
+    from ucpjax import checkpoints, models
 
     folder = d / f"trained_{model}"
     variables = models.init(models.create(model), (28, 28, 1), 0)
-    train.save_checkpoint(folder / "checkpoint", variables)
+    checkpoints.save(folder / "checkpoint", variables)
     (folder / "metrics.json").write_text(json.dumps(
         {"model": model, "data": "mnist", "seed": 0, "val_size": val_size}))
     if truncate:

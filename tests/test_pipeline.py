@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import ucpjax
-from ucpjax import experiment, models, pipeline, train
+from ucpjax import checkpoints, experiment, models, pipeline, train
 from ucpjax.experiment import Experiment
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -92,37 +92,41 @@ def test_bad_config_fails_at_start_naming_the_field(tmp_path, override, message)
 
 def _final_params(out):
     stages = sorted((out / "stages").glob("*_quantize"))
-    return train.restore_checkpoint(stages[-1])["params"]
+    return checkpoints.restore(stages[-1])["params"]
 
 
-def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
-    args = ["compress", "--config", DEFAULT, "--smoke", "export.enabled=False"]
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    # A resume point at every epoch's end, and epochs enough to kill the prune stage
+    # between two of them: it must go on with its masks and schedule where it was.
+    monkeypatch.setenv("UCPJAX_RESUME_EVERY", "0")
+    args = ["compress", "--config", DEFAULT, "--smoke", "export.enabled=False",
+            "prune.train.epochs=20"]
     whole = tmp_path / "whole"
     _cli(*args, "--out", whole)
 
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "ucpjax.cli", *map(str, args), "--out", str(killed)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = killed / "stages" / "01_prune.json"
-    while not marker.exists():  # kill it inside the distill stage
+    marker = killed / "stages" / "01_prune.progress" / "01_prune.json"
+    while not marker.exists():  # kill it inside the prune stage's training
         assert proc.poll() is None, "run ended before it could be killed"
-        time.sleep(0.05)
-    time.sleep(0.5)
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (killed / "report.json").exists()
+    assert not (killed / "stages" / "01_prune.json").exists(), "killed too late"
 
     refused = _cli(*args, "--out", killed, check=False)
     assert refused.returncode == 2 and "--resume" in refused.stderr
     resumed = _cli(*args, "--out", killed, "--resume")
-    assert "[1] prune: finished earlier, restored" in resumed.stdout
     assert "[0] dense: finished earlier" in resumed.stdout
+    assert "prune: resumed after epoch" in resumed.stdout + resumed.stderr
 
     for a, b in zip(jax.tree.leaves(_final_params(whole)), jax.tree.leaves(_final_params(killed)),
                     strict=True):
         np.testing.assert_array_equal(a, b)
     rows = lambda p: json.loads((p / "report.json").read_text())["rows"]
     assert [r["accuracy"] for r in rows(whole)] == [r["accuracy"] for r in rows(killed)]
+    assert not list((killed / "stages").glob("*.progress"))  # finished stages keep none
 
 
 class UserNet(nn.Module):
@@ -253,7 +257,7 @@ def test_study_shares_finished_stages_between_variants(tmp_path):
 
     alone = experiment.run(experiment.load_module(path).get_variants()["pq"],
                            tmp_path / "alone", log=lambda _: None)
-    shared = train.restore_checkpoint(tmp_path / "study" / "pq" / "stages" / "02_quantize")
+    shared = checkpoints.restore(tmp_path / "study" / "pq" / "stages" / "02_quantize")
     for a, b in zip(jax.tree.leaves(alone.variables), jax.tree.leaves(shared), strict=True):
         np.testing.assert_array_equal(a, b)
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ucpjax import data, devices, models, train
+from ucpjax import checkpoints, data, devices, models, train
 from ucpjax.config import ConfigError
 
 # Trains a few steps of a conv net with BatchNorm and prints the final params'
@@ -16,7 +16,7 @@ from ucpjax.config import ConfigError
 _DEVICES_SCRIPT = """
 import json, sys
 import jax, numpy as np
-from ucpjax import data, devices, models, train
+from ucpjax import checkpoints, data, devices, models, train
 ds = data.load("mnist").take(512, 64)
 m = models.create("depthwise_cnn")
 v = models.init(m, ds.input_shape)
@@ -154,10 +154,60 @@ def test_checkpoint_restores_params_and_optimizer_state_exactly(tmp_path, mnist_
     m, v, cfg, opt = _setup(mnist_small, epochs=0.2)
     state, _ = train.fit(v["params"], train.classification_loss(m), opt, mnist_small.x_train,
                          mnist_small.y_train, config=cfg, seed=0)
-    train.save_checkpoint(tmp_path / "ckpt", state)
-    restored = train.restore_checkpoint(tmp_path / "ckpt", state)
+    checkpoints.save(tmp_path / "ckpt", state)
+    restored = checkpoints.restore(tmp_path / "ckpt", state)
     for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def test_a_killed_training_resumes_from_its_last_epoch_bit_identical(tmp_path, mnist_small,
+                                                                     monkeypatch):
+    m, v, cfg, opt = _setup(mnist_small, epochs=3)
+
+    def run(seed=0):
+        return train.fit(v["params"], train.classification_loss(m), opt, mnist_small.x_train,
+                         mnist_small.y_train, config=cfg, seed=seed)
+
+    whole, history = run()
+    ended, end_epoch = [], train._Progress.end_epoch
+
+    def killed_in_the_third_epoch(self, steps):
+        ended.append(steps)
+        if len(ended) == 3:
+            raise KeyboardInterrupt
+        end_epoch(self, steps)
+
+    monkeypatch.setattr(train._Progress, "end_epoch", killed_in_the_third_epoch)
+    with checkpoints.kept_in(tmp_path, every_seconds=0), pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.undo()
+    saved = json.loads((tmp_path / "01_train.json").read_text())
+    assert saved["progress"]["epoch"] == 2 and len(saved["progress"]["history"]) == 2
+    assert [p.name for p in (tmp_path / "01_train").iterdir()] == ["state_2"]  # older gone
+
+    with checkpoints.kept_in(tmp_path, every_seconds=0):
+        resumed, resumed_history = run()
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert resumed_history == history
+    # A training whose last epoch was saved restores it and trains no more.
+    with checkpoints.kept_in(tmp_path, every_seconds=0):
+        again, again_history = run()
+    assert again_history == history and int(again.step) == int(whole.step)
+
+    # Another seed does not take the saved state: it trains from its first step.
+    with checkpoints.kept_in(tmp_path, every_seconds=0):
+        other, _ = run(seed=1)
+    fresh, _ = run(seed=1)
+    for a, b in zip(jax.tree.leaves(other), jax.tree.leaves(fresh), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("value", ["soon", "-5", "nan"])
+def test_a_bad_resume_interval_is_named(tmp_path, monkeypatch, value):
+    monkeypatch.setenv("UCPJAX_RESUME_EVERY", value)
+    with pytest.raises(ConfigError, match="UCPJAX_RESUME_EVERY"), checkpoints.kept_in(tmp_path):
+        pass
 
 
 def test_batchnorm_statistics_are_trained():

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ucpjax import batchnorm, constraints, models, train
+from ucpjax import batchnorm, checkpoints, constraints, models, train
 from ucpjax.config import ConfigError, check
 from ucpjax.model import Model
 from ucpjax.rules import DEFAULT_RULES, Rules
@@ -79,7 +79,7 @@ def teacher_model(config: DistillConfig, dataset) -> Model | None:
           f"its model {trained.get('model')!r} is not one of {models.names()}")
     module = models.create(trained["model"], dataset.num_classes)
     try:
-        variables = train.restore_checkpoint(
+        variables = checkpoints.restore(
             folder / "checkpoint", models.init(module, dataset.input_shape))
     except Exception as err:  # orbax raises many types for a damaged or foreign file
         raise ConfigError(f"{field}={config.teacher_from!r}: its checkpoint does not load "

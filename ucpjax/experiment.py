@@ -20,8 +20,8 @@ import time
 
 import jax
 
+from ucpjax import checkpoints, inputs, pipeline
 from ucpjax import data as data_lib
-from ucpjax import inputs, pipeline
 from ucpjax import models as models_lib
 from ucpjax import train as train_lib
 from ucpjax.config import ConfigError, check, override, to_dict
@@ -226,7 +226,7 @@ def _start(experiment: Experiment, dataset: data_lib.Dataset, model: Model):
     checkpoint = pathlib.Path(experiment.init_from) / "checkpoint"
     _dense_metrics(experiment)
     try:
-        variables = train_lib.restore_checkpoint(checkpoint, model.variables)
+        variables = checkpoints.restore(checkpoint, model.variables)
     except Exception as err:  # orbax raises many types for a damaged or foreign file
         raise ConfigError(f"init_from={experiment.init_from!r}: its checkpoint does not "
                           f"load as a {experiment.model} model ({type(err).__name__}); "
@@ -259,17 +259,24 @@ def train_dense(model: Model, config: train_lib.TrainConfig, dataset: data_lib.D
 def train_to_folder(experiment: Experiment, out: pathlib.Path) -> dict:
     """Trains the experiment's dense model into ``out`` (``checkpoint/``, ``metrics.json``).
 
-    The folder is what ``init_from`` reads; ``ucpjax train`` writes the same.
+    The folder is what ``init_from`` reads; ``ucpjax train`` writes the same. A
+    killed training run again into the same folder goes on from its last saved
+    epoch (``progress/``, removed at the end; ``checkpoints``); a finished one
+    returns its metrics and trains nothing.
     """
     folder, claimed = RunFolder(out), {"train": setup(experiment)}
     folder.check_claim(claimed)  # --out, then the data, before anything is written
+    finished = folder.read_json("metrics.json")
+    if finished is not None and (folder.root / "checkpoint").is_dir():
+        return finished
     dataset = load_dataset(experiment)
     inputs.check_batch_size(experiment.dense.batch_size, len(dataset.x_train),
                             "dense.batch_size")
     folder.claim(claimed)
     start = time.perf_counter()
-    model, _ = train_dense(initial_model(experiment, dataset), experiment.dense, dataset,
-                           experiment.seed)
+    with checkpoints.kept_in(folder.root / "progress"):  # a killed training goes on
+        model, _ = train_dense(initial_model(experiment, dataset), experiment.dense, dataset,
+                               experiment.seed)
     seconds = time.perf_counter() - start
     apply_fn = model.apply_fn()
     metrics = {
@@ -282,6 +289,7 @@ def train_to_folder(experiment: Experiment, out: pathlib.Path) -> dict:
                                             dataset.y_test),
         "wall_seconds": seconds, "machine": machine(),
     }
-    train_lib.save_checkpoint(folder.root / "checkpoint", model.variables)
+    checkpoints.save(folder.root / "checkpoint", model.variables)
     folder.write_json("metrics.json", metrics)  # written last: marks the folder complete
+    checkpoints.clear(folder.root / "progress")
     return metrics

@@ -11,6 +11,7 @@ run ends exactly where an uninterrupted one does.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -294,14 +295,15 @@ def _stage(position, name, model, dataset, recipe, folder, start, teacher, log):
         log(f"[{position}] {name}: finished earlier, restored")
         return dataclasses.replace(model, variables=loaded[0]), loaded[1]
     begin = time.perf_counter()
-    if position == 0:
-        model, report = start[1](model)
-    else:
-        shared = StageInputs(model.apply_fn(), dataset, seed=recipe.seed * 1000 + position,
-                             rules=recipe.rules, teacher=teacher)
-        params, report = STAGES[name](model.params, recipe, shared)
-        # Live BatchNorm: running statistics re-estimated for the new weights.
-        model = model.with_params(params).settled(dataset.x_train)
+    with folder.training_stage(position, name) if folder else contextlib.nullcontext():
+        if position == 0:
+            model, report = start[1](model)
+        else:
+            shared = StageInputs(model.apply_fn(), dataset, seed=recipe.seed * 1000 + position,
+                                 rules=recipe.rules, teacher=teacher)
+            params, report = STAGES[name](model.params, recipe, shared)
+            # Live BatchNorm: running statistics re-estimated for the new weights.
+            model = model.with_params(params).settled(dataset.x_train)
     row = stage_row(name, model, dataset, recipe.rules, time.perf_counter() - begin)
     done = {"row": row, "report": {**report, **fold_report}}
     if folder:

@@ -3,7 +3,10 @@
     config.json              the resolved recipe and run setup (marks a ucpjax run)
     stages/NN_<name>/        orbax checkpoint of the variables after that stage
     stages/NN_<name>.json    that stage's row and report; written last, so it marks
-                             the stage finished (a killed stage is simply redone)
+                             the stage finished
+    stages/NN_<name>.progress/  resume points of the stage's training
+                             (``checkpoints``): a killed stage goes on from its
+                             last saved epoch; removed when the stage finishes
     model.tflite, model.ucpj the int8 TFLite model and the packed file
     report.json, report.md   per-stage rows and the "final" measurements
     weights.png, accuracy_vs_size.png
@@ -25,7 +28,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from ucpjax import train
+from ucpjax import checkpoints
 from ucpjax.config import ConfigError
 
 
@@ -140,11 +143,19 @@ class RunFolder:
     def stage_name(self, position: int, name: str) -> str:
         return f"stages/{position:02d}_{name}"
 
+    @contextlib.contextmanager
+    def training_stage(self, position: int, name: str) -> Iterator[None]:
+        """While stage ``position`` trains, its ``fit`` calls keep resume points."""
+        with checkpoints.kept_in(self.root / f"{self.stage_name(position, name)}.progress"):
+            yield
+
     def save_stage(self, position: int, name: str, variables: dict, done: dict) -> None:
-        """Checkpoints a finished stage; its ``.json`` (``done``) is written last."""
+        """Checkpoints a finished stage; its ``.json`` (``done``) is written last,
+        then its resume points go."""
         base = self.stage_name(position, name)
-        train.save_checkpoint(self.root / base, variables)
+        checkpoints.save(self.root / base, variables)
         self.write_json(f"{base}.json", done)
+        checkpoints.clear(self.root / f"{base}.progress")
 
     def load_stage(self, position: int, name: str, like: dict,
                    log: Callable[[str], None] = print) -> tuple[dict, dict] | None:
@@ -160,7 +171,7 @@ class RunFolder:
             done = self.read_json(f"{base}.json")
             if not isinstance(done, dict) or not {"row", "report"} <= done.keys():
                 raise ValueError("incomplete report")
-            return train.restore_checkpoint(self.root / base, like), done
+            return checkpoints.restore(self.root / base, like), done
         except Exception as err:  # orbax raises many types for a damaged checkpoint
             log(f"[{position}] {name}: saved stage does not load ({type(err).__name__}); "
                 "redoing it")

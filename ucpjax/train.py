@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import pathlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -27,8 +26,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
+from ucpjax import checkpoints, devices, jaxprs
 from ucpjax import data as data_lib
-from ucpjax import devices, jaxprs
 from ucpjax.config import check
 from ucpjax.conv import fast_convs
 
@@ -283,7 +282,8 @@ def fit(
     are checked: a NaN/Inf metric, a mean loss above ``_DIVERGENCE_FACTOR``
     times the reference (see that constant), or, in a window past
     ``_CHANCE_AFTER`` of the steps, training accuracy at or below chance stops
-    the run.
+    the run. Inside ``checkpoints.kept_in`` it keeps resume points at epoch ends
+    and, run again, goes on from the last one with the same result.
 
     Args:
       params: initial trainable pytree.
@@ -313,13 +313,16 @@ def fit(
     m = devices.training_mesh(config.batch_size, split=share >= devices.SPLIT_SHARE)
     check(config.batch_size % m.size == 0, "batch_size", config.batch_size,
           f"not a multiple of the {m.size} JAX devices that share each batch")
-    state = jax.device_put(state, NamedSharding(m, PartitionSpec()))
     num_steps, per_epoch = total_steps(config, len(x)), steps_per_epoch(len(x), config.batch_size)
     num_classes = int(np.max(y)) + 1 if np.issubdtype(np.asarray(y).dtype, np.integer) else 0
+    log = _Progress(num_steps, num_classes, desc, lag=m.size > 1)
+    resume = checkpoints.for_fit(desc, {"seed": seed, "steps": num_steps,
+                                        "batch_size": config.batch_size})
+    state = jax.device_put(state, NamedSharding(m, PartitionSpec()))
+    state, start = _resumed(resume, state, log)
     steps_per_call = window_steps(has_conv, config.batch_size * (x[:1].nbytes + y[:1].nbytes))
     window = make_train_window(loss_fn, optimizer, config.augment, steps_per_call)
-    log = _Progress(num_steps, num_classes, desc, lag=m.size > 1)
-    for epoch in range(math.ceil(num_steps / per_epoch)):
+    for epoch in range(start, math.ceil(num_steps / per_epoch)):
         order = data_lib.epoch_order(len(x), seed * 100_003 + epoch)
         steps = min(per_epoch, num_steps - log.done)  # every window of an epoch is taken
         for first in range(0, steps, steps_per_call):
@@ -330,10 +333,24 @@ def fit(
                                     np.arange(steps_per_call) < count, key)
             log.add(metrics, count)
         log.end_epoch(steps)
+        if resume is not None:
+            resume.save_if_due(state, {"epoch": epoch + 1, **log.progress()})
     log.close()
     if devices.splits_freely():  # the next stage may split over other CPU devices
         state = jax.device_get(state)  # host arrays go to any of them
     return state, log.history
+
+
+def _resumed(resume: checkpoints.ResumePoint | None, state: TrainState,
+             log: _Progress) -> tuple[TrainState, int]:
+    """The state and first epoch to train from: a resume point's if it has one."""
+    saved = resume.load(state) if resume is not None else None
+    if saved is None:
+        return state, 0
+    state, progress = saved
+    log.restore(progress)
+    tqdm.write(f"{log.desc}: resumed after epoch {progress['epoch']} (step {log.done})")
+    return state, progress["epoch"]
 
 
 class _Progress:
@@ -368,6 +385,15 @@ class _Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+    def progress(self) -> dict:
+        """What a resume point keeps to go on where this left off."""
+        return {"done": self.done, "first_loss": self.first_loss, "history": self.history}
+
+    def restore(self, progress: dict) -> None:
+        self.done, self.first_loss = progress["done"], progress["first_loss"]
+        self.history = list(progress["history"])
+        self.bar.update(self.done)
 
     def _take(self, metrics, count: int) -> None:
         metrics = {k: np.asarray(v, np.float64)[:count]  # the one sync per window
@@ -408,19 +434,3 @@ def accuracy(apply_fn: ApplyFn, params, x: np.ndarray, y: np.ndarray) -> float:
 def inference_fn(model, extra) -> ApplyFn:
     """``apply_fn(params, x)`` of a Flax model in inference mode, ``extra`` fixed."""
     return lambda params, x: model.apply({"params": params, **extra}, x, train=False)
-
-
-def save_checkpoint(path: pathlib.Path, tree) -> None:
-    """Writes ``tree`` with orbax; orbax renames a temporary folder when done."""
-    import orbax.checkpoint as ocp
-
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(pathlib.Path(path).resolve(), tree, force=True)
-
-
-def restore_checkpoint(path: pathlib.Path, like=None):
-    """Reads a checkpoint written by ``save_checkpoint`` (shapes from ``like``)."""
-    import orbax.checkpoint as ocp
-
-    with ocp.StandardCheckpointer() as ckpt:
-        return ckpt.restore(pathlib.Path(path).resolve(), like)

@@ -1,0 +1,145 @@
+"""Orbax checkpoints: a pytree written whole, and resume points inside a training.
+
+``save`` / ``restore`` write and read one pytree (a run's variables, a stage's
+output). A resume point is what ``train.fit`` keeps while it trains inside
+``kept_in(folder)``: at the end of an epoch, at most once a minute, its whole
+state (step, params, non-trained state, optimizer state with pruning masks and
+centroids) and its progress so far. A killed training run again in the same
+folder restores the last one and goes on from that epoch. Batches, augmentation
+and dropout keys derive from the seed, the epoch and the step, so the resumed
+training computes what the uninterrupted one would have: the same bits.
+
+    FOLDER/NN_<desc>/state/   orbax checkpoint of the training state
+    FOLDER/NN_<desc>.json     epoch, progress and fingerprint; written last
+
+``NN`` counts the ``fit`` calls inside one ``kept_in``: a stage that trains twice
+(pruning, then its fine-tuning) keeps two. A resume point whose fingerprint
+(stage name, seed, step count, batch size) differs from the training asking for
+it is ignored, so a changed setting trains from the start instead of restoring
+another training's state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import math
+import os
+import pathlib
+import re
+import shutil
+import time
+from collections.abc import Iterator
+
+import jax
+
+from ucpjax.config import ConfigError
+
+# Written at the end of an epoch once this long has passed since the last write
+# (or the start): a LeNet epoch takes a second, and a write a tenth of that.
+# UCPJAX_RESUME_EVERY (seconds) overrides it; 0 writes at every epoch's end.
+_EVERY_SECONDS = 60.0
+
+_FOLDER: contextvars.ContextVar = contextvars.ContextVar("resume_folder", default=None)
+
+
+def save(path: pathlib.Path, tree) -> None:
+    """Writes ``tree`` with orbax; orbax renames a temporary folder when done."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(pathlib.Path(path).resolve(), tree, force=True)
+
+
+def restore(path: pathlib.Path, like=None):
+    """Reads a checkpoint written by ``save`` (shapes from ``like``)."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckpt:
+        return ckpt.restore(pathlib.Path(path).resolve(), like)
+
+
+@contextlib.contextmanager
+def kept_in(folder: str | os.PathLike, every_seconds: float | None = None) -> Iterator[None]:
+    """Every ``train.fit`` inside keeps a resume point in ``folder`` (module docstring),
+    every ``every_seconds`` at most (None: ``UCPJAX_RESUME_EVERY`` or a minute)."""
+    every = _every_seconds() if every_seconds is None else every_seconds
+    token = _FOLDER.set({"folder": pathlib.Path(folder), "every": every, "calls": 0})
+    try:
+        yield
+    finally:
+        _FOLDER.reset(token)
+
+
+def clear(folder: str | os.PathLike) -> None:
+    """Removes the resume points of a training that has finished."""
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+class ResumePoint:
+    """One ``fit`` call's resume point; see ``for_fit``."""
+
+    def __init__(self, base: pathlib.Path, fingerprint: dict, every_seconds: float):
+        self.base, self.fingerprint, self.every = base, fingerprint, every_seconds
+        self.last = time.monotonic()
+
+    def load(self, like) -> tuple[object, dict] | None:
+        """``(state, progress)`` saved last, or None when there is none for this
+        training (none written, another fingerprint, or a partial write)."""
+        try:
+            saved = json.loads(self.base.with_suffix(".json").read_text())
+        except (OSError, ValueError):
+            return None
+        if saved.get("fingerprint") != self.fingerprint:
+            return None
+        return restore(self.base / saved["state"], like), saved["progress"]
+
+    def save_if_due(self, state, progress: dict) -> None:
+        """Saves at an epoch's end when ``every_seconds`` have passed (the last epoch
+        too: a stage that trains twice, killed in its second training, need not
+        redo the first). Across hosts every epoch: each process joins orbax's
+        write, so they must agree on when."""
+        if jax.process_count() == 1 and time.monotonic() - self.last < self.every:
+            return
+        name = f"state_{progress['epoch']}"
+        save(self.base / name, state)
+        payload = json.dumps({"fingerprint": self.fingerprint, "state": name,
+                              "progress": progress})
+        _write_atomically(self.base.with_suffix(".json"), payload)
+        for old in self.base.glob("state_*"):  # after the JSON points past them
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+        self.last = time.monotonic()
+
+
+def for_fit(desc: str, fingerprint: dict) -> ResumePoint | None:
+    """The resume point of the next ``fit`` call inside ``kept_in``; None outside."""
+    kept = _FOLDER.get()
+    if kept is None:
+        return None
+    kept["calls"] += 1
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", desc)
+    return ResumePoint(kept["folder"] / f"{kept['calls']:02d}_{slug}",
+                       {"desc": desc, **fingerprint}, kept["every"])
+
+
+def _every_seconds() -> float:
+    text = os.environ.get("UCPJAX_RESUME_EVERY")
+    if text is None:
+        return _EVERY_SECONDS
+    try:
+        every = float(text)
+    except ValueError:
+        every = math.nan
+    if not every >= 0:
+        raise ConfigError(f"UCPJAX_RESUME_EVERY={text!r}: must be a number of seconds >= 0 "
+                          "(0 keeps a resume point at every epoch's end)")
+    return every
+
+
+def _write_atomically(path: pathlib.Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
