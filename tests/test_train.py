@@ -203,6 +203,15 @@ def test_a_killed_training_resumes_from_its_last_epoch_bit_identical(tmp_path, m
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_damaged_resume_point_is_passed_over(tmp_path):
+    point = checkpoints.ResumePoint(tmp_path / "01_train", {"desc": "train"}, 0.0)
+    index = tmp_path / "01_train.json"
+    index.write_text('{"fingerprint": {"desc": "train"}, "state": "state_1", "progress": {}}')
+    assert point.load({"w": np.zeros(3)}) is None  # its state folder is gone
+    index.write_text("{truncated")
+    assert point.load({"w": np.zeros(3)}) is None
+
+
 @pytest.mark.parametrize("value", ["soon", "-5", "nan"])
 def test_a_bad_resume_interval_is_named(tmp_path, monkeypatch, value):
     monkeypatch.setenv("UCPJAX_RESUME_EVERY", value)

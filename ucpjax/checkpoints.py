@@ -9,8 +9,9 @@ folder restores the last one and goes on from that epoch. Batches, augmentation
 and dropout keys derive from the seed, the epoch and the step, so the resumed
 training computes what the uninterrupted one would have: the same bits.
 
-    FOLDER/NN_<desc>/state/   orbax checkpoint of the training state
-    FOLDER/NN_<desc>.json     epoch, progress and fingerprint; written last
+    FOLDER/NN_<desc>/state_<epoch>/   orbax checkpoint of the training state
+    FOLDER/NN_<desc>.json             epoch, progress and fingerprint; written last,
+                                      then older states are removed
 
 ``NN`` counts the ``fit`` calls inside one ``kept_in``: a stage that trains twice
 (pruning, then its fine-tuning) keeps two. A resume point whose fingerprint
@@ -86,14 +87,15 @@ class ResumePoint:
 
     def load(self, like) -> tuple[object, dict] | None:
         """``(state, progress)`` saved last, or None when there is none for this
-        training (none written, another fingerprint, or a partial write)."""
+        training (none written, another fingerprint, or damaged files: the
+        training then starts over, which loses time but nothing else)."""
         try:
             saved = json.loads(self.base.with_suffix(".json").read_text())
-        except (OSError, ValueError):
+            if saved.get("fingerprint") != self.fingerprint:
+                return None
+            return restore(self.base / saved["state"], like), saved["progress"]
+        except Exception:  # orbax raises many types for a damaged checkpoint
             return None
-        if saved.get("fingerprint") != self.fingerprint:
-            return None
-        return restore(self.base / saved["state"], like), saved["progress"]
 
     def save_if_due(self, state, progress: dict) -> None:
         """Saves at an epoch's end when ``every_seconds`` have passed (the last epoch
@@ -141,5 +143,8 @@ def _every_seconds() -> float:
 def _write_atomically(path: pathlib.Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
