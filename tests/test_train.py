@@ -12,23 +12,43 @@ from ucpjax import checkpoints, data, devices, models, train
 from ucpjax.config import ConfigError
 
 # Trains a few steps of a conv net with BatchNorm and prints the final params'
-# checksum and the devices its batch would split over; run with 1 and 4 devices.
+# checksum and the devices its batch would split over; then trains it again killed
+# in its second epoch and resumed, and prints whether that ends on the same bits.
+# Run with 1 and 4 devices.
 _DEVICES_SCRIPT = """
-import json, sys
+import json, sys, tempfile
 import jax, numpy as np
 from ucpjax import checkpoints, data, devices, models, train
 ds = data.load("mnist").take(512, 64)
 m = models.create("depthwise_cnn")
 v = models.init(m, ds.input_shape)
-cfg = train.TrainConfig(epochs=1, batch_size=64)
+cfg = train.TrainConfig(epochs=2, batch_size=64)
 opt = train.make_optimizer(cfg, train.total_steps(cfg, 512))
-state, hist = train.fit(v["params"], train.classification_loss(m), opt, ds.x_train,
+run = lambda: train.fit(v["params"], train.classification_loss(m), opt, ds.x_train,
                         ds.y_train, config=cfg, seed=0, extra={"batch_stats": v["batch_stats"]})
+state, hist = run()
+end_epoch = train._Progress.end_epoch
+def killed(self, steps):
+    if self.history:
+        raise KeyboardInterrupt
+    end_epoch(self, steps)
+folder = tempfile.mkdtemp()
+train._Progress.end_epoch = killed
+try:
+    with checkpoints.kept_in(folder, every_seconds=0):
+        run()
+except KeyboardInterrupt:
+    pass
+train._Progress.end_epoch = end_epoch
+with checkpoints.kept_in(folder, every_seconds=0):
+    resumed, _ = run()
 leaves = [np.asarray(x).ravel() for x in jax.tree.leaves((state.params, state.extra))]
 print(json.dumps({"devices": len(jax.devices()),
                   "conv_split": devices.training_mesh(64, split=True).size,
                   "mlp_split": devices.training_mesh(64, split=False).size,
-                  "params": np.concatenate(leaves)[::97].tolist(), "loss": hist[-1]["loss"]}))
+                  "params": np.concatenate(leaves)[::97].tolist(), "loss": hist[-1]["loss"],
+                  "resumed_identical": all(np.array_equal(a, b) for a, b in zip(
+                      jax.tree.leaves(state), jax.tree.leaves(resumed), strict=True))}))
 """
 
 
@@ -47,6 +67,7 @@ def test_four_devices_match_one():
     assert (four["conv_split"], four["mlp_split"], one["conv_split"]) == (4, 1, 1)
     np.testing.assert_allclose(four["params"], one["params"], rtol=1e-4, atol=1e-5)
     assert four["loss"] == pytest.approx(one["loss"], rel=1e-4)
+    assert one["resumed_identical"] and four["resumed_identical"]  # a split state too
 
 
 def test_a_batch_splits_over_the_devices_that_divide_it():
