@@ -108,7 +108,7 @@ class ResumePoint:
         save(self.base / name, state)
         payload = json.dumps({"fingerprint": self.fingerprint, "state": name,
                               "progress": progress})
-        _write_atomically(self.base.with_suffix(".json"), payload)
+        write_atomically(self.base.with_suffix(".json"), payload.encode())
         for old in self.base.glob("state_*"):  # after the JSON points past them
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
@@ -140,11 +140,13 @@ def _every_seconds() -> float:
     return every
 
 
-def _write_atomically(path: pathlib.Path, text: str) -> None:
+def write_atomically(path: pathlib.Path, payload: bytes) -> None:
+    """Writes ``path`` so that a killed write leaves the old file or none (a
+    temporary file, synced, then renamed over it); ``RunFolder`` writes this way too."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(payload)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

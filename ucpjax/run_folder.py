@@ -43,13 +43,7 @@ class RunFolder:
     def write_bytes(self, name: str, payload: bytes) -> pathlib.Path:
         """Writes ``name`` atomically: a killed write leaves the old file or none."""
         path = self.root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        checkpoints.write_atomically(path, payload)
         return path
 
     def write_json(self, name: str, obj) -> pathlib.Path:
