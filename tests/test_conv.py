@@ -46,9 +46,12 @@ def test_random_convs_match_lax(case):
     want, want_grads = _both(call(lax.conv_general_dilated), x, kernel)
     pads = lax.padtype_to_pads(x.shape[1:3], (k, k), strides, padding) if isinstance(
         padding, str) else padding
-    # The custom rule itself (the public function leaves some convs to lax).
-    forced = lambda x, w: conv._conv(x, w, strides, tuple(map(tuple, pads)), depthwise, None)
-    for impl in (call(conv_general_dilated), forced):
+    # The custom rule and the im2col product themselves (the public function picks
+    # one of them or lax by the conv's shape).
+    pads = tuple(map(tuple, pads))
+    forced = lambda x, w: conv._conv(x, w, strides, pads, depthwise, None)
+    im2col = lambda x, w: conv._im2col_conv(x, w, strides, pads, None)
+    for impl in (call(conv_general_dilated), forced) + (() if depthwise else (im2col,)):
         got, got_grads = _both(impl, x, kernel)
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, **_TOL)
@@ -56,12 +59,20 @@ def test_random_convs_match_lax(case):
             np.testing.assert_allclose(g, w, **_TOL)
 
 
+def _jaxpr(x, kernel, strides=(1, 1)):
+    return str(jax.make_jaxpr(lambda x, k: conv_general_dilated(
+        x, k, strides, "SAME", dimension_numbers=_DN))(x, kernel))
+
+
 def test_grad_is_not_laxs_own():
-    # The test above could pass by falling back to lax: check the custom rule runs.
-    x, kernel = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 4))  # 2 channels: ours
-    jaxpr = jax.make_jaxpr(lambda x, k: conv_general_dilated(
-        x, k, (1, 1), "SAME", dimension_numbers=_DN))(x, kernel)
-    assert "custom_vjp_call" in str(jaxpr)
+    # The test above could pass by falling back to lax: check our paths run.
+    few_channels = _jaxpr(jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 4)))
+    assert "conv_general_dilated" not in few_channels and "dot_general" in few_channels
+    assert "conv_general_dilated" not in _jaxpr(jnp.ones((1, 12, 12, 20)), jnp.ones((5, 5, 20, 8)))
+    strided = _jaxpr(jnp.ones((1, 8, 8, 16)), jnp.ones((3, 3, 16, 8)), strides=(2, 2))
+    assert "custom_vjp_call" in strided
+    # 3x3 stride 1 on 16 channels at 16x16: XLA's conv, as measured faster.
+    assert "custom_vjp_call" not in _jaxpr(jnp.ones((1, 16, 16, 16)), jnp.ones((3, 3, 16, 8)))
 
 
 def test_unsupported_calls_fall_back_to_lax():

@@ -10,12 +10,13 @@ are worse still: a depthwise 3x3 conv (96 channels, 16x16) takes 220 ms
 forward and 940 ms for its weight gradient in XLA, against 14 ms and 160 ms as
 nine shifted multiply-adds. ``results/profile_train_step.md`` has the numbers.
 
-``conv_general_dilated`` is a drop-in for ``lax.conv_general_dilated`` with a
-``jax.custom_vjp``: regular convs keep XLA's forward pass and input gradient
-(both fast) and take the per-tap weight gradient where it measured faster
-(``_faster_weight_grad``); depthwise convs are computed entirely from shifted
-views. Anything else (dilation, other groupings, other
-layouts) falls through to lax unchanged.
+``conv_general_dilated`` is a drop-in for ``lax.conv_general_dilated``. Convs on
+few input channels or with 5x5 kernels become one product over an im2col matrix,
+forward and backward (``_im2col_faster``); other regular convs keep XLA's forward
+pass and input gradient (both fast) and take the per-tap weight gradient, a
+``jax.custom_vjp``, where it measured faster (``_faster_weight_grad``); depthwise
+convs are computed entirely from shifted views. Anything else (dilation, other
+groupings, other layouts) falls through to lax unchanged.
 
 ``fast_convs()`` makes every ``flax.linen.Conv`` use it, in any user's module:
 ``train.make_train_step`` enters it inside the traced step.
@@ -73,23 +74,40 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     if any(p < 0 for pair in pads for p in pair):  # lax crops there; we only pad
         return lax_conv()
     depthwise = feature_group_count != 1
+    if not depthwise and _im2col_faster(lhs.shape, rhs.shape):
+        return _im2col_conv(lhs, rhs, strides, pads, precision)
     if not depthwise and not _faster_weight_grad(lhs.shape, rhs.shape, strides):
         return lax_conv()
     return _conv(lhs, rhs, strides, pads, depthwise, precision)
+
+
+def _im2col_faster(x_shape, kernel_shape) -> bool:
+    """Whether the whole conv (forward and both gradients) measured faster as one
+    matrix product over an im2col matrix than as XLA's conv with our weight gradient.
+
+    Measured on an Intel Xeon, 2 cores (jax 0.10.2, milliseconds for the value and
+    both gradients, ours vs im2col): few input channels (3x3 on RGB at 32x32, batch 64:
+    12.5 vs 5.5; 3x3 on 1 channel at 28x28, batch 128: 12.3 vs 3.6) and 5x5 kernels
+    (1 channel at 28x28: 25.3 vs 7.2; 20 channels at 12x12: 33.7 vs 15.4) win; 3x3
+    convs on 16-192 channels were 0.4-1.7x, no rule, so they stay on the paths below.
+    """
+    kh, kw, channels, _ = kernel_shape
+    del x_shape
+    return channels <= 4 or kh * kw >= 25
 
 
 def _faster_weight_grad(x_shape, kernel_shape, strides) -> bool:
     """Whether the per-tap weight gradient beat XLA's for such a conv on this CPU.
 
     Measured (results/profile_train_step.md, milliseconds, XLA vs ours): strided
-    convs (3x3 s2 at 32x32: 29 vs 12; 1x1 s2: 20 vs 2), convs on a few input
-    channels (3x3 on RGB at 32x32: 42 vs 18) and stride-1 convs at 32x32
+    convs (3x3 s2 at 32x32: 29 vs 12; 1x1 s2: 20 vs 2) and stride-1 convs at 32x32
     (32 channels, batch 128: 1293 vs 451) win; stride-1 convs at 16x16 and below
     with 32 channels or more lose (16x16x48: 51 vs 97), so XLA keeps those.
+    (Convs on a few input channels go to ``_im2col_conv`` before this rule.)
     """
     del kernel_shape
-    _, height, width, channels = x_shape
-    return strides != (1, 1) or channels <= 4 or height * width >= 32 * 32
+    _, height, width, _ = x_shape
+    return strides != (1, 1) or height * width >= 32 * 32
 
 
 def _supported(lhs, rhs, strides, lhs_dilation, rhs_dilation, dimension_numbers,
@@ -140,6 +158,19 @@ def _conv_backward(strides, pads, depthwise, precision, residuals, dy):
 
 
 _conv.defvjp(_conv_forward, _conv_backward)
+
+
+def _im2col_conv(x, kernel, strides, pads, precision):
+    """The conv as ``patches @ kernel``: the padded input's ``kh * kw`` shifted views
+    side by side on the channel axis, against the kernel as a ``(kh * kw * cin, cout)``
+    matrix. Plain lax ops, so autodiff gives both gradients (a transposed product and
+    pads of the views) and no conv op is left in the step, which then runs in
+    ``lax.scan`` windows like a dense net's (``train.window_steps``)."""
+    kh, kw, cin, cout = kernel.shape
+    ho, wo = _output_hw(x.shape, (kh, kw), strides, pads)
+    patches = jnp.concatenate(_shifted_views(x, (kh, kw), strides, pads, (ho, wo)), axis=3)
+    return lax.dot_general(patches, kernel.reshape(kh * kw * cin, cout),
+                           (((3,), (0,)), ((), ())), precision=precision)
 
 
 def _repeated(x, kernel):

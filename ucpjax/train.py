@@ -188,6 +188,8 @@ def window_steps(has_conv: bool, batch_bytes: int) -> int:
     with convolutions on CPU. XLA on CPU runs a convolution inside a loop body
     far slower than at top level (one step of cifar_cnn: 3.1 s in ``lax.scan``,
     0.11 s alone; lenet5 5.5x, fashion_cnn 8x), while an MLP gains from the loop.
+    Convs that ``ucpjax.conv`` computes as im2col products are no conv ops, so a step
+    with only those (pcqat_mnist's, lenet5's) goes in windows.
     Elsewhere (a GPU) conv steps go in windows too: one host round trip per window."""
     if has_conv and jax.default_backend() == "cpu":
         return 1
