@@ -3,7 +3,9 @@
 For each model, every ``conv_general_dilated`` of its train-mode forward pass
 (read from the jaxpr, so shapes, strides, padding and groups are exact) is
 timed alone, three ways (forward, input gradient, weight gradient), with XLA's
-own rules ("lax") and with ``ucpjax.conv`` ("ours"). The whole jitted
+own rules ("lax"), with ``ucpjax.conv`` ("ours": the path its shape rules pick)
+and, for ungrouped convs, as ``ucpjax.conv``'s im2col product ("im2col"),
+whatever the rules pick: the measurements behind those rules. The whole jitted
 loss-and-gradient step is timed too, plain and under ``fast_convs()``; what
 the convs do not account for is BatchNorm, ReLU, pooling, the dense layers and
 the loss. Times are medians of repeated calls after a compile call.
@@ -35,9 +37,11 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # The command as run (relative script path, flags), for the written results.
 COMMAND = " ".join([".venv/bin/python", *sys.argv])
 
-CASES = [("lenet5", (28, 28, 1), 128), ("cifar_cnn", (32, 32, 3), 48),
-         ("resnet8", (32, 32, 3), 64), ("mobilenet_cifar", (32, 32, 3), 64)]
+CASES = [("pcqat_mnist", (28, 28, 1), 128), ("lenet5", (28, 28, 1), 128),
+         ("cifar_cnn", (32, 32, 3), 48), ("resnet8", (32, 32, 3), 64),
+         ("mobilenet_cifar", (32, 32, 3), 64)]
 PARTS = ("forward", "input grad", "weight grad")
+IMPLS = ("lax", "ours", "im2col")
 
 
 def conv_calls(model, variables, x) -> list[dict]:
@@ -78,6 +82,12 @@ def time_conv(call: dict, impl, repeats: int) -> dict:
             "weight grad": median_ms(grad(1), x, kernel, dy, repeats=repeats)}
 
 
+def im2col(x, kernel, strides, padding, dimension_numbers, feature_group_count):
+    """``ucpjax.conv``'s im2col product for any ungrouped conv (``padding`` explicit)."""
+    del dimension_numbers, feature_group_count
+    return conv._im2col_conv(x, kernel, tuple(strides), tuple(map(tuple, padding)), None)
+
+
 def step_ms(model, variables, x, convs, repeats: int) -> float:
     params = {k: v for k, v in variables.items() if k == "params"}["params"]
     extra = {k: v for k, v in variables.items() if k != "params"}
@@ -98,7 +108,9 @@ def profile(name: str, shape: tuple, batch: int, repeats: int) -> dict:
     layers = []
     for call in conv_calls(model, variables, x):
         layers.append({**call, "lax": time_conv(call, lax.conv_general_dilated, repeats),
-                       "ours": time_conv(call, conv.conv_general_dilated, repeats)})
+                       "ours": time_conv(call, conv.conv_general_dilated, repeats),
+                       "im2col": (time_conv(call, im2col, repeats) if call["groups"] == 1
+                                  else None)})
     return {"batch": batch, "layers": layers,
             "step_lax_ms": step_ms(model, variables, x, contextlib.nullcontext, repeats),
             "step_ours_ms": step_ms(model, variables, x, conv.fast_convs, repeats)}
@@ -107,25 +119,27 @@ def profile(name: str, shape: tuple, batch: int, repeats: int) -> dict:
 def markdown(results: dict, repeats: int, loads) -> str:
     out = ["# Where the training step's time goes (XLA CPU)",
            (f"Each conv of the model timed alone (median of {repeats} calls, ms): forward, "
-            "input gradient, weight gradient, as XLA computes them (lax) and as "
-            "`ucpjax.conv` does (ours). 'step' is the whole jitted loss and gradient. "
+            "input gradient, weight gradient, as XLA computes them (lax), as "
+            "`ucpjax.conv` does (ours) and as its im2col product (im2col; - for grouped "
+            "convs, and in the totals where a grouped conv has none). 'step' is the whole "
+            "jitted loss and gradient. "
             f"Load average (1, 5, 15 min) before/after: {loads[0]} / {loads[1]} on "
             f"{os.cpu_count()} CPUs; jax {jax.__version__}.")]
     for name, r in results.items():
-        rows = ["| conv (x -> kernel, stride, groups) | fwd lax | fwd ours | dX lax | dX ours "
-                "| dW lax | dW ours |", "|---|---|---|---|---|---|---|"]
-        totals = {(impl, part): 0.0 for impl in ("lax", "ours") for part in PARTS}
+        head = " | ".join(f"{part} {impl}" for part in ("fwd", "dX", "dW") for impl in IMPLS)
+        rows = [f"| conv (x -> kernel, stride, groups) | {head} |", "|---" * 10 + "|"]
+        totals = {(impl, part): 0.0 for impl in IMPLS for part in PARTS}
         for layer in r["layers"]:
-            for impl in ("lax", "ours"):
+            for impl in IMPLS:
                 for part in PARTS:
-                    totals[impl, part] += layer[impl][part]
-            cells = " | ".join(f"{layer[impl][part]:.1f}" for part in PARTS
-                               for impl in ("lax", "ours"))
+                    totals[impl, part] += layer[impl][part] if layer[impl] else float("nan")
+            cells = " | ".join(f"{layer[impl][part]:.1f}" if layer[impl] else "-"
+                               for part in PARTS for impl in IMPLS)
             rows.append(f"| {'x'.join(map(str, layer['x']))} -> "
                         f"{'x'.join(map(str, layer['kernel']))}, s{layer['strides'][0]}, "
                         f"g{layer['groups']} | {cells} |")
-        cells = " | ".join(f"**{totals[impl, part]:.1f}**" for part in PARTS
-                           for impl in ("lax", "ours"))
+        cells = " | ".join(f"**{totals[impl, part]:.1f}**".replace("nan", "-")
+                           for part in PARTS for impl in IMPLS)
         rows.append(f"| all convs | {cells} |")
         lax_convs = sum(totals["lax", p] for p in PARTS)
         ours_convs = sum(totals["ours", p] for p in PARTS)

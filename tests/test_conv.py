@@ -69,6 +69,8 @@ def test_grad_is_not_laxs_own():
     few_channels = _jaxpr(jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 4)))
     assert "conv_general_dilated" not in few_channels and "dot_general" in few_channels
     assert "conv_general_dilated" not in _jaxpr(jnp.ones((1, 12, 12, 20)), jnp.ones((5, 5, 20, 8)))
+    # A 5x5 on 64 channels would make an im2col matrix 25x its input: a conv stays.
+    assert "conv_general_dilated" in _jaxpr(jnp.ones((1, 12, 12, 64)), jnp.ones((5, 5, 64, 8)))
     strided = _jaxpr(jnp.ones((1, 8, 8, 16)), jnp.ones((3, 3, 16, 8)), strides=(2, 2))
     assert "custom_vjp_call" in strided
     # 3x3 stride 1 on 16 channels at 16x16: XLA's conv, as measured faster.

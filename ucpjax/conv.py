@@ -74,14 +74,14 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     if any(p < 0 for pair in pads for p in pair):  # lax crops there; we only pad
         return lax_conv()
     depthwise = feature_group_count != 1
-    if not depthwise and _im2col_faster(lhs.shape, rhs.shape):
+    if not depthwise and _im2col_faster(rhs.shape):
         return _im2col_conv(lhs, rhs, strides, pads, precision)
     if not depthwise and not _faster_weight_grad(lhs.shape, rhs.shape, strides):
         return lax_conv()
     return _conv(lhs, rhs, strides, pads, depthwise, precision)
 
 
-def _im2col_faster(x_shape, kernel_shape) -> bool:
+def _im2col_faster(kernel_shape) -> bool:
     """Whether the whole conv (forward and both gradients) measured faster as one
     matrix product over an im2col matrix than as XLA's conv with our weight gradient.
 
@@ -90,10 +90,11 @@ def _im2col_faster(x_shape, kernel_shape) -> bool:
     12.5 vs 5.5; 3x3 on 1 channel at 28x28, batch 128: 12.3 vs 3.6) and 5x5 kernels
     (1 channel at 28x28: 25.3 vs 7.2; 20 channels at 12x12: 33.7 vs 15.4) win; 3x3
     convs on 16-192 channels were 0.4-1.7x, no rule, so they stay on the paths below.
+    The im2col matrix is ``kh * kw`` times the input, so a patch stays within the
+    longest measured (500 values).
     """
     kh, kw, channels, _ = kernel_shape
-    del x_shape
-    return channels <= 4 or kh * kw >= 25
+    return kh * kw * channels <= 512 and (channels <= 4 or kh * kw >= 25)
 
 
 def _faster_weight_grad(x_shape, kernel_shape, strides) -> bool:
