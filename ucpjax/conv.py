@@ -100,15 +100,15 @@ def _im2col_faster(kernel_shape) -> bool:
 def _faster_weight_grad(x_shape, kernel_shape, strides) -> bool:
     """Whether the per-tap weight gradient beat XLA's for such a conv on this CPU.
 
-    Measured (results/profile_train_step.md, milliseconds, XLA vs ours): strided
-    convs (3x3 s2 at 32x32: 29 vs 12; 1x1 s2: 20 vs 2) and stride-1 convs at 32x32
-    (32 channels, batch 128: 1293 vs 451) win; stride-1 convs at 16x16 and below
-    with 32 channels or more lose (16x16x48: 51 vs 97), so XLA keeps those.
-    (Convs on a few input channels go to ``_im2col_conv`` before this rule.)
+    Measured (results/profile_train_step.md, weight gradient alone, milliseconds,
+    XLA vs ours, jax 0.10.2 on an Intel Xeon): strided convs win (resnet8's 3x3 s2 at
+    32x32: 5.8 vs 3.3; 1x1 s2: 3.6 vs 0.7 and 2.0 vs 0.6). Stride-1 convs lose since
+    XLA hands its convs to YNNPACK: resnet8's 3x3 on 16 channels at 32x32, batch 64,
+    12.1 vs 27.8 (the per-tap products had won there, 1293 vs 451 ms, before that), so
+    XLA keeps them. (Convs on a few input channels go to ``_im2col_conv`` before this.)
     """
-    del kernel_shape
-    _, height, width, _ = x_shape
-    return strides != (1, 1) or height * width >= 32 * 32
+    del x_shape, kernel_shape
+    return strides != (1, 1)
 
 
 def _supported(lhs, rhs, strides, lhs_dilation, rhs_dilation, dimension_numbers,

@@ -6,8 +6,8 @@ over two host devices, one per core, that run their halves side by side,
 cifar_cnn's loss-and-gradient (batch 48, 2 cores) took 44.4 ms instead of 65.0
 (results/bench_train_step.md). Where products dominate, the split only adds the
 gradients' all-reduce: in ad-hoc timings LeNet-300-100 (all matrix products)
-went from 1.1 to 1.9 ms per step, and resnet8 (most of its convs' weight
-gradients are ``ucpjax.conv``'s per-tap products) from 106 to 115 ms
+went from 1.1 to 1.9 ms per step, and resnet8 (when most of its convs' weight
+gradients were ``ucpjax.conv``'s per-tap products) from 106 to 115 ms
 (RESULTS.md, "The batch split over one device per core").
 
 So the command line asks XLA for one host device per usable core
@@ -35,8 +35,9 @@ from jax.sharding import Mesh
 from ucpjax import jaxprs
 
 _FLAG = "--xla_force_host_platform_device_count"
-# Shares of the repo's models: cifar_cnn 0.33, fashion_cnn 0.28 and mobilenet_cifar
-# 0.27 split; lenet5 0.17, resnet8 0.09, pcqat_mnist and LeNet-300-100 0 do not.
+# Shares of the repo's models: cifar_cnn 0.33, mobilenet_cifar 0.30 and fashion_cnn
+# 0.29 split; resnet8 0.198 does not, nor do lenet5, pcqat_mnist (convs as im2col
+# products) and LeNet-300-100 (0).
 SPLIT_SHARE = 0.2
 # Fewer examples than this per device leave a core's vector units idle and
 # make the all-reduce the larger cost; a batch of 48 still splits over 3.
