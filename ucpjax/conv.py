@@ -8,7 +8,10 @@ a sum of K*K matrix products, ``view^T @ dy``, over shifted views of the
 padded input: ~450 ms there (an im2col matrix, one product, ~640 ms). Grouped convs
 are worse still: a depthwise 3x3 conv (96 channels, 16x16) takes 220 ms
 forward and 940 ms for its weight gradient in XLA, against 14 ms and 160 ms as
-nine shifted multiply-adds. ``results/profile_train_step.md`` has the numbers.
+nine shifted multiply-adds. Since XLA hands convs to YNNPACK (jax 0.10), its
+stride-1 weight gradients are within 1.5x of the forward pass and stay XLA's; on few
+input channels and 5x5 kernels one im2col product beats both.
+``results/profile_train_step.md`` has the numbers.
 
 ``conv_general_dilated`` is a drop-in for ``lax.conv_general_dilated``. Convs on
 few input channels or with 5x5 kernels become one product over an im2col matrix,
@@ -76,7 +79,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     depthwise = feature_group_count != 1
     if not depthwise and _im2col_faster(rhs.shape):
         return _im2col_conv(lhs, rhs, strides, pads, precision)
-    if not depthwise and not _faster_weight_grad(lhs.shape, rhs.shape, strides):
+    if not depthwise and not _faster_weight_grad(strides):
         return lax_conv()
     return _conv(lhs, rhs, strides, pads, depthwise, precision)
 
@@ -97,7 +100,7 @@ def _im2col_faster(kernel_shape) -> bool:
     return kh * kw * channels <= 512 and (channels <= 4 or kh * kw >= 25)
 
 
-def _faster_weight_grad(x_shape, kernel_shape, strides) -> bool:
+def _faster_weight_grad(strides) -> bool:
     """Whether the per-tap weight gradient beat XLA's for such a conv on this CPU.
 
     Measured (results/profile_train_step.md, weight gradient alone, milliseconds,
@@ -107,7 +110,6 @@ def _faster_weight_grad(x_shape, kernel_shape, strides) -> bool:
     12.1 vs 27.8 (the per-tap products had won there, 1293 vs 451 ms, before that), so
     XLA keeps them. (Convs on a few input channels go to ``_im2col_conv`` before this.)
     """
-    del x_shape, kernel_shape
     return strides != (1, 1)
 
 
