@@ -9,7 +9,7 @@ padded input: ~450 ms there (an im2col matrix, one product, ~640 ms). Grouped co
 are worse still: a depthwise 3x3 conv (96 channels, 16x16) takes 220 ms
 forward and 940 ms for its weight gradient in XLA, against 14 ms and 160 ms as
 nine shifted multiply-adds. Since XLA hands convs to YNNPACK (jax 0.10), its
-stride-1 weight gradients are within 1.5x of the forward pass and stay XLA's; on few
+stride-1 weight gradients take 0.7-3.7x its forward pass, not 10-20x, and stay XLA's; on few
 input channels and 5x5 kernels one im2col product beats both.
 ``results/profile_train_step.md`` has the numbers.
 
