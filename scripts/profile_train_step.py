@@ -128,18 +128,18 @@ def markdown(results: dict, repeats: int, loads) -> str:
     for name, r in results.items():
         head = " | ".join(f"{part} {impl}" for part in ("fwd", "dX", "dW") for impl in IMPLS)
         rows = [f"| conv (x -> kernel, stride, groups) | {head} |", "|---" * 10 + "|"]
-        totals = {(impl, part): 0.0 for impl in IMPLS for part in PARTS}
+        # A total only where every conv has the time (im2col has none for grouped convs).
+        totals = {(impl, part): (sum(layer[impl][part] for layer in r["layers"])
+                                 if all(layer[impl] for layer in r["layers"]) else None)
+                  for impl in IMPLS for part in PARTS}
+        ms = lambda v: "-" if v is None else f"{v:.1f}"
         for layer in r["layers"]:
-            for impl in IMPLS:
-                for part in PARTS:
-                    totals[impl, part] += layer[impl][part] if layer[impl] else float("nan")
-            cells = " | ".join(f"{layer[impl][part]:.1f}" if layer[impl] else "-"
+            cells = " | ".join(ms(layer[impl] and layer[impl][part])
                                for part in PARTS for impl in IMPLS)
             rows.append(f"| {'x'.join(map(str, layer['x']))} -> "
                         f"{'x'.join(map(str, layer['kernel']))}, s{layer['strides'][0]}, "
                         f"g{layer['groups']} | {cells} |")
-        cells = " | ".join(f"**{totals[impl, part]:.1f}**".replace("nan", "-")
-                           for part in PARTS for impl in IMPLS)
+        cells = " | ".join(f"**{ms(totals[impl, part])}**" for part in PARTS for impl in IMPLS)
         rows.append(f"| all convs | {cells} |")
         lax_convs = sum(totals["lax", p] for p in PARTS)
         ours_convs = sum(totals["ours", p] for p in PARTS)

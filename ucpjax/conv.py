@@ -8,10 +8,11 @@ a sum of K*K matrix products, ``view^T @ dy``, over shifted views of the
 padded input: ~450 ms there (an im2col matrix, one product, ~640 ms). Grouped convs
 are worse still: a depthwise 3x3 conv (96 channels, 16x16) takes 220 ms
 forward and 940 ms for its weight gradient in XLA, against 14 ms and 160 ms as
-nine shifted multiply-adds. Since XLA hands convs to YNNPACK (jax 0.10), its
-stride-1 weight gradients take 0.7-3.7x its forward pass, not 10-20x, and stay XLA's; on few
-input channels and 5x5 kernels one im2col product beats both.
-``results/profile_train_step.md`` has the numbers.
+nine shifted multiply-adds. Those figures are from a loaded machine; on an
+idle Intel Xeon, where XLA runs convs as YNNPACK fusions, its stride-1 weight
+gradients take 0.7-3.7x the forward pass and stay XLA's, and on few input channels
+and 5x5 kernels one im2col product beats both. ``results/profile_train_step.md``
+has the numbers.
 
 ``conv_general_dilated`` is a drop-in for ``lax.conv_general_dilated``. Convs on
 few input channels or with 5x5 kernels become one product over an im2col matrix,
@@ -77,10 +78,11 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     if any(p < 0 for pair in pads for p in pair):  # lax crops there; we only pad
         return lax_conv()
     depthwise = feature_group_count != 1
-    if not depthwise and _im2col_faster(rhs.shape):
-        return _im2col_conv(lhs, rhs, strides, pads, precision)
-    if not depthwise and not _faster_weight_grad(strides):
-        return lax_conv()
+    if not depthwise:
+        if _im2col_faster(rhs.shape):
+            return _im2col_conv(lhs, rhs, strides, pads, precision)
+        if not _faster_weight_grad(strides):
+            return lax_conv()
     return _conv(lhs, rhs, strides, pads, depthwise, precision)
 
 
@@ -104,11 +106,11 @@ def _faster_weight_grad(strides) -> bool:
     """Whether the per-tap weight gradient beat XLA's for such a conv on this CPU.
 
     Measured (results/profile_train_step.md, weight gradient alone, milliseconds,
-    XLA vs ours, jax 0.10.2 on an Intel Xeon): strided convs win (resnet8's 3x3 s2 at
-    32x32: 5.8 vs 3.3; 1x1 s2: 3.6 vs 0.7 and 2.0 vs 0.6). Stride-1 convs lose since
-    XLA hands its convs to YNNPACK: resnet8's 3x3 on 16 channels at 32x32, batch 64,
-    12.1 vs 27.8 (the per-tap products had won there, 1293 vs 451 ms, before that), so
-    XLA keeps them. (Convs on a few input channels go to ``_im2col_conv`` before this.)
+    XLA vs ours, jax 0.10.2 on an idle Intel Xeon): strided convs win (resnet8's 3x3
+    s2 at 32x32: 5.8 vs 3.3; 1x1 s2: 3.6 vs 0.7 and 2.0 vs 0.6); stride-1 convs lose
+    to XLA's YNNPACK fusions (resnet8's 3x3 on 16 channels at 32x32, batch 64: 12.1 vs
+    27.8, where a loaded machine had measured 1293 vs 451), so XLA keeps them.
+    (Convs on a few input channels go to ``_im2col_conv`` before this rule.)
     """
     return strides != (1, 1)
 
