@@ -5,8 +5,10 @@ Latency depends on shapes and ops, not on the weights' values (the int8 kernels 
 zeros like any other weight), so each model is freshly initialised, its BatchNorm
 folded and its weights put on the int8 grid, then converted from real images of
 its dataset (calibration). Each configuration is timed in ``--rounds`` rounds of
-``--repeats`` single-image invokes after a warm-up; the table gives the median
-over all invokes and the spread of the round medians (min-max). The ops of each
+``--repeats`` single-image invokes after a warm-up, a model's configurations
+taking turns round by round (so drift in the machine's speed falls on all of
+them alike); the table gives the median over all invokes and the spread of the
+round medians (min-max). The ops of each
 .tflite are listed with the number of partitions XNNPACK made (DELEGATE nodes);
 LiteRT's Python API has no per-op profiler.
 
@@ -85,26 +87,66 @@ def tflite_pair(name: str, dataset, channel_fraction: float = 0.0) -> tuple[byte
             export.to_tflite(apply_fn, params, dataset.input_shape, rep, int8=False))
 
 
-def timings(model_bytes: bytes, *, threads: int, use_xnnpack: bool, rounds: int,
-            repeats: int, warmup: int = 50) -> dict:
-    runner = export.TfliteRunner(model_bytes, threads=threads, use_xnnpack=use_xnnpack)
+def _invoke_us(runner: export.TfliteRunner, x: np.ndarray, count: int,
+               first: int = 0) -> list[float]:
+    """Microseconds of ``count`` single-image invokes, cycling through ``x``'s images
+    from image ``first``."""
     interp, index = runner.interpreter, runner.input["index"]
+    times = []
+    for i in range(first, first + count):
+        interp.set_tensor(index, x[i % len(x)])
+        start = time.perf_counter_ns()
+        interp.invoke()
+        times.append((time.perf_counter_ns() - start) / 1e3)
+    return times
+
+
+def _warm_runner(model_bytes: bytes, threads: int, use_xnnpack: bool,
+                 warmup: int = 50) -> tuple[export.TfliteRunner, np.ndarray]:
+    """An interpreter of ``model_bytes`` after ``warmup`` invokes, and its 8 inputs."""
+    runner = export.TfliteRunner(model_bytes, threads=threads, use_xnnpack=use_xnnpack)
     x = runner.quantize_input(
         np.random.default_rng(0).random((8, 1, *runner.input_shape), np.float32))
-    for i in range(warmup):
-        interp.set_tensor(index, x[i % len(x)])
-        interp.invoke()
-    medians, every = [], []
+    _invoke_us(runner, x, warmup)
+    return runner, x
+
+
+def timings(files: dict[str, bytes], configs: list[tuple[str, str, int, bool]], *,
+            rounds: int, repeats: int) -> dict[str, dict]:
+    """``{key: {"median_us", "round_medians_us"}}`` of each ``(key, kind, threads,
+    xnnpack)`` configuration of the ``.tflite`` ``files[kind]``. The configurations
+    take turns round by round, so drift in the machine's speed over minutes falls
+    on all of them alike; their ratios come from ``paired_ratio``, which alternates
+    finer."""
+    runners = {key: _warm_runner(files[kind], threads, xnnpack)
+               for key, kind, threads, xnnpack in configs}
+    every = {key: [] for key in runners}
+    medians = {key: [] for key in runners}
     for _ in range(rounds):
-        times = []
+        for key, (runner, x) in runners.items():
+            times = _invoke_us(runner, x, repeats)
+            medians[key].append(statistics.median(times))
+            every[key] += times
+    return {key: {"median_us": statistics.median(every[key]), "round_medians_us": medians[key]}
+            for key in runners}
+
+
+def paired_ratio(a: bytes, b: bytes, *, rounds: int, repeats: int) -> dict:
+    """How many times longer an invoke of ``.tflite`` ``a`` takes than one of ``b`` (1
+    thread, XNNPACK): the two alternate invoke by invoke, so both meet the same
+    machine, and the ratio of each round's medians is taken; returns their median
+    and the round ratios. Timed as separate blocks, cifar_cnn's int8 model against
+    its cut one gave round ratios from 1.02 to 2.71 (this machine's speed jumps
+    about 2x for seconds at a time); alternating, 1.98 to 2.08."""
+    pair = [_warm_runner(model_bytes, 1, True) for model_bytes in (a, b)]
+    ratios = []
+    for _ in range(rounds):
+        times = ([], [])
         for i in range(repeats):
-            interp.set_tensor(index, x[i % len(x)])
-            start = time.perf_counter_ns()
-            interp.invoke()
-            times.append((time.perf_counter_ns() - start) / 1e3)
-        medians.append(statistics.median(times))
-        every += times
-    return {"median_us": statistics.median(every), "round_medians_us": medians}
+            for (runner, x), into in zip(pair, times, strict=True):
+                into.extend(_invoke_us(runner, x, 1, first=i))
+        ratios.append(statistics.median(times[0]) / statistics.median(times[1]))
+    return {"ratio": statistics.median(ratios), "round_ratios": ratios}
 
 
 def op_counts(model_bytes: bytes, use_xnnpack: bool) -> dict:
@@ -122,22 +164,34 @@ def bench(name: str, rounds: int, repeats: int, channel_fraction: float) -> dict
                          tflite_pair(name, dataset, channel_fraction), strict=True))
     result = {"model": name, "data": DATASETS[name], "bytes": {k: len(v) for k, v in files.items()},
               "ops": {k: op_counts(v, False) for k, v in files.items()},
-              "ops_with_xnnpack": {k: op_counts(v, True) for k, v in files.items()},
-              "latency": {}}
-    for kind, model_bytes in files.items():
-        for threads in (1, 2):
-            for xnnpack in (True, False) if kind in ("int8", "float") else (True,):
-                key = f"{kind}/{threads}t/{'xnnpack' if xnnpack else 'builtin'}"
-                result["latency"][key] = timings(model_bytes, threads=threads,
-                                                 use_xnnpack=xnnpack, rounds=rounds,
-                                                 repeats=repeats)
-                print(f"{name} {key}: {result['latency'][key]['median_us']:.1f} us", flush=True)
+              "ops_with_xnnpack": {k: op_counts(v, True) for k, v in files.items()}}
+    configs = [(f"{kind}/{threads}t/{'xnnpack' if xnnpack else 'builtin'}", kind, threads, xnnpack)
+               for kind in files for threads in (1, 2)
+               for xnnpack in ((True, False) if kind in ("int8", "float") else (True,))]
+    result["latency"] = timings(files, configs, rounds=rounds, repeats=repeats)
+    pairs = {"int8_vs_float": ("int8", "float")}
+    if channel_fraction:
+        pairs["slim_speedup"] = ("int8", "int8_slim")
+    result["ratios"] = {key: paired_ratio(files[a], files[b], rounds=rounds, repeats=repeats)
+                        for key, (a, b) in pairs.items()}
+    for key, t in result["latency"].items():
+        print(f"{name} {key}: {t['median_us']:.1f} us", flush=True)
     return result
 
 
 def cell(t: dict) -> str:
     lo, hi = min(t["round_medians_us"]), max(t["round_medians_us"])
     return f"{t['median_us']:.1f} [{lo:.1f}-{hi:.1f}]"
+
+
+def ratio_cell(row: dict, key: str, a: str, b: str, unit: str = "") -> str:
+    """``paired_ratio``'s figure [round range]; a results file from before it has the
+    ratio of the two medians alone."""
+    if key not in row.get("ratios", {}):
+        t = row["latency"]
+        return f"{t[a]['median_us'] / t[b]['median_us']:.2f}{unit}"
+    r = row["ratios"][key]
+    return f"{r['ratio']:.2f}{unit} [{min(r['round_ratios']):.2f}-{max(r['round_ratios']):.2f}]"
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -149,7 +203,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
         (f"CPU: {meta['cpu']} ({meta['cpus']} cores), x86-64; phones are ARM, so the "
          "ratios, not the microseconds, are what carries over. Median over "
          f"{meta['rounds']} x {meta['repeats']} single-image invokes [min-max of the "
-         f"{meta['rounds']} round medians]. Load average before / after: "
+         f"{meta['rounds']} round medians], a model's configurations taking turns "
+         "round by round. The ratio columns come from the two models alternating "
+         "invoke by invoke, 1 thread, XNNPACK (`paired_ratio`): median of the round "
+         "ratios [min-max]. Load average before / after: "
          f"{meta['load_before']} / {meta['load_after']}."),
         "",
         "| model | " + " | ".join(keys) + " | int8 / float (1t, XNNPACK) |",
@@ -157,9 +214,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
     ]
     for r in rows:
         t = r["latency"]
-        ratio = t["int8/1t/xnnpack"]["median_us"] / t["float/1t/xnnpack"]["median_us"]
+        ratio = ratio_cell(r, "int8_vs_float", "int8/1t/xnnpack", "float/1t/xnnpack")
         lines.append(f"| {r['model']} | " + " | ".join(cell(t[k]) for k in keys)
-                     + f" | {ratio:.2f} |")
+                     + f" | {ratio} |")
     lines += ["", "Ops of each int8 .tflite and the partitions XNNPACK made of the int8 "
               "and float graphs (DELEGATE nodes; one means it took the graph whole):", "",
               "| model | int8 ops | XNNPACK partitions, int8 / float | bytes, int8 / float |",
@@ -179,10 +236,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in slim:
             t = r["latency"]
-            speedup = t["int8/1t/xnnpack"]["median_us"] / t["int8_slim/1t/xnnpack"]["median_us"]
+            speedup = ratio_cell(r, "slim_speedup", "int8/1t/xnnpack", "int8_slim/1t/xnnpack",
+                                 "x")
             lines.append(
                 f"| {r['model']} | {cell(t['int8/1t/xnnpack'])} | "
-                f"{cell(t['int8_slim/1t/xnnpack'])} | {speedup:.2f}x | "
+                f"{cell(t['int8_slim/1t/xnnpack'])} | {speedup} | "
                 f"{cell(t['int8/2t/xnnpack'])} | {cell(t['int8_slim/2t/xnnpack'])} | "
                 f"{cell(t['float/1t/xnnpack'])} | {cell(t['float_slim/1t/xnnpack'])} | "
                 f"{r['bytes']['int8']:,} / {r['bytes']['int8_slim']:,} |")
@@ -193,8 +251,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(DATASETS))
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--channels", type=float, default=0.5,
                         help="share of each channel family cut out for the after-"
                              "structured-pruning rows (0: none)")
