@@ -8,9 +8,10 @@ its dataset (calibration). Each configuration is timed in ``--rounds`` rounds of
 ``--repeats`` single-image invokes after a warm-up, a model's configurations
 taking turns round by round (so drift in the machine's speed falls on all of
 them alike); the table gives the median over all invokes and the spread of the
-round medians (min-max). The ops of each
-.tflite are listed with the number of partitions XNNPACK made (DELEGATE nodes);
-LiteRT's Python API has no per-op profiler.
+round medians (min-max). The ratios (int8 against float, and against the cut
+model) come from the two files alternating invoke by invoke (``paired_ratio``).
+The ops of each .tflite are listed with the number of partitions XNNPACK made
+(DELEGATE nodes); LiteRT's Python API has no per-op profiler.
 
 Before and after structured pruning: each model is also exported with the share
 ``--channels`` of every family of tied channel groups cut out (``ucpjax.channels``;
