@@ -10,7 +10,8 @@ int8 .tflite has 0.43x the multiplications and runs about 2x faster at 1 thread
 of RESULTS.md (83.69%; ``init_from=runs/cifar_dense12`` reuses it). A cut this
 deep needs more recovery than unstructured zeros: prune 8 + 4 epochs, and 32
 values per layer (with 16, clustering cost 0.0-0.4 points). 2026-12-07, seeds
-0-4: .tflite 0.85 points below dense (sd 0.17; -0.76 to -1.14) at 16.4x zipped, where 6 + 3 epochs and 16 values lost 1.36 (two seeds; RESULTS.md).
+0-4: .tflite 0.85 points below dense (sd 0.17; -0.76 to -1.14) at 16.4x zipped,
+where 6 + 3 epochs and 16 values lost 1.36 (two seeds; RESULTS.md).
 """
 
 import dataclasses
