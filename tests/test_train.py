@@ -43,7 +43,12 @@ train._Progress.end_epoch = end_epoch
 with checkpoints.kept_in(folder, every_seconds=0):
     resumed, _ = run()
 leaves = [np.asarray(x).ravel() for x in jax.tree.leaves((state.params, state.extra))]
+apply_fn = train.inference_fn(m, state.extra)
+logits = train.predict(apply_fn, state.params, ds.x_test[:150], batch_size=64)  # 64, 64, 22
+whole = jax.jit(apply_fn)(jax.device_put(state.params, jax.devices()[0]), ds.x_test[:150])
 print(json.dumps({"devices": len(jax.devices()),
+                  "predict_split": devices.inference_mesh().size,
+                  "predict_gap": float(np.abs(logits - np.asarray(whole)).max()),
                   "conv_split": devices.training_mesh(64, split=True).size,
                   "mlp_split": devices.training_mesh(64, split=False).size,
                   "params": np.concatenate(leaves)[::97].tolist(), "loss": hist[-1]["loss"],
@@ -68,6 +73,10 @@ def test_four_devices_match_one():
     np.testing.assert_allclose(four["params"], one["params"], rtol=1e-4, atol=1e-5)
     assert four["loss"] == pytest.approx(one["loss"], rel=1e-4)
     assert one["resumed_identical"] and four["resumed_identical"]  # a split state too
+    # Evaluation splits over all four (a last batch of 22 padded to 24) and gives the
+    # logits of one device's call on all 150 images.
+    assert (one["predict_split"], four["predict_split"]) == (1, 4)
+    assert one["predict_gap"] < 1e-5 and four["predict_gap"] < 1e-5
 
 
 def test_a_batch_splits_over_the_devices_that_divide_it():

@@ -19,12 +19,16 @@ exactly as before.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ucpjax import devices
 
 # Examples (the first of the training set, in order: deterministic) and batch
 # size over which running statistics are re-estimated.
@@ -99,6 +103,19 @@ def _batch_moments(module: nn.Module, variables, x) -> dict:
     return moments
 
 
+# Compiled once per module (flax modules hash by their fields), not once per call:
+# a sensitivity pass re-estimates the statistics after every trial.
+_moments = jax.jit(_batch_moments, static_argnums=0)
+
+
+def _moments_of(module: nn.Module) -> Callable:
+    try:
+        hash(module)
+    except TypeError:  # a field that does not hash (a list): compiled per call
+        return jax.jit(functools.partial(_batch_moments, module))
+    return functools.partial(_moments, module)
+
+
 def population_statistics(module: nn.Module, variables: dict, x: np.ndarray) -> dict:
     """``batch_stats`` whose mean and var are the averages of batch moments over ``x``.
 
@@ -108,11 +125,16 @@ def population_statistics(module: nn.Module, variables: dict, x: np.ndarray) -> 
     """
     x = x[:CALIBRATION_EXAMPLES]
     batch = min(CALIBRATION_BATCH, len(x))
-    moments = jax.jit(lambda v, xb: _batch_moments(module, v, xb))
-    totals = None
+    # Each batch split over the devices as a training batch is (the same moments
+    # up to float rounding).
+    mesh = devices.inference_mesh()
+    mesh = Mesh(mesh.devices[:devices.split_count(batch, True, mesh.size)], ("data",))
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+    variables = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
+    moments, totals = _moments_of(module), None
     starts = range(0, len(x) - batch + 1, batch)
     for start in starts:
-        step = jax.device_get(moments(variables, x[start:start + batch]))
+        step = jax.device_get(moments(variables, jax.device_put(x[start:start + batch], rows)))
         totals = step if totals is None else jax.tree.map(np.add, totals, step)
     stats = jax.tree.map(np.asarray, variables["batch_stats"])
     for path, (mean, var) in (totals or {}).items():

@@ -422,9 +422,19 @@ def _padded(idx: np.ndarray, steps: int) -> np.ndarray:
 
 
 def predict(apply_fn: ApplyFn, params, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
-    """Logits of ``apply_fn(params, x)`` for all of ``x``, in batches."""
+    """Logits of ``apply_fn(params, x)`` for all of ``x``, in batches, each split over
+    this process's devices (``devices.inference_mesh``)."""
+    mesh = devices.inference_mesh()
     fn = jax.jit(apply_fn)
-    out = [np.asarray(fn(params, x[i:i + batch_size])) for i in range(0, len(x), batch_size)]
+    params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+    out = []
+    for start in range(0, len(x), batch_size):
+        batch = np.asarray(x[start:start + batch_size])
+        size = len(batch)
+        # Rows of zeros make the batch divide among the devices; their logits are dropped.
+        batch = np.pad(batch, [(0, -size % mesh.size)] + [(0, 0)] * (batch.ndim - 1))
+        out.append(np.asarray(fn(params, jax.device_put(batch, rows)))[:size])
     return np.concatenate(out)
 
 
