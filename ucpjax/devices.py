@@ -112,9 +112,9 @@ def split_count(batch_size: int, split: bool, available: int) -> int:
 def inference_mesh() -> Mesh:
     """This process's devices, which share each evaluation batch. Examples are
     independent in inference, so the split changes only which device computes
-    which logits: the same logits, and cifar_cnn's 10,000 test images in 1.46 s on
-    2 CPU cores instead of 2.66 on one (mobilenet_cifar 13.0 -> 7.0 s, resnet8 2.1
-    -> 1.7 s, the MNIST nets 1.0-1.3x; RESULTS.md, "Evaluations split too")."""
+    which logits: the same logits, 10,000 test images on 2 CPU cores in 6.6 s
+    instead of 12.5 on one for mobilenet_cifar, 1.30x for resnet8, 0.97-1.27x for
+    the others (RESULTS.md, "Evaluations split over the cores too")."""
     return Mesh(np.asarray(jax.local_devices()), ("data",))
 
 
