@@ -18,7 +18,7 @@ from ucpjax.config import ConfigError
 _DEVICES_SCRIPT = """
 import json, sys, tempfile
 import jax, numpy as np
-from ucpjax import checkpoints, data, devices, models, train
+from ucpjax import batchnorm, checkpoints, data, devices, models, train
 ds = data.load("mnist").take(512, 64)
 m = models.create("depthwise_cnn")
 v = models.init(m, ds.input_shape)
@@ -46,9 +46,12 @@ leaves = [np.asarray(x).ravel() for x in jax.tree.leaves((state.params, state.ex
 apply_fn = train.inference_fn(m, state.extra)
 logits = train.predict(apply_fn, state.params, ds.x_test[:150], batch_size=64)  # 64, 64, 22
 whole = jax.jit(apply_fn)(jax.device_put(state.params, jax.devices()[0]), ds.x_test[:150])
+stats = batchnorm.population_statistics(m, v, ds.x_train)  # 2 batches of 256, split
 print(json.dumps({"devices": len(jax.devices()),
                   "predict_split": devices.inference_mesh().size,
                   "predict_gap": float(np.abs(logits - np.asarray(whole)).max()),
+                  "statistics": np.concatenate([np.ravel(x) for x in jax.tree.leaves(stats)]
+                                               )[::5].tolist(),
                   "conv_split": devices.training_mesh(64, split=True).size,
                   "mlp_split": devices.training_mesh(64, split=False).size,
                   "params": np.concatenate(leaves)[::97].tolist(), "loss": hist[-1]["loss"],
@@ -77,6 +80,8 @@ def test_four_devices_match_one():
     # logits of one device's call on all 150 images.
     assert (one["predict_split"], four["predict_split"]) == (1, 4)
     assert one["predict_gap"] < 1e-5 and four["predict_gap"] < 1e-5
+    # BatchNorm's re-estimation splits its batches too: the same statistics.
+    np.testing.assert_allclose(four["statistics"], one["statistics"], rtol=1e-5, atol=1e-6)
 
 
 def test_a_batch_splits_over_the_devices_that_divide_it():
