@@ -131,22 +131,32 @@ def test_whole_model_grads_match(name, shape):
 def test_fast_convs_reaches_every_plain_conv_and_restores_the_module():
     model, calls = _Net(), []
     variables = models.init(model, (13, 11, 3))
-    original = conv.conv_general_dilated
 
     def spy(*args, **kwargs):
         calls.append(kwargs.get("feature_group_count", 1))
-        return original(*args, **kwargs)
+        return conv_general_dilated(*args, **kwargs)
 
-    conv.conv_general_dilated = spy
-    try:
-        with fast_convs():
-            model.apply(variables, jnp.ones((1, 13, 11, 3)))
-    finally:
-        conv.conv_general_dilated = original
+    with fast_convs(spy):
+        model.apply(variables, jnp.ones((1, 13, 11, 3)))
     assert calls == [1, 6, 1, 1, 1]
     # Outside the context flax's own conv runs again.
     jaxpr = jax.make_jaxpr(lambda v: model.apply(v, jnp.ones((1, 13, 11, 3))))(variables)
     assert "custom_vjp_call" not in str(jaxpr)
+
+
+def test_inference_takes_ours_for_the_depthwise_conv_only():
+    """``depthwise_only`` (evaluation's choice) computes the depthwise conv from shifted
+    views and leaves every other conv to lax: the same logits to float rounding."""
+    model = _Net()
+    variables = models.init(model, (13, 11, 3))
+    x = jax.random.normal(jax.random.key(1), (4, 13, 11, 3))
+
+    def forward(v):
+        with fast_convs(conv.depthwise_only):
+            return model.apply(v, x)
+    assert str(jax.make_jaxpr(forward)(variables)).count("custom_vjp_call") == 1
+    np.testing.assert_allclose(forward(variables), model.apply(variables, x),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_fast_convs_leaves_convs_to_xla_off_cpu(monkeypatch):

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ucpjax import devices
+from ucpjax import conv, devices
 
 # Examples (the first of the training set, in order: deterministic) and batch
 # size over which running statistics are re-estimated.
@@ -98,7 +98,7 @@ def _batch_moments(module: nn.Module, variables, x) -> dict:
             moments[bn.path] = (mean, jnp.square(inputs - mean).mean(axes))
         return _without_dropout(next_fun, args, kwargs, context)
 
-    with nn.intercept_methods(capture):
+    with nn.intercept_methods(capture), conv.fast_convs(conv.depthwise_only):
         module.apply(variables, x, train=True, mutable=["batch_stats"])
     return moments
 

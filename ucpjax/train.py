@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ucpjax import checkpoints, devices, jaxprs
 from ucpjax import data as data_lib
 from ucpjax.config import check
-from ucpjax.conv import fast_convs
+from ucpjax.conv import depthwise_only, fast_convs
 
 LossFn = Callable[..., tuple[jax.Array, tuple[Any, dict]]]
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
@@ -425,7 +425,11 @@ def predict(apply_fn: ApplyFn, params, x: np.ndarray, batch_size: int = 1000) ->
     """Logits of ``apply_fn(params, x)`` for all of ``x``, in batches, each split over
     this process's devices (``devices.inference_mesh``)."""
     mesh = devices.inference_mesh()
-    fn = jax.jit(apply_fn)
+
+    def forward(params, x):
+        with fast_convs(depthwise_only):  # XLA's forward is slow on depthwise convs only
+            return apply_fn(params, x)
+    fn = jax.jit(forward)
     params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
     rows = NamedSharding(mesh, PartitionSpec("data"))
     out = []
