@@ -129,6 +129,32 @@ def test_one_step_lowers_the_loss(mnist_small):
     assert after < before
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_weight_decay_on_kernels_leaves_batchnorm_and_biases_alone(optimizer):
+    m = models.create("depthwise_cnn")
+    # Ones, not the initial values: decay cannot move a zero-initialised bias.
+    params = jax.tree.map(jnp.ones_like, models.init(m, (28, 28, 1))["params"])
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+
+    def moved(weight_decay_on):
+        cfg = train.TrainConfig(optimizer=optimizer, learning_rate=1.0, weight_decay=0.1,
+                                weight_decay_on=weight_decay_on, schedule="constant")
+        opt = train.make_optimizer(cfg, 10)
+        updates, _ = opt.update(zero_grads, opt.init(params), params)
+        return {jax.tree_util.keystr(path): bool(jnp.any(u != 0)) for path, u
+                in jax.tree_util.tree_leaves_with_path(updates)}
+
+    everywhere, kernels = moved(None), moved("kernels")
+    assert all(everywhere.values())
+    assert kernels == {k: "kernel" in k for k in kernels}
+    assert any("scale" in k for k in kernels) and any("kernel" in k for k in kernels)
+
+
+def test_weight_decay_on_takes_only_kernels():
+    with pytest.raises(ConfigError, match="weight_decay_on"):
+        train.TrainConfig(weight_decay_on="norms")
+
+
 def test_same_seed_same_result_and_training_learns(mnist_small):
     m, v, cfg, opt = _setup(mnist_small, epochs=3)
     a, _ = train.fit(v["params"], train.classification_loss(m), opt, mnist_small.x_train,

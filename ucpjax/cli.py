@@ -31,7 +31,9 @@ def _train_command(args) -> int:
         recipe=experiment.Recipe(seed=args.seed),
         dense=train.TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
                                 learning_rate=args.learning_rate, optimizer=args.optimizer,
-                                weight_decay=args.weight_decay, augment=args.augment))
+                                weight_decay=args.weight_decay,
+                                weight_decay_on=None if args.weight_decay_on == "all"
+                                else args.weight_decay_on, augment=args.augment))
     m = experiment.train_to_folder(setup, pathlib.Path(args.out))
     print(f"\n{args.model} on {args.data}: test accuracy {m['test_accuracy']:.4f} "
           f"(error {100 * (1 - m['test_accuracy']):.2f}%), val {m['val_accuracy']:.4f}, "
@@ -134,6 +136,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--learning-rate", type=float, default=1e-3)
     t.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
     t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--weight-decay-on", default="all", choices=("all", "kernels"),
+                   help="kernels: conv and dense kernels only, not BatchNorm or biases")
     t.add_argument("--augment", default="none", choices=("none", "shift", "crop_flip"),
                    help="shift: translate digits by up to 2 px; crop_flip: natural images")
     t.add_argument("--seed", type=int, default=0, help="draws the weights, the batches "
