@@ -155,6 +155,26 @@ def test_weight_decay_on_takes_only_kernels():
         train.TrainConfig(weight_decay_on="norms")
 
 
+def test_predict_compiles_a_function_once_however_often_called():
+    traces = []
+
+    def apply_fn(params, x):
+        traces.append(x.shape)
+        return x.reshape(len(x), -1) @ params
+
+    w, x = jnp.ones((4, 3)), np.ones((10, 2, 2), np.float32)
+    for _ in range(3):
+        np.testing.assert_allclose(train.predict(apply_fn, w, x, batch_size=5), 4.0)
+    assert len(traces) == 1
+
+    class Unhashable:  # a callable that does not hash is still evaluated, per call
+        __hash__ = None
+
+        def __call__(self, params, x):
+            return apply_fn(params, x)
+    np.testing.assert_allclose(train.predict(Unhashable(), w, x), 4.0)
+
+
 def test_same_seed_same_result_and_training_learns(mnist_small):
     m, v, cfg, opt = _setup(mnist_small, epochs=3)
     a, _ = train.fit(v["params"], train.classification_loss(m), opt, mnist_small.x_train,

@@ -19,7 +19,6 @@ exactly as before.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -28,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ucpjax import conv, devices
+from ucpjax import compile_cache, conv, devices
 
 # Examples (the first of the training set, in order: deterministic) and batch
 # size over which running statistics are re-estimated.
@@ -105,15 +104,7 @@ def _batch_moments(module: nn.Module, variables, x) -> dict:
 
 # Compiled once per module (flax modules hash by their fields), not once per call:
 # a sensitivity pass re-estimates the statistics after every trial.
-_moments = jax.jit(_batch_moments, static_argnums=0)
-
-
-def _moments_of(module: nn.Module) -> Callable:
-    try:
-        hash(module)
-    except TypeError:  # a field that does not hash (a list): compiled per call
-        return jax.jit(functools.partial(_batch_moments, module))
-    return functools.partial(_moments, module)
+_moments_of = compile_cache.per_first_argument(_batch_moments)
 
 
 def population_statistics(module: nn.Module, variables: dict, x: np.ndarray) -> dict:

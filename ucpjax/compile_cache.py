@@ -15,9 +15,11 @@ recently used entries go first). Python users call ``enable()`` themselves.
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import sys
+from collections.abc import Callable
 
 import jax
 
@@ -59,3 +61,19 @@ def enable(folder: str | os.PathLike | None = None) -> pathlib.Path | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", _MIN_COMPILE_SECONDS)
     jax.config.update("jax_compilation_cache_max_size", _MAX_BYTES)
     return path
+
+
+def per_first_argument(fn: Callable) -> Callable[[object], Callable]:
+    """``of(first)``: ``fn`` with ``first`` bound, jitted once per ``first`` (and input
+    shapes) however often it is asked for; a ``first`` that does not hash (a module
+    with a list field) is compiled per call."""
+    jitted = jax.jit(fn, static_argnums=0)
+
+    def of(first) -> Callable:
+        try:
+            hash(first)
+        except TypeError:
+            return jax.jit(functools.partial(fn, first))
+        return functools.partial(jitted, first)
+    return of
+

@@ -26,7 +26,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from ucpjax import checkpoints, devices, jaxprs
+from ucpjax import checkpoints, compile_cache, devices, jaxprs
 from ucpjax import data as data_lib
 from ucpjax.config import check
 from ucpjax.conv import depthwise_only, fast_convs
@@ -437,11 +437,7 @@ def predict(apply_fn: ApplyFn, params, x: np.ndarray, batch_size: int = 1000) ->
     """Logits of ``apply_fn(params, x)`` for all of ``x``, in batches, each split over
     this process's devices (``devices.inference_mesh``)."""
     mesh = devices.inference_mesh()
-
-    def forward(params, x):
-        with fast_convs(depthwise_only):  # XLA's forward is slow on depthwise convs only
-            return apply_fn(params, x)
-    fn = jax.jit(forward)
+    fn = _forward_of(apply_fn)
     params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
     rows = NamedSharding(mesh, PartitionSpec("data"))
     out = []
@@ -452,6 +448,14 @@ def predict(apply_fn: ApplyFn, params, x: np.ndarray, batch_size: int = 1000) ->
         batch = np.pad(batch, [(0, -size % mesh.size)] + [(0, 0)] * (batch.ndim - 1))
         out.append(np.asarray(fn(params, jax.device_put(batch, rows)))[:size])
     return np.concatenate(out)
+
+
+def _forward(apply_fn: ApplyFn, params, x):
+    with fast_convs(depthwise_only):  # XLA's forward is slow on depthwise convs only
+        return apply_fn(params, x)
+
+
+_forward_of = compile_cache.per_first_argument(_forward)
 
 
 def accuracy(apply_fn: ApplyFn, params, x: np.ndarray, y: np.ndarray) -> float:
