@@ -1,7 +1,8 @@
-"""JAX's persistent compilation cache, which the command line turns on.
+"""JAX's persistent compilation cache, which the command line turns on, and
+``per_first_argument``, which keeps a function's compile in the process.
 
 One ``compress`` compiles the same computations again and again: every
-evaluation jits the model anew, and a rerun, a resumed run, every ``study``
+stage evaluates a model of its own, and a rerun, a resumed run, every ``study``
 variant and every ``search`` candidate compile what the last one did. XLA's
 compile is a fifth of a LeNet-300-100 compress on 2 CPU cores
 (results/profile_compress_lenet300.md); with the cache, a computation compiled
@@ -76,4 +77,3 @@ def per_first_argument(fn: Callable) -> Callable[[object], Callable]:
             return jax.jit(functools.partial(fn, first))
         return functools.partial(jitted, first)
     return of
-
