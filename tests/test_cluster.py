@@ -155,6 +155,22 @@ def test_centroid_gradient_is_sum_of_member_gradients():
     np.testing.assert_allclose(g_centroids["Dense_0"]["kernel"], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_weight_decay_on_kernels_decays_a_shared_kernels_centroids():
+    shared = jnp.asarray(np.tile([0.0, 0.5, -0.25], (4, 2)), jnp.float32)  # (4, 6), 2 values
+    params = {"Dense_0": {"kernel": shared, "bias": jnp.ones(6)}}
+    trainable, _ = constraints.factor(params)
+    assert trainable["Dense_0"]["kernel"].ndim == 1  # centroids: a vector
+    mask = constraints.kernel_mask(params, trainable)
+    assert mask == {"Dense_0": {"kernel": True, "bias": False}}
+    cfg = train_lib.TrainConfig(optimizer="sgd", learning_rate=1.0, weight_decay=0.1,
+                                weight_decay_on="kernels", schedule="constant")
+    opt = train_lib.make_optimizer(cfg, 10, kernels=mask)
+    zero = jax.tree.map(jnp.zeros_like, trainable)
+    updates, _ = opt.update(zero, opt.init(trainable), trainable)
+    assert np.all(np.asarray(updates["Dense_0"]["kernel"]) != 0)
+    assert np.all(np.asarray(updates["Dense_0"]["bias"]) == 0)
+
+
 @pytest.fixture(scope="module")
 def lenet_setup():
     dataset = data.load("mnist").take(1024, 256)

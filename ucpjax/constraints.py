@@ -190,6 +190,13 @@ def factor(params, rules: Rules = DEFAULT_RULES, per_channel: bool = False,
     return trainable, materialize
 
 
+def kernel_mask(params, trainable):
+    """``train.kernel_leaves`` of ``params`` carried over to ``trainable`` (``factor``'s):
+    a kernel's centroids are a kernel's for weight decay, though they are a vector."""
+    return jax.tree.map(lambda kernel, t: jax.tree.map(lambda _: kernel, t),
+                        train.kernel_leaves(params), trainable)
+
+
 def cross_entropy(apply_fn) -> Callable[[Callable[[Any], Any]], Any]:
     """The ``make_loss`` of plain classification fine-tuning, for ``fit_preserving``.
 
@@ -237,7 +244,8 @@ def fit_preserving(
     trainable, materialize = factor(params, rules, per_channel, books)
     last = last_transform or keep_zeros(zero_mask(trainable, rules))
     steps = train.total_steps(config, len(x))
-    optimizer = optax.chain(train.make_optimizer(config, steps), last)
+    optimizer = optax.chain(
+        train.make_optimizer(config, steps, kernels=kernel_mask(params, trainable)), last)
     state, history = train.fit(trainable, make_loss(materialize), optimizer, x, y,
                                config=config, seed=seed, extra=extra, desc=desc)
     return materialize(state.params), state, history

@@ -91,20 +91,28 @@ def total_steps(config: TrainConfig, num_examples: int) -> int:
     return max(math.ceil(config.epochs * steps_per_epoch(num_examples, config.batch_size)), 1)
 
 
-def make_optimizer(config: TrainConfig, num_steps: int) -> optax.GradientTransformation:
-    """The base optimizer of ``config``; stages chain their transforms after it."""
+def make_optimizer(config: TrainConfig, num_steps: int,
+                   kernels=None) -> optax.GradientTransformation:
+    """The base optimizer of ``config``; stages chain their transforms after it.
+
+    ``kernels``: for ``weight_decay_on="kernels"``, a bool pytree like the trained
+    tree marking what decays (a trained tree of centroids is not shaped like the
+    kernels it encodes: see ``constraints.kernel_mask``); default ``kernel_leaves``.
+    """
     if config.schedule == "cosine":
         lr = optax.cosine_decay_schedule(config.learning_rate, num_steps)
     else:
         lr = config.learning_rate
-    decayed = _kernels if config.weight_decay_on == "kernels" else None
+    decayed = None
+    if config.weight_decay_on == "kernels":
+        decayed = kernel_leaves if kernels is None else kernels
     if config.optimizer == "adam":
         return optax.adamw(lr, weight_decay=config.weight_decay, mask=decayed)
     return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=decayed),
                        optax.sgd(lr, momentum=0.9, nesterov=True))
 
 
-def _kernels(params):
+def kernel_leaves(params):
     """True for the leaves of two or more dimensions: the weights weight decay means."""
     return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
