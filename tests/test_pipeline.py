@@ -114,6 +114,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "stages" / "01_prune.json").exists(), "killed too late"
+    spent = json.loads(marker.read_text())["seconds"]  # by the killed process
 
     refused = _cli(*args, "--out", killed, check=False)
     assert refused.returncode == 2 and "--resume" in refused.stderr
@@ -126,6 +127,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
         np.testing.assert_array_equal(a, b)
     rows = lambda p: json.loads((p / "report.json").read_text())["rows"]
     assert [r["accuracy"] for r in rows(whole)] == [r["accuracy"] for r in rows(killed)]
+    assert rows(killed)[1]["seconds"] > spent > 0  # the prune stage's time, both processes'
     assert not list((killed / "stages").glob("*.progress"))  # finished stages keep none
 
 

@@ -266,11 +266,14 @@ def test_a_killed_training_resumes_from_its_last_epoch_bit_identical(tmp_path, m
     assert saved["progress"]["epoch"] == 2 and len(saved["progress"]["history"]) == 2
     assert [p.name for p in (tmp_path / "01_train").iterdir()] == ["state_2"]  # older gone
 
-    with checkpoints.kept_in(tmp_path, every_seconds=0):
+    with checkpoints.kept_in(tmp_path, every_seconds=0) as clock:
         resumed, resumed_history = run()
     for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(a, b)
     assert resumed_history == history
+    # The run's time counts the killed process's, up to the point it went on from.
+    assert clock.earlier == saved["seconds"] > 0
+    assert clock.seconds() > saved["seconds"]
     # A training whose last epoch was saved restores it and trains no more.
     with checkpoints.kept_in(tmp_path, every_seconds=0):
         again, again_history = run()

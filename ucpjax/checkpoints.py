@@ -18,6 +18,10 @@ training computes what the uninterrupted one would have: the same bits.
 (stage name, seed, step count, batch size) differs from the training asking for
 it is ignored, so a changed setting trains from the start instead of restoring
 another training's state.
+
+``kept_in`` yields a ``Clock``: the seconds the run has cost, earlier processes'
+included up to the resume point this one went on from (the time a killed process
+spent after its last save was lost, and is counted again where it is redone).
 """
 
 from __future__ import annotations
@@ -61,14 +65,32 @@ def restore(path: pathlib.Path, like=None):
         return ckpt.restore(pathlib.Path(path).resolve(), like)
 
 
+class Clock:
+    """Seconds since it was made, plus those of the earlier processes of a resumed run."""
+
+    def __init__(self):
+        self.earlier, self.start = 0.0, time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.earlier + time.perf_counter() - self.start
+
+    def went_on_from(self, seconds: float) -> None:
+        """A resume point saved ``seconds`` into the run was restored. A stage
+        that trains twice restores both its trainings' points: the later one counts."""
+        self.earlier = max(self.earlier, seconds)
+
+
 @contextlib.contextmanager
-def kept_in(folder: str | os.PathLike, every_seconds: float | None = None) -> Iterator[None]:
+def kept_in(folder: str | os.PathLike, every_seconds: float | None = None) -> Iterator[Clock]:
     """Every ``train.fit`` inside keeps a resume point in ``folder`` (module docstring),
-    every ``every_seconds`` at most (None: ``UCPJAX_RESUME_EVERY`` or a minute)."""
+    every ``every_seconds`` at most (None: ``UCPJAX_RESUME_EVERY`` or a minute).
+    Yields the run's ``Clock``."""
     every = _every_seconds() if every_seconds is None else every_seconds
-    token = _FOLDER.set({"folder": pathlib.Path(folder), "every": every, "calls": 0})
+    clock = Clock()
+    token = _FOLDER.set({"folder": pathlib.Path(folder), "every": every, "calls": 0,
+                         "clock": clock})
     try:
-        yield
+        yield clock
     finally:
         _FOLDER.reset(token)
 
@@ -81,8 +103,10 @@ def clear(folder: str | os.PathLike) -> None:
 class ResumePoint:
     """One ``fit`` call's resume point; see ``for_fit``."""
 
-    def __init__(self, base: pathlib.Path, fingerprint: dict, every_seconds: float):
+    def __init__(self, base: pathlib.Path, fingerprint: dict, every_seconds: float,
+                 clock: Clock | None = None):
         self.base, self.fingerprint, self.every = base, fingerprint, every_seconds
+        self.clock = Clock() if clock is None else clock
         self.last = time.monotonic()
 
     def load(self, like) -> tuple[object, dict] | None:
@@ -93,9 +117,11 @@ class ResumePoint:
             saved = json.loads(self.base.with_suffix(".json").read_text())
             if saved.get("fingerprint") != self.fingerprint:
                 return None
-            return restore(self.base / saved["state"], like), saved["progress"]
+            state, progress = restore(self.base / saved["state"], like), saved["progress"]
         except Exception:  # orbax raises many types for a damaged checkpoint
             return None
+        self.clock.went_on_from(saved.get("seconds", 0.0))
+        return state, progress
 
     def save_if_due(self, state, progress: dict) -> None:
         """Saves at an epoch's end when ``every_seconds`` have passed (the last epoch
@@ -107,7 +133,7 @@ class ResumePoint:
         name = f"state_{progress['epoch']}"
         save(self.base / name, state)
         payload = json.dumps({"fingerprint": self.fingerprint, "state": name,
-                              "progress": progress})
+                              "progress": progress, "seconds": self.clock.seconds()})
         write_atomically(self.base.with_suffix(".json"), payload.encode())
         for old in self.base.glob("state_*"):  # after the JSON points past them
             if old.name != name:
@@ -123,7 +149,7 @@ def for_fit(desc: str, fingerprint: dict) -> ResumePoint | None:
     kept["calls"] += 1
     slug = re.sub(r"[^A-Za-z0-9_-]+", "_", desc)
     return ResumePoint(kept["folder"] / f"{kept['calls']:02d}_{slug}",
-                       {"desc": desc, **fingerprint}, kept["every"])
+                       {"desc": desc, **fingerprint}, kept["every"], kept["clock"])
 
 
 def _every_seconds() -> float:

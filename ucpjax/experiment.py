@@ -16,7 +16,6 @@ import os
 import pathlib
 import platform
 import sys
-import time
 
 import jax
 
@@ -273,11 +272,10 @@ def train_to_folder(experiment: Experiment, out: pathlib.Path) -> dict:
     inputs.check_batch_size(experiment.dense.batch_size, len(dataset.x_train),
                             "dense.batch_size")
     folder.claim(claimed)
-    start = time.perf_counter()
-    with checkpoints.kept_in(folder.root / "progress"):  # a killed training goes on
+    with checkpoints.kept_in(folder.root / "progress") as clock:  # a killed training goes on
         model, _ = train_dense(initial_model(experiment, dataset), experiment.dense, dataset,
                                experiment.seed)
-    seconds = time.perf_counter() - start
+    seconds = clock.seconds()  # a resumed training's earlier processes included
     apply_fn = model.apply_fn()
     metrics = {
         "model": experiment.model, "data": experiment.data, "seed": experiment.seed,

@@ -16,7 +16,6 @@ import dataclasses
 import math
 import os
 import pathlib
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -31,6 +30,7 @@ from ucpjax import export as export_lib
 from ucpjax import report as report_lib
 from ucpjax import rules as rules_lib
 from ucpjax import train as train_lib
+from ucpjax.checkpoints import Clock
 from ucpjax.config import ConfigError, to_dict
 from ucpjax.model import TRAIN_SWITCHES, Model, check_model, check_quantizable, with_train_argument
 from ucpjax.recipe import STAGES, Recipe, StageInputs
@@ -294,8 +294,9 @@ def _stage(position, name, model, dataset, recipe, folder, start, teacher, log):
     if loaded is not None:
         log(f"[{position}] {name}: finished earlier, restored")
         return dataclasses.replace(model, variables=loaded[0]), loaded[1]
-    begin = time.perf_counter()
-    with folder.training_stage(position, name) if folder else contextlib.nullcontext():
+    timed = (folder.training_stage(position, name) if folder
+             else contextlib.nullcontext(Clock()))
+    with timed as clock:
         if position == 0:
             model, report = start[1](model)
         else:
@@ -304,7 +305,7 @@ def _stage(position, name, model, dataset, recipe, folder, start, teacher, log):
             params, report = STAGES[name](model.params, recipe, shared)
             # Live BatchNorm: running statistics re-estimated for the new weights.
             model = model.with_params(params).settled(dataset.x_train)
-    row = stage_row(name, model, dataset, recipe.rules, time.perf_counter() - begin)
+    row = stage_row(name, model, dataset, recipe.rules, clock.seconds())
     done = {"row": row, "report": {**report, **fold_report}}
     if folder:
         folder.save_stage(position, name, model.variables, done)

@@ -138,10 +138,12 @@ class RunFolder:
         return f"stages/{position:02d}_{name}"
 
     @contextlib.contextmanager
-    def training_stage(self, position: int, name: str) -> Iterator[None]:
-        """While stage ``position`` trains, its ``fit`` calls keep resume points."""
-        with checkpoints.kept_in(self.root / f"{self.stage_name(position, name)}.progress"):
-            yield
+    def training_stage(self, position: int, name: str) -> Iterator[checkpoints.Clock]:
+        """While stage ``position`` trains, its ``fit`` calls keep resume points.
+        Yields the stage's clock (``checkpoints.kept_in``)."""
+        with checkpoints.kept_in(
+                self.root / f"{self.stage_name(position, name)}.progress") as clock:
+            yield clock
 
     def save_stage(self, position: int, name: str, variables: dict, done: dict) -> None:
         """Checkpoints a finished stage; its ``.json`` (``done``) is written last,
