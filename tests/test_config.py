@@ -9,6 +9,7 @@ from ucpjax.train import TrainConfig
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Outer:
     name: str = "a"
+    stages: tuple[str, ...] = ("x", "y")
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
 
@@ -35,6 +36,11 @@ def test_invalid_value_names_the_field():
 def test_wrong_type_is_rejected():
     with pytest.raises(ConfigError, match="train.batch_size='big'"):
         override(Outer(), ["train.batch_size=big"])
+
+
+@pytest.mark.parametrize("raw", ["[b, a]", "(b,a)", "b,a", "('b', 'a')", "['b', 'a']"])
+def test_a_tuple_of_strings_takes_bare_words(raw):
+    assert override(Outer(), [f"stages={raw}"]).stages == ("b", "a")
 
 
 def test_describe_lists_every_leaf():

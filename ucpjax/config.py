@@ -28,7 +28,9 @@ def override(config, assignments: Sequence[str]):
     """Returns ``config`` with ``a.b.c=value`` assignments applied.
 
     Values are Python literals (``0.9``, ``(1, 2)``, ``True``); anything else is
-    taken as a string. Unknown fields raise ConfigError naming them.
+    taken as a string, and for a field holding a tuple of strings, as a list of bare
+    words (``stages=[prune,cluster]`` or ``stages=prune,cluster``). Unknown fields
+    raise ConfigError naming them.
     """
     for assignment in assignments:
         path, sep, raw = assignment.partition("=")
@@ -67,13 +69,18 @@ def _replace_path(config, names: list[str], value, full: str):
 
 
 def _coerce(config, field: dataclasses.Field, value, full: str):
-    """Ints for float fields, lists for tuples; rejects other type mismatches."""
+    """Ints for float fields, lists (or bare words, for strings) for tuples; rejects
+    other type mismatches."""
     hint = typing.get_type_hints(type(config)).get(field.name)
     current = getattr(config, field.name)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if isinstance(current, tuple) and isinstance(value, (list, tuple)):
         return tuple(value)
+    if (isinstance(value, str) and isinstance(current, tuple) and current
+            and all(isinstance(c, str) for c in current)):
+        # Bare words need no quotes in a shell: "[prune, cluster]" -> ("prune", "cluster")
+        return tuple(word.strip() for word in value.strip("[]()").split(","))
     mismatch = current is not None and value is not None and not isinstance(value, type(current))
     if mismatch and not (isinstance(current, float) and isinstance(value, int)):
         raise ConfigError(f"{full}={value!r}: expected {type(current).__name__}")
