@@ -339,7 +339,7 @@ CASES = {
     "override alpha out of range": _override("distill.alpha=1.5", "distill.alpha=1.5"),
     "override channel share out of range": _override("prune.channel_sparsity=1",
                                                      "prune.channel_sparsity=1"),
-    "override stages a string": _override("stages=prune", "stages"),
+    "override stages in bare words, a typo": _override("stages=[prune,quantise]", "quantise"),
     "override stage name typo": _override("stages=('prune','quantise')", "quantise"),
     "override unknown optimizer": _override("dense.optimizer=rmsprop", "dense.optimizer",
                                             "rmsprop"),
