@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from ucpjax import bias_grid, export, measure, packing, quantize, train
@@ -14,6 +14,7 @@ CALIBRATION = 300
 
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**31), bits=st.integers(2, 16), exponent=st.integers(-12, 0))
+@example(seed=2_147_483_647, bits=14, exponent=-7)  # a bias half a step off, rounded up
 def test_onto_grid_rounds_to_a_code_shifted_left_and_reads_back(seed, bits, exponent):
     rng = np.random.default_rng(seed)
     bias = rng.normal(size=50).astype(np.float32) * np.float32(0.1)
@@ -22,8 +23,10 @@ def test_onto_grid_rounds_to_a_code_shifted_left_and_reads_back(seed, bits, expo
     ints = np.round(short.astype(np.float64) / scale).astype(np.int64)
     shift = _shift(ints)
     assert np.abs(ints >> shift).max() <= 2 ** (bits - 1) - 1
-    # Within half a step of the bias (the step is 2**shift * scale), and never -0.0.
-    assert np.abs(short - bias).max() <= 2.0 ** (shift - 1) * scale * (1 + 1e-6)
+    # Within half a step of the bias (the step is 2**shift * scale), give or take the
+    # float32 rounding of the product, and never -0.0.
+    rounding = np.spacing(np.abs(bias).max() + 2.0 ** shift * scale)
+    assert np.abs(short - bias).max() <= 2.0 ** (shift - 1) * scale + rounding
     assert not np.any(np.signbit(short) & (short == 0))
     read_bits, step, read_codes = bias_grid.read_grid(short)
     assert read_bits <= bits
