@@ -3,6 +3,7 @@ import dataclasses
 import pytest
 
 from ucpjax.config import ConfigError, describe, override
+from ucpjax.rules import DEFAULT_RULES, LayerRule
 from ucpjax.train import TrainConfig
 
 
@@ -10,6 +11,7 @@ from ucpjax.train import TrainConfig
 class Outer:
     name: str = "a"
     stages: tuple[str, ...] = ("x", "y")
+    rules: tuple[LayerRule, ...] = DEFAULT_RULES
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
 
@@ -41,6 +43,22 @@ def test_wrong_type_is_rejected():
 @pytest.mark.parametrize("raw", ["[b, a]", "(b,a)", "b,a", "('b', 'a')", "['b', 'a']"])
 def test_a_tuple_of_strings_takes_bare_words(raw):
     assert override(Outer(), [f"stages={raw}"]).stages == ("b", "a")
+
+
+def test_a_tuple_of_rules_takes_dicts():
+    raw = '[{"pattern": "Dense_0/kernel", "clusters": 64}, {"pattern": "kernel$"}]'
+    assert override(Outer(), [f"rules={raw}"]).rules == (
+        LayerRule(pattern="Dense_0/kernel", clusters=64), LayerRule(pattern="kernel$"))
+
+
+@pytest.mark.parametrize("raw, named", [
+    ('[{"pattern": "x", "clusers": 4}]', r"rules: unknown field 'clusers'; LayerRule has"),
+    ('[{"clusters": 4}]', r"rules: .*missing .* 'pattern'"),
+    ('[{"pattern": "x", "clusters": 1}]', r"rules: LayerRule\('x'\).clusters=1: must be"),
+])
+def test_a_bad_rule_is_refused_naming_it(raw, named):
+    with pytest.raises(ConfigError, match=named):
+        override(Outer(), [f"rules={raw}"])
 
 
 def test_describe_lists_every_leaf():

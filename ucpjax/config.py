@@ -29,8 +29,10 @@ def override(config, assignments: Sequence[str]):
 
     Values are Python literals (``0.9``, ``(1, 2)``, ``True``); anything else is
     taken as a string, and for a field holding a tuple of strings, as a list of bare
-    words (``stages=[prune,cluster]`` or ``stages=prune,cluster``). Unknown fields
-    raise ConfigError naming them.
+    words (``stages=[prune,cluster]`` or ``stages=prune,cluster``). A field holding
+    a tuple of dataclasses takes a list of dicts, one per item
+    (``rules=[{"pattern": "Dense_0/kernel", "clusters": 64}, {"pattern": "kernel$"}]``).
+    Unknown fields raise ConfigError naming them.
     """
     for assignment in assignments:
         path, sep, raw = assignment.partition("=")
@@ -75,6 +77,9 @@ def _coerce(config, field: dataclasses.Field, value, full: str):
     current = getattr(config, field.name)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if (isinstance(current, tuple) and isinstance(value, (list, tuple)) and value
+            and all(isinstance(item, dict) for item in value)):
+        return _records(hint, value, full)
     if isinstance(current, tuple) and isinstance(value, (list, tuple)):
         return tuple(value)
     if (isinstance(value, str) and isinstance(current, tuple) and current
@@ -85,6 +90,25 @@ def _coerce(config, field: dataclasses.Field, value, full: str):
     if mismatch and not (isinstance(current, float) and isinstance(value, int)):
         raise ConfigError(f"{full}={value!r}: expected {type(current).__name__}")
     return value
+
+
+def _records(hint, records, full: str) -> tuple:
+    """``tuple[Item, ...]`` of dataclass items built from dicts of their fields."""
+    item = next(iter(typing.get_args(hint)), None)
+    if not dataclasses.is_dataclass(item):
+        raise ConfigError(f"{full}: takes no {{field: value}} items")
+    names = sorted(f.name for f in dataclasses.fields(item))
+    built = []
+    for record in records:
+        unknown = sorted(set(record) - set(names))
+        if unknown:
+            raise ConfigError(f"{full}: unknown field {unknown[0]!r}; {item.__name__} has "
+                              f"{names}")
+        try:
+            built.append(item(**record))
+        except (TypeError, ValueError) as err:  # a missing field, or the item's own check
+            raise ConfigError(f"{full}: {err}") from None
+    return tuple(built)
 
 
 def describe(config, prefix: str = "") -> Iterator[str]:
