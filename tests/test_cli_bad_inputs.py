@@ -285,6 +285,16 @@ def _sensitivity_case(*extra, culprits=()):
     return lambda d: Setup(_sensitivity(d, *extra), list(culprits), [d / "exp.py", d / "sens"])
 
 
+def _stage_of_another_setup(d):
+    run = d / "run"
+    (run / "stages" / "01_prune").mkdir(parents=True)
+    (run / "stages" / "01_prune.json").write_text("{}")
+    (run / "config.json").write_text(json.dumps({"recipe": {}, "setup": {"model": "x"}}))
+    stage = run / "stages" / "01_prune"
+    return Setup(_sensitivity(d, "--after", stage), [str(stage), "another setup"],
+                 [d / "exp.py", d / "sens", run])
+
+
 def _argv(*argv, culprits=()):
     return lambda d: Setup([*map(str, argv)], list(culprits), [])
 
@@ -300,6 +310,10 @@ CASES = {
                                                 "--optimizer", "rmsprop"),
     "sensitivity --max-drop not a number": _sensitivity_case("--max-drop", "lots",
                                                              culprits=["--max-drop", "lots"]),
+    "sensitivity --after not a stage": lambda d: Setup(
+        _sensitivity(d, "--after", d / "nope"), [str(d / "nope"), "not a finished stage"],
+        [d / "exp.py", d / "sens"]),
+    "sensitivity --after a run of another setup": _stage_of_another_setup,
     # --config: the experiment file
     "--config missing": lambda d: Setup(_compress(d, config=d / "nope.py"),
                                         ["--config", str(d / "nope.py")], [d / "run"]),

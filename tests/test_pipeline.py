@@ -147,6 +147,19 @@ class UserNet(nn.Module):
         return nn.Dense(10)(x)
 
 
+def test_sensitivity_after_a_stage_measures_the_model_that_stage_left(tmp_path):
+    run, sens = tmp_path / "run", tmp_path / "sens"
+    _cli("compress", "--config", DEFAULT, "--smoke", "stages=[prune]", "export.enabled=False",
+         "--out", run)
+    _cli("sensitivity", "--config", DEFAULT, "--smoke", "--after", run / "stages" / "01_prune",
+         "--out", sens)
+    table = json.loads((sens / "sensitivity.json").read_text())
+    stage = json.loads((run / "stages" / "01_prune.json").read_text())
+    assert table["val_accuracy"] == pytest.approx(stage["report"]["prune/val_accuracy"])
+    # Every layer is sparser than 50% already: pruning it there changes nothing.
+    assert all(layer["prune"]["0.5"] == 0 for layer in table["layers"].values())
+
+
 def test_python_api_with_batchnorm_and_dropout(mnist):
     small = mnist.take(3000, 500)
     module = UserNet()

@@ -63,10 +63,14 @@ def _sensitivity_command(args) -> int:
                           "accuracy points")
     config = experiment.apply_overrides(experiment.load(args.config, smoke=args.smoke),
                                         args.overrides)
+    if args.after:
+        experiment.check_stage(config, pathlib.Path(args.after))
     folder = RunFolder(args.out)
     folder.claim({"sensitivity": {"config": args.config, "smoke": args.smoke,
-                                  "overrides": args.overrides}})
+                                  "overrides": args.overrides, "after": args.after}})
     model, dataset = experiment.dense_model(config)
+    if args.after:
+        model = experiment.after_stage(model, pathlib.Path(args.after))
     table = sensitivity.measure(
         model.params, apply_fn=model.apply_fn(), data=dataset, rules=config.recipe.rules,
         min_per_channel=config.recipe.prune.min_per_channel,
@@ -168,6 +172,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--smoke", action="store_true", help="seconds-long run on a data slice")
     v.add_argument("--max-drop", default="1.0",
                    help="accuracy points the allocated rules may lose (default 1.0)")
+    v.add_argument("--after", metavar="STAGE_FOLDER",
+                   help="measure the model a finished stage of a compress run of the same "
+                        "setup left (e.g. runs/x/stages/01_prune), not the dense one")
     v.add_argument("overrides", nargs="*", help="e.g. init_from=runs/baselines/cifar_cnn")
     v.set_defaults(run=_sensitivity_command)
 

@@ -242,6 +242,33 @@ def dense_model(experiment: Experiment) -> tuple[Model, data_lib.Dataset]:
     return _start(experiment, dataset, model)(model)[0], dataset
 
 
+def check_stage(experiment: Experiment, stage: pathlib.Path) -> None:
+    """Refuses ``stage`` unless it is a finished stage of a compress run with the
+    experiment's setup (``runs/x/stages/01_prune``), so the validation split measured
+    on is one that run held out too."""
+    run = stage.parent.parent
+    if not ((stage.parent / f"{stage.name}.json").is_file()
+            and (run / "config.json").is_file()):
+        raise ConfigError(f"--after {stage}: not a finished stage of a compress run "
+                          "(expected RUN/stages/NN_name with its NN_name.json)")
+    ours = json.loads(json.dumps(setup(experiment)))  # as config.json holds it
+    if json.loads((run / "config.json").read_text()).get("setup") != ours:
+        raise ConfigError(f"--after {stage}: {run} was run with another setup (model, "
+                          "data, split or init_from); pass the overrides it was run with")
+
+
+def after_stage(model: Model, stage: pathlib.Path) -> Model:
+    """``model`` with the variables a finished stage saved, read without touching its
+    run. A stage after QAT's BatchNorm fold does not fit the dense model and is refused."""
+    try:
+        variables = checkpoints.restore(stage, model.variables)
+    except Exception as err:  # orbax raises many types for a tree that does not fit
+        raise ConfigError(f"--after {stage}: does not load onto the experiment's dense "
+                          f"model ({type(err).__name__}); a stage after QAT's fold cannot "
+                          "be measured") from None
+    return dataclasses.replace(model, variables=variables)
+
+
 def train_dense(model: Model, config: train_lib.TrainConfig, dataset: data_lib.Dataset,
                 seed: int) -> tuple[Model, dict]:
     """Trains the dense reference model; BatchNorm statistics are then re-estimated
