@@ -193,6 +193,33 @@ def test_per_channel_books_round_trip_bit_exact_and_beat_the_value_book(
     assert stored <= len(packing._string("Conv_0/kernel")) + 16 + value_book
 
 
+# Pruned densities: a dense layer pays a bit per weight for its gap stream (Huffman's
+# shortest code), which deflate's run lengths do not.
+@pytest.mark.parametrize("density", [0.3, 0.6])
+def test_an_unclustered_int8_conv_stores_one_book_and_beats_zipping_its_codes(density):
+    import zlib
+
+    from ucpjax import quantize
+
+    # A pruned conv quantized without clustering: most of its int8 codes occur in
+    # every channel, so per-channel books would repeat them channel after channel.
+    rng = np.random.default_rng(0)
+    kernel = rng.laplace(size=(3, 3, 64, 64)).astype(np.float32)
+    kernel = np.where(rng.random(kernel.shape) < density, kernel, 0).astype(np.float32)
+    tree = {"Conv_0": {"kernel": kernel}}
+    tree = jax.tree.map(np.asarray, quantize.quantize_weights(
+        tree, quantize.QuantizeConfig(weight_bits=8)))
+    data = packing.encode(tree)
+    _assert_same(tree, packing.decode(data))
+    stored = packing.size_breakdown(tree)["layers"]["Conv_0/kernel"]
+    assert stored["codebook"] <= 255 + 4 * 64  # one book of codes, a scale per channel
+    _, scales, codes = int8_grid.channel_grid(tree["Conv_0"]["kernel"])
+    per_channel = packing._best_coding(packing._channel_book(tree["Conv_0"]["kernel"]))[0]
+    assert len(data) < per_channel
+    # What a zipped .tflite holds for this tensor: its int8 codes and float32 scales.
+    assert len(data) < len(zlib.compress(codes.tobytes() + scales.tobytes(), 9))
+
+
 def test_channel_grid_takes_a_scale_an_ulp_from_numpys_quotient():
     # A model trained on a GPU: XLA divides to within an ulp, so a channel's codes *
     # scale can hold a peak whose quotient peak / 127 is a float next to that scale.

@@ -24,7 +24,10 @@ one scale per channel and a book of int8 codes per channel: once BatchNorm is
 folded into a weight-shared conv, its k shared values differ per channel, and
 per-channel books keep every index within k symbols. A leaf on the layer grid
 stores one book of codes for the layer and a 2-byte scale per channel instead.
-Whichever is smallest is written.
+A leaf on the converter's grid that is not weight-shared (a conv quantized
+without clustering) holds most of its codes in every channel: it can store one
+book of the layer's codes and a float32 scale per channel. Whichever is
+smallest is written.
 
 "Zero" and "distinct" compare bit patterns, so ``-0.0`` and NaNs round-trip
 exactly. A leaf that is not weight-shared still works: its codebook holds all
@@ -40,7 +43,7 @@ File layout (integers are LEB128 varints unless said otherwise)::
 
     b"UCPK" | u8 version | varint number of leaves | leaf records
     leaf record: name | dtype name | ndim, dims | u8 kind (0 raw, 1 coded, 2 channel,
-                 3 layer, 4 step)
+                 3 layer, 4 step, 5 codes)
       raw:   size * itemsize bytes
       step:  u8 bits | float32 step | the codes plus 2^(bits-1), ``bits`` bits each,
              least significant bit first; the value is code * step
@@ -56,6 +59,8 @@ File layout (integers are LEB128 varints unless said otherwise)::
       layer: as coded, but the codebook is the layer's k int8 codes | one
              signed bfloat16 scale per output channel (2 bytes, little-endian);
              the value is code * scale.
+      codes: as coded, but the codebook is the layer's k int8 codes | one float32
+             scale per output channel; the value is code * scale.
     code lengths are a count | u8 width w | the lengths, w bits each, least
     significant bit first; strings are a varint byte count followed by UTF-8.
 
@@ -74,8 +79,8 @@ from ucpjax.huffman import huffman_code_lengths, huffman_decode, huffman_encode
 from ucpjax.rules import DEFAULT_RULES, Rules, rule_for
 
 MAGIC = b"UCPK"
-VERSION = 2
-RAW, CODED, CHANNEL, LAYER, STEP = 0, 1, 2, 3, 4
+VERSION = 3
+RAW, CODED, CHANNEL, LAYER, STEP, CODES = 0, 1, 2, 3, 4, 5
 MAX_GAP_BITS = 8
 
 
@@ -296,6 +301,21 @@ def _layer_book(array: np.ndarray) -> _Book | None:
     return _Book(LAYER, positions, index, len(book), payload)
 
 
+def _codes_book(array: np.ndarray) -> _Book | None:
+    """One book of the layer's int8 codes and a float32 scale per channel (kind
+    CODES), for a kernel on the converter's per-channel grid."""
+    grid = int8_grid.channel_grid(array)
+    if grid is None:
+        return None
+    _, scales, codes = grid
+    flat = codes.reshape(-1)
+    positions = np.flatnonzero(flat)
+    book = np.unique(flat[positions])
+    index = np.searchsorted(book, flat[positions])
+    payload = book.astype(np.int8).tobytes() + scales.astype("<f4").tobytes()
+    return _Book(CODES, positions, index, len(book), payload)
+
+
 def _channel_signs(codes: np.ndarray) -> np.ndarray:
     """+1 or -1 per channel (column), so that the signed columns share the fewest codes."""
     sets = [set(column[column != 0].tolist()) for column in codes.T]
@@ -373,12 +393,12 @@ def _leaf_parts(name: str, array: np.ndarray, code: bool | None, selected: bool 
         return _step_parts(head, array) or raw, {}
     raw_size = len(raw["raw"]) + 1
     books = [book for book in (_value_book(bit_patterns), _channel_book(array),
-                               _layer_book(array)) if book]
+                               _layer_book(array), _codes_book(array)) if book]
     # Each distinct value costs its codebook entry plus a code-length byte: when
     # that alone reaches the raw size (unshared weights), coding cannot win.
     if code is None:
         books = [b for b in books if b.k * (array.dtype.itemsize + 1) < raw_size
-                 or b.kind in (CHANNEL, LAYER)]
+                 or b.kind in (CHANNEL, LAYER, CODES)]
     if not books:
         return raw, {}
     if array.ndim >= 2 and array.shape[-1] > 1:
@@ -457,8 +477,9 @@ def decode(data: bytes) -> dict:
     if data[:4] != MAGIC:
         raise ValueError("not a ucpjax packed file (bad magic)")
     # Version 1 differs only in its code-length tables (it has no step records and
-    # no channel-by-channel scans), so its files still decode.
-    if data[4] not in (1, VERSION):
+    # no channel-by-channel scans), version 2 only in lacking codes records, so
+    # their files still decode.
+    if data[4] not in (1, 2, VERSION):
         raise ValueError(f"unsupported packed file version {data[4]}")
     reader = _Reader(data[5:], data[4])
     tree: dict = {}
@@ -491,7 +512,7 @@ def _read_leaf(reader: _Reader, dtype: np.dtype, shape: tuple[int, ...]) -> np.n
         step = np.frombuffer(reader.take(4), "<f4").astype(np.float32)[0]
         codes = _unpack_bits(reader.take(_packed_size(size, bits)), bits, size) - (1 << (bits - 1))
         return (codes.astype(np.float32) * step).reshape(shape)
-    if kind not in (CODED, CHANNEL, LAYER):
+    if kind not in (CODED, CHANNEL, LAYER, CODES):
         raise ValueError(f"unknown leaf kind {kind}")
     # The gap width b (implied by the gap code, kept for readers) and the scan order.
     order = reader.take(1)[0] >> 7
@@ -504,6 +525,9 @@ def _read_leaf(reader: _Reader, dtype: np.dtype, shape: tuple[int, ...]) -> np.n
         codes = np.frombuffer(reader.take(k), np.int8)
         short = np.frombuffer(reader.take(2 * shape[-1]), "<u2").astype(np.uint32)
         book = (codes, (short << 16).view(np.float32))
+    elif kind == CODES:
+        codes = np.frombuffer(reader.take(k), np.int8)
+        book = (codes, np.frombuffer(reader.take(4 * shape[-1]), "<f4").astype(np.float32))
     else:
         book = np.frombuffer(reader.take(k * dtype.itemsize), patterns)
         book = book.astype(patterns.newbyteorder("="))
@@ -522,7 +546,7 @@ def _read_leaf(reader: _Reader, dtype: np.dtype, shape: tuple[int, ...]) -> np.n
     positions, index = positions[real], index[real]
     if kind == CHANNEL:
         return _scatter_channels(positions, index, *book, size).reshape(shape)
-    if kind == LAYER:
+    if kind in (LAYER, CODES):
         return _scatter_layer(positions, index, *book, size).reshape(shape)
     return _scatter(positions, index, book, size, dtype).reshape(shape)
 
