@@ -21,6 +21,10 @@ Those 240 epochs with weight decay on the kernels only (``--weight-decay-on
 kernels``, 2 CPU cores, 2026-12-07): 85.28% dense, and with the stages 5x longer
 (the SGD stages' decay on the kernels too) the .tflite scored 83.87% at 29,666 B
 zipped, and with ``prune.target_sparsity=0.6`` 84.46% at 34,774 B (RESULTS.md).
+At 60% without the distill stage (``stages=[prune,cluster,quantize]``), with
+``cluster.num_clusters=24 cluster.fine_tune.learning_rate=1e-3
+quantize.train.learning_rate=1e-4``: 84.94% at 39,035 B (session 33), 0.06 points
+short of the benchmark's 85%; not clustered, 85.10% at 48,025 B.
 """
 
 from ucpjax import experiment
