@@ -68,9 +68,8 @@ def _sensitivity_command(args) -> int:
     folder = RunFolder(args.out)
     folder.claim({"sensitivity": {"config": args.config, "smoke": args.smoke,
                                   "overrides": args.overrides, "after": args.after}})
-    model, dataset = experiment.dense_model(config)
-    if args.after:
-        model = experiment.after_stage(model, pathlib.Path(args.after))
+    model, dataset = (experiment.after_stage(config, pathlib.Path(args.after)) if args.after
+                      else experiment.dense_model(config))
     table = sensitivity.measure(
         model.params, apply_fn=model.apply_fn(), data=dataset, rules=config.recipe.rules,
         min_per_channel=config.recipe.prune.min_per_channel,

@@ -82,8 +82,8 @@ def _coerce(config, field: dataclasses.Field, value, full: str):
         return _records(hint, value, full)
     if isinstance(current, tuple) and isinstance(value, (list, tuple)):
         return tuple(value)
-    if (isinstance(value, str) and isinstance(current, tuple) and current
-            and all(isinstance(c, str) for c in current)):
+    if (isinstance(value, str) and typing.get_origin(hint) is tuple
+            and typing.get_args(hint)[:1] == (str,)):
         # Bare words need no quotes in a shell: "[prune, cluster]" -> ("prune", "cluster")
         return tuple(word.strip() for word in value.strip("[]()").split(","))
     mismatch = current is not None and value is not None and not isinstance(value, type(current))

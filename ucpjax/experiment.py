@@ -257,16 +257,20 @@ def check_stage(experiment: Experiment, stage: pathlib.Path) -> None:
                           "data, split or init_from); pass the overrides it was run with")
 
 
-def after_stage(model: Model, stage: pathlib.Path) -> Model:
-    """``model`` with the variables a finished stage saved, read without touching its
-    run. A stage after QAT's BatchNorm fold does not fit the dense model and is refused."""
+def after_stage(experiment: Experiment,
+                stage: pathlib.Path) -> tuple[Model, data_lib.Dataset]:
+    """The model a finished stage saved, read without touching its run (nor training
+    the dense model it replaces), and the experiment's data. A stage after QAT's
+    BatchNorm fold does not fit the dense model's variables and is refused."""
+    dataset = load_dataset(experiment)
+    model = initial_model(experiment, dataset)
     try:
         variables = checkpoints.restore(stage, model.variables)
     except Exception as err:  # orbax raises many types for a tree that does not fit
         raise ConfigError(f"--after {stage}: does not load onto the experiment's dense "
                           f"model ({type(err).__name__}); a stage after QAT's fold cannot "
                           "be measured") from None
-    return dataclasses.replace(model, variables=variables)
+    return dataclasses.replace(model, variables=variables), dataset
 
 
 def train_dense(model: Model, config: train_lib.TrainConfig, dataset: data_lib.Dataset,

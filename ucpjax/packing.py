@@ -291,10 +291,7 @@ def _layer_book(array: np.ndarray) -> _Book | None:
         return None
     scales, codes = grid
     signs = _channel_signs(codes)
-    flat = (codes.astype(np.int64) * signs).reshape(-1)
-    positions = np.flatnonzero(flat)
-    book = np.unique(flat[positions])
-    index = np.searchsorted(book, flat[positions])
+    positions, index, book = _nonzeros((codes.astype(np.int64) * signs).reshape(-1))
     signed = (scales * signs).astype(np.float32)  # an exact sign flip
     short = (signed.view("<u4") >> 16).astype("<u2")  # exact: the scales are bfloat16
     payload = book.astype(np.int8).tobytes() + short.tobytes()
@@ -308,10 +305,7 @@ def _codes_book(array: np.ndarray) -> _Book | None:
     if grid is None:
         return None
     _, scales, codes = grid
-    flat = codes.reshape(-1)
-    positions = np.flatnonzero(flat)
-    book = np.unique(flat[positions])
-    index = np.searchsorted(book, flat[positions])
+    positions, index, book = _nonzeros(codes.reshape(-1))
     payload = book.astype(np.int8).tobytes() + scales.astype("<f4").tobytes()
     return _Book(CODES, positions, index, len(book), payload)
 
