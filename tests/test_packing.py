@@ -114,11 +114,15 @@ def test_coded_streams_not_larger_than_fixed_width(seed, k, density):
     bits = layer["gap_bits"]
     scan = kernel.T if layer["by_channel"] else kernel  # unit after unit, or input after input
     gaps, index, codebook = packing.sparse_entries(packing._as_bits(scan), bits)
-    n = len(gaps)
-    assert n == layer["entries"]
-    assert layer["gaps"] <= math.ceil(n * bits / 8)
-    # Symbols used: the k centroids, plus the filler zero when there are fillers.
-    used = len(np.unique(index))
+    n = layer["entries"]
+    if n == kernel.size:  # an entry at every position, a zero as a filler with no gap
+        assert layer["gaps"] == 0
+        used = len(np.unique(kernel))
+    else:
+        assert n == len(gaps)
+        assert layer["gaps"] <= math.ceil(n * bits / 8)
+        # Symbols used: the k centroids, plus the filler zero when there are fillers.
+        used = len(np.unique(index))
     fixed_width = math.ceil(math.log2(used)) if used > 1 else 0
     assert layer["indices"] <= math.ceil(n * fixed_width / 8)
     assert layer["codebook"] == 4 * len(codebook)
@@ -193,8 +197,8 @@ def test_per_channel_books_round_trip_bit_exact_and_beat_the_value_book(
     assert stored <= len(packing._string("Conv_0/kernel")) + 16 + value_book
 
 
-# Pruned densities: a dense layer pays a bit per weight for its gap stream (Huffman's
-# shortest code), which deflate's run lengths do not.
+# Pruned densities (a dense layer of Laplace codes ties with zlib: both reach the
+# codes' entropy, and the book of codes costs what zlib's tables do).
 @pytest.mark.parametrize("density", [0.3, 0.6])
 def test_an_unclustered_int8_conv_stores_one_book_and_beats_zipping_its_codes(density):
     import zlib
@@ -218,6 +222,23 @@ def test_an_unclustered_int8_conv_stores_one_book_and_beats_zipping_its_codes(de
     assert len(data) < per_channel
     # What a zipped .tflite holds for this tensor: its int8 codes and float32 scales.
     assert len(data) < len(zlib.compress(codes.tobytes() + scales.tobytes(), 9))
+
+
+def test_a_mostly_dense_leaf_stores_no_gaps():
+    # An unpruned layer's few zero codes would cost a bit per weight as gaps (Huffman's
+    # shortest code): each position becomes an entry, a zero a filler with no gap.
+    kernel = _clustered(0, (3, 3, 32, 32), 16, 0.97)
+    tree = {"Conv_0": {"kernel": kernel}}
+    _assert_same(tree, packing.decode(packing.encode(tree)))
+    stored = packing.size_breakdown(tree)["layers"]["Conv_0/kernel"]
+    assert stored["gaps"] == 0 and stored["entries"] == kernel.size
+    # Less than a bit per weight above the entropy of the values and zeros.
+    _, counts = np.unique(kernel, return_counts=True)
+    entropy_bytes = -(counts * np.log2(counts / kernel.size)).sum() / 8
+    assert stored["indices"] < entropy_bytes + kernel.size / 8 * 0.1
+    # A pruned leaf still codes its gaps.
+    sparse = {"Conv_0": {"kernel": _clustered(0, (3, 3, 32, 32), 16, 0.3)}}
+    assert packing.size_breakdown(sparse)["layers"]["Conv_0/kernel"]["gaps"] > 0
 
 
 def test_channel_grid_takes_a_scale_an_ulp_from_numpys_quotient():

@@ -12,7 +12,11 @@ tensor (Han et al., 2016, section 4):
   gap longer than ``2**b - 1`` is bridged by *filler* entries (gap
   ``2**b - 1``, cluster index ``k``, which stands for an exact zero). As the
   gaps are then Huffman-coded, ``b`` sets the alphabet (``2**b`` gap symbols)
-  and so the trade between fillers and code lengths;
+  and so the trade between fillers and code lengths. A mostly dense leaf
+  (an unpruned layer whose int8 grid rounds a few weights to zero) can
+  instead give every position an entry, a zero a filler with gap 0: its gap
+  stream is then one symbol and costs nothing, where its gaps would cost
+  Huffman's shortest code, a bit per entry;
 * one cluster index per entry into a per-leaf codebook of the ``k`` distinct
   non-zero values (stored in the leaf's dtype);
 * the gap stream and the index stream each Huffman-coded (canonical code; the
@@ -241,6 +245,14 @@ class _Book:
         return _Book(self.kind, positions[order], self.index[order], self.k, self.payload,
                      BY_CHANNEL)
 
+    def every_position(self, size: int) -> _Book:
+        """The same book with an entry at every position, a zero as a filler (index
+        ``k``) with no gap. The gap stream is then one symbol and costs nothing,
+        where a mostly dense leaf's gaps would cost at least a bit per entry."""
+        index = np.full(size, self.k, np.int64)
+        index[self.positions] = self.index
+        return _Book(self.kind, np.arange(size), index, self.k, self.payload, self.order)
+
 
 def _value_book(bit_patterns: np.ndarray) -> _Book:
     """The leaf's distinct non-zero values, stored in its dtype (kind CODED)."""
@@ -365,7 +377,10 @@ def _coded_parts(book: _Book, bits: int):
 def _best_coding(book: _Book) -> tuple[int, int]:
     """``(size, gap width)`` of the smallest coded record of ``book``."""
     cache = {}
-    sizes = {bits: _coded_size(book, bits, cache) for bits in range(1, MAX_GAP_BITS + 1)}
+    # With no position skipped every gap is 0, at no cost whatever the width.
+    contiguous = len(book.positions) == 0 or book.positions[-1] == len(book.positions) - 1
+    widths = (1,) if contiguous else range(1, MAX_GAP_BITS + 1)
+    sizes = {bits: _coded_size(book, bits, cache) for bits in widths}
     best = min(sizes, key=sizes.get)  # the smallest total; ties go to the narrowest field
     return sizes[best], best
 
@@ -397,6 +412,7 @@ def _leaf_parts(name: str, array: np.ndarray, code: bool | None, selected: bool 
         return raw, {}
     if array.ndim >= 2 and array.shape[-1] > 1:
         books += [b.by_channel(array.shape) for b in books]
+    books += [b.every_position(array.size) for b in books]
     (size, bits), book = min(((_best_coding(b), b) for b in books), key=lambda c: c[0][0])
     if code is None and raw_size <= size:
         return raw, {}
