@@ -133,9 +133,9 @@ def test_depthwise_batchnorm_net_keeps_accuracy_and_k_codes_per_channel(mnist_sm
     # The 1x1 conv keeps one book of at most k codes (2k with the signs of its
     # BatchNorm factors) for the whole layer in the .tflite. The depthwise conv does
     # where its book reads back from the folded weights; with 2-5 values per channel
-    # of k that read-back can fail (int8_grid.layer_grid_book: a channel meeting fewer
-    # than two values of the others), and the layer keeps the converter's
-    # per-channel books (at most k codes per channel, asserted above).
+    # of k that read-back can fail (int8_grid.layer_grid_book: no channel left meeting
+    # two values of the others), and the layer keeps the converter's per-channel
+    # books (at most k codes per channel, asserted above).
     stored = export.weights_check(result.tflite, result.variables["params"])
     assert stored["Conv_2/kernel/codes"] <= 16
     assert final["packed_bytes"] <= final["tflite_zip_bytes"]

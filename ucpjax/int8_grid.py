@@ -198,27 +198,15 @@ def layer_grid_book(array: np.ndarray, bits: int = 8, max_k: int = 16) -> LayerG
     """The ``LayerGridBook`` of a folded weight-shared kernel, or None.
 
     Reads ``w[..., c] ~= u[index] * f[c]`` back from the weights (each within
-    ``_FACTOR_RTOL``): channels from the one with the most distinct values down,
-    each channel's factor the one that maps its values onto the shared ones found
-    so far (values not yet among them join, at most ``max_k`` in all).
+    ``_FACTOR_RTOL``; at most ``max_k`` shared values, see ``_read_factors``).
     """
     w = _columns(array)
     if w is None or not np.any(w):
         return None
-    books = [np.unique(column[column != 0]) for column in w.T]
-    order = sorted(range(len(books)), key=lambda c: -len(books[c]))
-    shared = books[order[0]].astype(np.float64)
-    if len(shared) > max_k:
+    found = _read_factors([np.unique(column[column != 0]) for column in w.T], max_k)
+    if found is None:
         return None
-    factors = np.ones(len(books))
-    for c in order[1:]:
-        found = _factor(books[c].astype(np.float64), shared)
-        if found is None:
-            return None
-        factors[c], new = found
-        shared = np.union1d(shared, new)
-        if len(shared) > max_k:
-            return None
+    factors, shared = found
     index = np.full(w.shape, len(shared), np.int32)
     nonzero = w != 0
     ratio = (w / factors)[nonzero]
@@ -230,6 +218,35 @@ def layer_grid_book(array: np.ndarray, bits: int = 8, max_k: int = 16) -> LayerG
                          jnp.asarray(index.reshape(array.shape)), weight_qmax(bits))
 
 
+def _read_factors(books: list[np.ndarray], max_k: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(factors, shared)``: one factor per channel and the sorted shared values
+    with every channel's distinct values ``books[c]`` among ``shared * factors[c]``.
+
+    Best first, so that a value joins ``shared`` only when no channel can do
+    without it: from the channel with the most values, every channel that the
+    shared values already explain is taken; when none is left, the one that
+    matches the most of them, its other values joining. (Taking channels in a
+    fixed order let a channel whose values were not yet shared fail, or join
+    under a wrong factor and double the book.) None past ``max_k`` values, or
+    when no channel left matches two values: one match fixes no factor.
+    """
+    factors = np.ones(len(books))
+    first = max(range(len(books)), key=lambda c: len(books[c]))
+    shared = np.sort(books[first].astype(np.float64))
+    pending = [c for c in range(len(books)) if c != first and len(books[c])]
+    while pending and len(shared) <= max_k:
+        fits = {c: _factor(books[c].astype(np.float64), shared) for c in pending}
+        explained = [c for c in pending if not len(fits[c][2])]
+        best = max(pending, key=lambda c: fits[c][1])
+        if not explained and fits[best][1] < 2:
+            return None
+        for c in explained or [best]:
+            factors[c], _, new = fits[c]
+            shared = np.union1d(shared, new)
+            pending.remove(c)
+    return None if len(shared) > max_k else (factors, shared)
+
+
 def _nearest(values: np.ndarray, table: np.ndarray) -> np.ndarray:
     """Index of the nearest entry of sorted ``table`` for each value."""
     right = np.clip(np.searchsorted(table, values), 1, len(table) - 1) if len(table) > 1 else (
@@ -238,25 +255,15 @@ def _nearest(values: np.ndarray, table: np.ndarray) -> np.ndarray:
     return np.where(np.abs(table[left] - values) <= np.abs(table[right] - values), left, right)
 
 
-def _factor(values: np.ndarray, shared: np.ndarray) -> tuple[float, np.ndarray] | None:
-    """``(factor, new shared values)`` mapping a channel's ``values`` onto ``shared``.
-
-    Every value matches, or at least two do (the others are new shared values);
-    an empty channel takes factor 1. Anchored on the channel's largest value first.
-    """
-    if not len(values):
-        return 1.0, values
-    anchors = values[np.argsort(-np.abs(values))]
-    targets = shared[np.argsort(-np.abs(shared))]
-    partial = None
-    for anchor in anchors[:2]:
-        for target in targets:
-            factor = anchor / target
-            ratio = values / factor
-            near = shared[_nearest(ratio, shared)]
-            hit = np.abs(near - ratio) <= _FACTOR_RTOL * np.abs(ratio)
-            if hit.all():
-                return factor, values[:0]
-            if partial is None and hit.sum() >= 2:
-                partial = factor, ratio[~hit]
-    return partial
+def _factor(values: np.ndarray, shared: np.ndarray) -> tuple[float, int, np.ndarray]:
+    """``(factor, matches, values left)``: the factor mapping most of a channel's
+    ``values`` onto ``shared`` (each value anchored on each shared one; ties go to
+    the channel's largest value on the largest shared one), how many it maps, and
+    the others over that factor, which would join ``shared``."""
+    values = values[np.argsort(-np.abs(values), kind="stable")]
+    candidates = (values[:, None] / shared[np.argsort(-np.abs(shared), kind="stable")]).ravel()
+    ratio = values[None, :] / candidates[:, None]
+    near = shared[_nearest(ratio.ravel(), shared)].reshape(ratio.shape)
+    hit = np.abs(near - ratio) <= _FACTOR_RTOL * np.abs(ratio)
+    best = int(np.argmax(hit.sum(axis=1)))
+    return float(candidates[best]), int(hit[best].sum()), ratio[best][~hit[best]]
