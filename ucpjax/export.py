@@ -417,19 +417,20 @@ def int8_tflite(apply_fn: Callable, params, dataset, *, config: ExportConfig,
     """
     rep = dataset.x_train[:config.representative_samples]
     per_tensor = quantize.dense_per_tensor(params, quantize_config, rules)
+    # After QAT the params are on their grids already; after another last stage
+    # (post-training quantization) they go on them here, a clustered conv on its
+    # layer grid, as ``simulated_int8`` holds them: the converter then calibrates
+    # the activations on the weights the file holds, not on the float ones.
+    on_grid = quantize.quantize_weights(
+        params, dataclasses.replace(quantize_config, per_channel=not per_tensor), rules)
     try:
-        tflite = to_tflite(apply_fn, params, dataset.input_shape, rep,
+        tflite = to_tflite(apply_fn, on_grid, dataset.input_shape, rep,
                            per_tensor_dense=per_tensor, sparse=config.sparse)
     except ConversionError as err:
         raise ConfigError(f"the model does not convert to an int8 TFLite model ("
                           f"{reason + ': ' if reason else ''}{err}); use operations TFLite's "
                           "int8 kernels have (Conv/Dense, ReLU, ReLU6, BatchNorm, 2-D "
                           "pooling)") from None
-    # After QAT the params are on their grids already; after another last stage
-    # (post-training quantization) a clustered conv goes on its layer grid here too,
-    # as ``simulated_int8`` holds it.
-    on_grid = quantize.quantize_weights(
-        params, dataclasses.replace(quantize_config, per_channel=not per_tensor), rules)
     biases = quantize.layer_biases(apply_fn, params, dataset.input_shape)
     tflite = write_layer_grids(tflite, on_grid, rules, biases)
     return strip_strings(tflite) if config.strip_strings else tflite
