@@ -1,5 +1,6 @@
 """Hidden channels reordered for the zip: same logits, same .tflite outputs, fewer bytes."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,6 +51,29 @@ def test_reordered_model_computes_the_same_logits(name, pool):
     # A permutation: every leaf keeps its multiset of values.
     for a, b in zip(jax.tree.leaves(ordered), jax.tree.leaves(variables)):
         np.testing.assert_array_equal(np.sort(np.ravel(a)), np.sort(np.ravel(b)))
+
+
+class _TiedDense(nn.Module):
+    """One Dense layer applied twice: its output columns and input rows are tied."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.relu(nn.Dense(16)(x.reshape((x.shape[0], -1))))
+        shared = nn.Dense(16)
+        return nn.Dense(10)(nn.relu(shared(nn.relu(shared(x)))))
+
+
+def test_a_layer_called_twice_is_reordered_as_one():
+    module = _TiedDense()
+    variables = _sparse(models.init(module, (28, 28, 1), 0))
+    apply_fn = train.inference_fn(module, {})
+    groups = channels.find_groups(apply_fn, variables["params"], (28, 28, 1))
+    ordered = channel_order.similar_first(variables, groups)
+    x = jax.random.uniform(jax.random.key(1), (8, 28, 28, 1))
+    np.testing.assert_allclose(module.apply(ordered, x), module.apply(variables, x),
+                               atol=1e-5, rtol=1e-5)
+    shared = ordered["params"]["Dense_1"]["kernel"]
+    assert not np.array_equal(shared, variables["params"]["Dense_1"]["kernel"])
 
 
 def test_channels_read_alike_end_up_side_by_side():

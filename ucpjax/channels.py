@@ -235,6 +235,7 @@ def find_groups(apply_fn, params, input_shape: tuple[int, ...]) -> ChannelGroups
         for key, matrix in reach[i].items():
             for feature, channel in zip(*np.nonzero(matrix)):
                 sets.union(("in", i, int(feature)), ("out", key, int(channel)))
+    _tie_repeated_calls(layers, reach, sets)
     members: dict = {}
     for node in list(sets.parent):
         members.setdefault(sets.find(node), []).append(node)
@@ -251,6 +252,24 @@ def find_groups(apply_fn, params, input_shape: tuple[int, ...]) -> ChannelGroups
     family = np.array(families, np.int32)
     return ChannelGroups(_slices(layers, producers, group_of), _scores(producers, group_of),
                          family)
+
+
+def _tie_repeated_calls(layers: list[_Layer], reach: list[dict], sets) -> None:
+    """A layer called more than once (shared weights) has one kernel: its calls'
+    output channels are the same columns and their input features the same rows,
+    so each is one group with its twins of the first call."""
+    first: dict = {}
+    for i, layer in enumerate(layers):
+        j = first.setdefault(layer.path, i)
+        if j == i or not reach[i]:
+            continue
+        inputs = len(next(iter(reach[i].values())))
+        for feature in range(inputs):
+            sets.union(("in", j, feature), ("in", i, feature))
+        key, twin = layer.output_key, layers[j].output_key
+        if key and twin:
+            for channel in range(reach[i][key].shape[1]):
+                sets.union(("out", twin, channel), ("out", key, channel))
 
 
 def _assignment(nodes, size: int) -> np.ndarray:
