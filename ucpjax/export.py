@@ -419,12 +419,15 @@ def int8_tflite(apply_fn: Callable, params, dataset, *, config: ExportConfig,
     per_tensor = quantize.dense_per_tensor(params, quantize_config, rules)
     # After QAT the params are on their grids already; after another last stage
     # (post-training quantization) they go on them here, a clustered conv on its
-    # layer grid, as ``simulated_int8`` holds them: the converter then calibrates
-    # the activations on the weights the file holds, not on the float ones.
-    on_grid = quantize.quantize_weights(
-        params, dataclasses.replace(quantize_config, per_channel=not per_tensor), rules)
+    # layer grid, as ``simulated_int8`` holds them. The converter gets the layer-grid
+    # kernels (written into the file below), so it calibrates the activations on the
+    # weights the file holds; the others it rounds onto its own grid from the floats.
+    grids = dataclasses.replace(quantize_config, per_channel=not per_tensor)
+    on_grid = quantize.quantize_weights(params, grids, rules)
+    converted = jax.tree.map(lambda w, g, mode: g if mode == quantize.LAYER else w,
+                             params, on_grid, quantize.weight_modes(params, grids, rules))
     try:
-        tflite = to_tflite(apply_fn, on_grid, dataset.input_shape, rep,
+        tflite = to_tflite(apply_fn, converted, dataset.input_shape, rep,
                            per_tensor_dense=per_tensor, sparse=config.sparse)
     except ConversionError as err:
         raise ConfigError(f"the model does not convert to an int8 TFLite model ("
