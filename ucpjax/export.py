@@ -422,10 +422,10 @@ def int8_tflite(apply_fn: Callable, params, dataset, *, config: ExportConfig,
     # layer grid, as ``simulated_int8`` holds them. The converter gets the layer-grid
     # kernels (written into the file below), so it calibrates the activations on the
     # weights the file holds; the others it rounds onto its own grid from the floats.
-    grids = dataclasses.replace(quantize_config, per_channel=not per_tensor)
-    on_grid = quantize.quantize_weights(params, grids, rules)
+    int8_config = dataclasses.replace(quantize_config, per_channel=not per_tensor)
+    on_grid = quantize.quantize_weights(params, int8_config, rules)
     converted = jax.tree.map(lambda w, g, mode: g if mode == quantize.LAYER else w,
-                             params, on_grid, quantize.weight_modes(params, grids, rules))
+                             params, on_grid, quantize.weight_modes(params, int8_config, rules))
     try:
         tflite = to_tflite(apply_fn, converted, dataset.input_shape, rep,
                            per_tensor_dense=per_tensor, sparse=config.sparse)
