@@ -234,16 +234,18 @@ def _read_factors(books: list[np.ndarray], max_k: int) -> tuple[np.ndarray, np.n
     first = max(range(len(books)), key=lambda c: len(books[c]))
     shared = np.sort(books[first].astype(np.float64))
     pending = [c for c in range(len(books)) if c != first and len(books[c])]
+    fits = {c: _factor(books[c], shared) for c in pending}
     while pending and len(shared) <= max_k:
-        fits = {c: _factor(books[c].astype(np.float64), shared) for c in pending}
         explained = [c for c in pending if not len(fits[c][2])]
         best = max(pending, key=lambda c: fits[c][1])
         if not explained and fits[best][1] < 2:
             return None
         for c in explained or [best]:
-            factors[c], _, new = fits[c]
+            factors[c], _, new = fits.pop(c)
             shared = np.union1d(shared, new)
             pending.remove(c)
+        if not explained:  # the shared values grew: match the others again
+            fits = {c: _factor(books[c], shared) for c in pending}
     return None if len(shared) > max_k else (factors, shared)
 
 
@@ -255,15 +257,27 @@ def _nearest(values: np.ndarray, table: np.ndarray) -> np.ndarray:
     return np.where(np.abs(table[left] - values) <= np.abs(table[right] - values), left, right)
 
 
+# A channel's largest values anchored on each shared value give its candidate factors:
+# a few, so that a book of hundreds of values still reads back in well under a second.
+_ANCHORS = 4
+
+
 def _factor(values: np.ndarray, shared: np.ndarray) -> tuple[float, int, np.ndarray]:
     """``(factor, matches, values left)``: the factor mapping most of a channel's
-    ``values`` onto ``shared`` (each value anchored on each shared one; ties go to
-    the channel's largest value on the largest shared one), how many it maps, and
-    the others over that factor, which would join ``shared``."""
-    values = values[np.argsort(-np.abs(values), kind="stable")]
-    candidates = (values[:, None] / shared[np.argsort(-np.abs(shared), kind="stable")]).ravel()
-    ratio = values[None, :] / candidates[:, None]
-    near = shared[_nearest(ratio.ravel(), shared)].reshape(ratio.shape)
-    hit = np.abs(near - ratio) <= _FACTOR_RTOL * np.abs(ratio)
-    best = int(np.argmax(hit.sum(axis=1)))
-    return float(candidates[best]), int(hit[best].sum()), ratio[best][~hit[best]]
+    ``values`` onto ``shared`` (its largest values anchored on each shared one in
+    turn, the largest first; ties go to the largest shared one), how many it maps,
+    and the others over that factor, which would join ``shared``."""
+    values = values.astype(np.float64)[np.argsort(-np.abs(values), kind="stable")]
+    targets = shared[np.argsort(-np.abs(shared), kind="stable")]
+    best = (1.0, 0, values)
+    for anchor in values[:_ANCHORS]:
+        candidates = anchor / targets
+        ratio = values[None, :] / candidates[:, None]
+        near = shared[_nearest(ratio.ravel(), shared)].reshape(ratio.shape)
+        hits = np.abs(near - ratio) <= _FACTOR_RTOL * np.abs(ratio)
+        i = int(np.argmax(hits.sum(axis=1)))
+        if hits[i].sum() > best[1]:
+            best = (float(candidates[i]), int(hits[i].sum()), ratio[i][~hits[i]])
+        if best[1] == len(values):  # all explained: no other anchor does better
+            break
+    return best
