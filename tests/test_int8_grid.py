@@ -44,12 +44,12 @@ def test_book_reads_back_when_no_channel_holds_most_values(seed):
     # 24 values, about 9 in each channel: a channel taken in a fixed order often met
     # fewer than two of the values seen so far, and the read-back failed (9 of 20
     # seeds here) or doubled the book (resnet8's largest conv: 41 values for 24).
-    w, u = _folded(seed=seed, k=24, shape=(3, 3, 2, 32), density=0.6)
+    w, _ = _folded(seed=seed, k=24, shape=(3, 3, 2, 32), density=0.6)
     book = int8_grid.layer_grid_book(w, max_k=256)
     assert book is not None and book.centroids.shape == (24,)
     decoded = np.asarray(book.decode())
     assert np.all(decoded[w == 0] == 0)  # (a value within half a step of 0 becomes 0)
-    scales, codes = int8_grid.layer_grid(decoded)
+    _, codes = int8_grid.layer_grid(decoded)
     assert np.unique(np.abs(codes[codes != 0])).size <= 24
 
 
