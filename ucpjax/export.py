@@ -423,9 +423,11 @@ def int8_tflite(apply_fn: Callable, params, dataset, *, config: ExportConfig,
     # kernels (written into the file below), so it calibrates the activations on the
     # weights the file holds; the others it rounds onto its own grid from the floats.
     int8_config = dataclasses.replace(quantize_config, per_channel=not per_tensor)
-    on_grid = quantize.quantize_weights(params, int8_config, rules)
+    modes = quantize.weight_modes(params, int8_config, rules)  # reads each conv's book once
+    on_grid = quantize.fake_quant_weights(params, modes,
+                                          quantize.weight_bits(params, int8_config, rules))
     converted = jax.tree.map(lambda w, g, mode: g if mode == quantize.LAYER else w,
-                             params, on_grid, quantize.weight_modes(params, int8_config, rules))
+                             params, on_grid, modes)
     try:
         tflite = to_tflite(apply_fn, converted, dataset.input_shape, rep,
                            per_tensor_dense=per_tensor, sparse=config.sparse)
